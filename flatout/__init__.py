@@ -1,0 +1,32 @@
+"""flatout: an LLM inference server that runs the GPU flat out."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "CompletionOutput", "EngineArgs", "RequestOutput", "SamplingParams"]
+
+if TYPE_CHECKING:
+    from flatout.config import EngineArgs
+    from flatout.llm import LLM
+    from flatout.outputs import CompletionOutput, RequestOutput
+    from flatout.sampling_params import SamplingParams
+
+_WHERE = {
+    "LLM": "flatout.llm",
+    "EngineArgs": "flatout.config",
+    "CompletionOutput": "flatout.outputs",
+    "RequestOutput": "flatout.outputs",
+    "SamplingParams": "flatout.sampling_params",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # imported on first use, so the pure-Python parts (scheduler, block manager) load without
+    # torch and the command line starts fast
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'flatout' has no attribute {name!r}")

@@ -1,0 +1,143 @@
+"""Frozen configuration objects. `EngineArgs` is what users pass (LLM(...) keywords, CLI flags);
+`EngineArgs.create_configs()` resolves it into the per-component configs below."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the model code needs, normalised across checkpoint layouts.
+
+    `architecture` is the name our registry knows (e.g. "GlmForCausalLM"); remote-code ChatGLM
+    checkpoints are normalised to the same fields (their weight names are mapped by the loader).
+    """
+
+    model: str  # checkpoint folder, or a preset name with load_format="dummy"
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rotary_dim: int  # dims of each head that are rotated (GLM: head_dim // 2)
+    rope_interleaved: bool  # True: GPT-J pairs (x0,x1),(x2,x3)..; False: NeoX halves
+    max_model_len: int
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    rope_scaling: dict[str, Any] | None = None
+    attention_bias: bool = False  # bias on q/k/v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k
+    sandwich_norm: bool = False  # GLM-4-0414: post-attention and post-MLP norms
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+    # sampling defaults from generation_config.json (temperature, top_p, top_k, ...)
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None  # folder holding tokenizer files; None: token ids only
+    load_format: str = "auto"  # "auto" (safetensors) | "dummy" (random weights)
+    hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count computed from the shapes, without allocating anything."""
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.attention_bias else 0)
+        mlp = 3 * h * i
+        norms = h * (4 if self.sandwich_norm else 2) + (2 * self.head_dim if self.qk_norm else 0)
+        per_layer = attn + mlp + norms
+        embed = v * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * per_layer + embed + h
+
+    @property
+    def dtype_bytes(self) -> int:
+        return {"float32": 4, "bfloat16": 2, "float16": 2}[self.dtype]
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.num_params * self.dtype_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V for one token over all layers."""
+        return (
+            2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * self.dtype_bytes
+        )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int
+    num_blocks: int
+    enable_prefix_caching: bool
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """User-facing engine arguments; names follow vLLM's where the meaning is the same."""
+
+    model: str | None = None  # None: the built-in demo model
+    tokenizer: str | None = None
+    dtype: str = "auto"  # auto: bf16 on GPU (fp16 where bf16 is missing), fp32 on CPU
+    device: str = "auto"  # auto | cuda | cpu
+    seed: int = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None  # fix the KV cache size in blocks
+    kv_cache_memory: int | None = None  # bytes for the KV cache (CPU default: 1 GiB)
+    load_format: str = "auto"  # auto | safetensors | dummy
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"{name}: {why} (got {getattr(self, name)!r})")
+
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
+            raise bad("dtype", "must be auto, float32, bfloat16 or float16")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise bad("device", "must be auto, cuda or cpu")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size",
+                     "tensor_parallel_size"):
+            if int(getattr(self, name)) < 1:
+                raise bad(name, "must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise bad("max_model_len", "must be >= 1")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise bad("num_kv_blocks", "must be >= 1")
+        if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
+            raise bad("kv_cache_memory", "must be > 0 bytes")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise bad("gpu_memory_utilization", "must be in (0, 1]")
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise bad("load_format", "must be auto, safetensors or dummy")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]

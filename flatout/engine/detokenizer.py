@@ -1,0 +1,85 @@
+"""Incremental detokenization with stop strings.
+
+Text is produced by decoding a short sliding window of tokens twice (with and without the newest
+ones) and emitting the difference, and only once it no longer ends in U+FFFD, so a character
+whose bytes span several tokens is emitted whole, never cut. The window starts with the last few
+prompt tokens so that tokenizers which render a leading space by context do so correctly.
+
+Stop strings are searched for in the newly produced text (plus enough look-back to catch a stop
+string that straddles two steps). While a sequence runs, the last `len(longest stop) - 1`
+characters are held back from `visible_text`, so a streaming client never receives the beginning
+of a stop string that is then cut.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_PROMPT_CONTEXT = 5
+
+
+class IncrementalDetokenizer:
+    def __init__(
+        self,
+        tokenizer: Any,  # transformers PreTrainedTokenizerBase, or None for token-id-only models
+        prompt_token_ids: list[int],
+        *,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+        stop: list[str] | None = None,
+        include_stop_str_in_output: bool = False,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.spaces_between_special_tokens = spaces_between_special_tokens
+        self.stop = stop or []
+        self.include_stop = include_stop_str_in_output
+        self.hold_back = max((len(s) for s in self.stop), default=1) - 1
+        self.tokens = list(prompt_token_ids[-_PROMPT_CONTEXT:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.tokens)
+        self.text = ""
+        self.stopped_by: str | None = None
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(
+            ids,
+            skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+        )
+
+    def add_token(self, token_id: int, check_stop: bool = True) -> str:
+        """Append one generated token; return the text it completed ('' while a character is
+        incomplete). Sets `stopped_by` when a stop string appears (if `check_stop`)."""
+        if self.tokenizer is None:
+            return ""
+        self.tokens.append(token_id)
+        prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+        full = self._decode(self.tokens[self.prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        delta = full[len(prefix) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        start = len(self.text)
+        self.text += delta
+        if check_stop and self.stop:
+            self._check_stop(start)
+        return delta
+
+    def _check_stop(self, new_from: int) -> None:
+        search_from = max(0, new_from - self.hold_back)
+        best: tuple[int, str] | None = None
+        for s in self.stop:
+            i = self.text.find(s, search_from)
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is not None:
+            i, s = best
+            self.text = self.text[: i + len(s)] if self.include_stop else self.text[:i]
+            self.stopped_by = s
+
+    def visible_text(self, finished: bool) -> str:
+        """Text safe to show: everything once finished, else all but the held-back tail."""
+        if finished or self.hold_back == 0:
+            return self.text
+        return self.text[: max(0, len(self.text) - self.hold_back)]

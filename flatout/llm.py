@@ -1,0 +1,115 @@
+"""Offline API: `LLM(model, **engine_args).generate(prompts, sampling_params)`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from flatout.config import EngineArgs
+from flatout.engine.llm_engine import LLMEngine, RequestError
+from flatout.outputs import RequestOutput
+from flatout.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, Any]
+
+
+class LLM:
+    """Generate with continuous batching, in this process.
+
+    `model` is a checkpoint folder, a preset name with `load_format="dummy"` (e.g. "glm-4-9b"),
+    or None for the built-in demo model. Keyword arguments are `EngineArgs` fields, named as
+    vLLM's (max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
+    enable_prefix_caching, gpu_memory_utilization, dtype, seed, load_format, ...).
+    """
+
+    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+        unknown = set(engine_args) - set(EngineArgs.field_names())
+        if unknown:
+            raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
+        self.engine = LLMEngine(EngineArgs(model=model, **engine_args))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return self.engine.default_sampling_params()
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """One output per prompt, in order. Every prompt is checked before any is queued, so a
+        bad one leaves the engine untouched."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"got {len(params_list)} sampling params for {len(prompts)} prompts"
+                )
+        engine = self.engine
+        for prompt, params in zip(prompts, params_list, strict=True):
+            _, ids = engine.encode_prompt(prompt)
+            engine.validate(ids, params)
+        request_ids = []
+        try:
+            for prompt, params in zip(prompts, params_list, strict=True):
+                rid = f"offline-{next(self._ids)}"
+                engine.add_request(rid, prompt, params)
+                request_ids.append(rid)
+            return self._run(request_ids)
+        except BaseException:
+            for rid in request_ids:
+                engine.abort_request(rid)
+            raise
+
+    def _run(self, request_ids: list[str]) -> list[RequestOutput]:
+        pending = set(request_ids)
+        finished: dict[str, RequestOutput] = {}
+        while pending:
+            for out in self.engine.step():
+                if out.finished and out.request_id in pending:
+                    finished[out.request_id] = out
+                    pending.discard(out.request_id)
+            if pending and not self.engine.scheduler.has_unfinished():
+                raise RuntimeError("engine idle with requests pending")  # scheduler invariant
+        return [finished[rid] for rid in request_ids]
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | None = None,
+        *,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the checkpoint's chat template to one conversation (or a list of them) and
+        generate a reply for each."""
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise RequestError("this model has no tokenizer, so no chat template")
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts: list[Prompt] = []
+        for conv in conversations:
+            text = tok.apply_chat_template(
+                conv,
+                chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=False,
+                **(chat_template_kwargs or {}),
+            )
+            prompts.append(tok.encode(text, add_special_tokens=False))
+        return self.generate(prompts, sampling_params)

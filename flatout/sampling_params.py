@@ -1,0 +1,126 @@
+"""SamplingParams: how to pick tokens and when to stop, validated with errors naming the field."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+_GREEDY_EPS = 1e-5
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter is out of range; `field` names it."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling settings (names and meanings as vLLM's and OpenAI's)."""
+
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no top-k
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    max_tokens: int | None = 16  # None: up to max_model_len
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top logprobs per generated token (0: sampled only)
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+
+    MAX_N = 128
+    MAX_LOGPROBS = 20
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------
+    def validate(self) -> None:
+        def num(name: str) -> float:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
+                raise SamplingParamsError(name, f"must be a number, got {v!r}")
+            return float(v)
+
+        def integer(name: str) -> int:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise SamplingParamsError(name, f"must be an integer, got {v!r}")
+            return v
+
+        if not 1 <= integer("n") <= self.MAX_N:
+            raise SamplingParamsError("n", f"must be in [1, {self.MAX_N}], got {self.n}")
+        t = num("temperature")
+        if not 0.0 <= t <= 100.0:
+            raise SamplingParamsError("temperature", f"must be in [0, 100], got {t}")
+        p = num("top_p")
+        if not 0.0 < p <= 1.0:
+            raise SamplingParamsError("top_p", f"must be in (0, 1], got {p}")
+        k = integer("top_k")
+        if k < -1:
+            raise SamplingParamsError("top_k", f"must be -1, 0 (disabled) or >= 1, got {k}")
+        mp = num("min_p")
+        if not 0.0 <= mp <= 1.0:
+            raise SamplingParamsError("min_p", f"must be in [0, 1], got {mp}")
+        rp = num("repetition_penalty")
+        if not 0.0 < rp <= 10.0:
+            raise SamplingParamsError("repetition_penalty", f"must be in (0, 10], got {rp}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = num(name)
+            if not -2.0 <= v <= 2.0:
+                raise SamplingParamsError(name, f"must be in [-2, 2], got {v}")
+        if self.seed is not None:
+            integer("seed")
+        if self.max_tokens is not None and integer("max_tokens") < 1:
+            raise SamplingParamsError("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if integer("min_tokens") < 0:
+            raise SamplingParamsError("min_tokens", f"must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise SamplingParamsError(
+                "min_tokens", f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"
+            )
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise SamplingParamsError("stop", f"must be non-empty strings, got {s!r}")
+        for tid in self.stop_token_ids:
+            if isinstance(tid, bool) or not isinstance(tid, int) or tid < 0:
+                raise SamplingParamsError("stop_token_ids", f"must be token ids >= 0, got {tid!r}")
+        if self.logprobs is not None:
+            lp = integer("logprobs")
+            if not 0 <= lp <= self.MAX_LOGPROBS:
+                raise SamplingParamsError(
+                    "logprobs", f"must be in [0, {self.MAX_LOGPROBS}], got {lp}"
+                )
+
+    # -- derived ----------------------------------------------------------------------------
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @classmethod
+    def from_defaults(cls, defaults: dict[str, object], **overrides: object) -> SamplingParams:
+        """Build params from generation_config.json `defaults`, with `overrides` (the fields a
+        caller set explicitly) taking precedence. Unknown default keys are ignored; unknown
+        override keys raise."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise SamplingParamsError(sorted(unknown)[0], "unknown sampling parameter")
+        values = {k: v for k, v in defaults.items() if k in names}
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
