@@ -61,8 +61,8 @@ class LLM:
                 )
         engine = self.engine
         for prompt, params in zip(prompts, params_list, strict=True):
-            _, ids = engine.encode_prompt(prompt)
-            engine.validate(ids, params)
+            _, ids = engine.inputs.encode(prompt)
+            engine.inputs.validate(ids, params)
         request_ids = []
         try:
             for prompt, params in zip(prompts, params_list, strict=True):
@@ -83,7 +83,7 @@ class LLM:
                 if out.finished and out.request_id in pending:
                     finished[out.request_id] = out
                     pending.discard(out.request_id)
-            if pending and not self.engine.scheduler.has_unfinished():
+            if pending and not self.engine.core.has_unfinished():
                 raise RuntimeError("engine idle with requests pending")  # scheduler invariant
         return [finished[rid] for rid in request_ids]
 

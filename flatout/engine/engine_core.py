@@ -1,0 +1,206 @@
+"""The engine core: scheduler + block manager + model runner, at the level of token ids.
+
+`EngineCore.step()` schedules one batch, runs it, appends the sampled tokens and applies the
+token-level stop rules (EOS, stop token ids, max_tokens, max_model_len). It knows nothing of text:
+tokenization, detokenization and stop strings happen outside it (in the output processor), so
+the loop that drives the GPU never waits on them. It runs in the caller's process (offline `LLM`)
+or in a process of its own behind the server (see core_client.py); the messages in and out are
+the small dataclasses below.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from flatout.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
+from flatout.engine.block_manager import BlockManager
+from flatout.engine.request import FinishReason, Sequence, TokenLogprobs
+from flatout.engine.scheduler import Scheduler
+from flatout.models.registry import resolve_model_config
+from flatout.sampling_params import SamplingParams
+from flatout.worker.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineCoreRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # resolved by the caller's validation
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class EngineCoreOutput:
+    """What one sequence produced in one step (only sequences that produced a token)."""
+
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    num_steps: int = 0
+    num_prefill_tokens: int = 0  # prompt (and recomputed) tokens actually computed
+    num_decode_tokens: int = 0
+    num_generated_tokens: int = 0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_model(args: EngineArgs, device: torch.device) -> ModelConfig:
+    model = args.model
+    if model is None:
+        from flatout.demo import demo_model_path
+
+        model = demo_model_path()
+    return resolve_model_config(
+        model,
+        dtype=args.dtype,
+        device_type=device.type,
+        max_model_len=args.max_model_len,
+        load_format=args.load_format,
+        tokenizer=args.tokenizer,
+    )
+
+
+class EngineCore:
+    def __init__(self, args: EngineArgs) -> None:
+        if args.tensor_parallel_size != 1:
+            raise NotImplementedError("tensor_parallel_size > 1 is not supported yet")
+        self.args = args
+        self.device = resolve_device(args.device)
+        torch.manual_seed(args.seed)
+        self.model_config = resolve_model(args, self.device)
+        self.eos_token_ids: tuple[int, ...] = self.model_config.eos_token_ids
+        start = time.monotonic()
+        self.runner = ModelRunner(self.model_config, args, self.device)
+        self.load_seconds = time.monotonic() - start
+        self.cache_config = CacheConfig(
+            block_size=args.block_size,
+            num_blocks=self.runner.num_blocks,
+            enable_prefix_caching=args.enable_prefix_caching,
+        )
+        self.scheduler_config = SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=self.model_config.max_model_len,
+        )
+        self.block_manager = BlockManager(
+            self.cache_config.num_blocks, args.block_size, args.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        self.seqs: dict[str, list[Sequence]] = {}  # request id -> its sequences
+        self.stats = EngineStats()
+        self._seq_ids = itertools.count()
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, req: EngineCoreRequest) -> None:
+        if req.request_id in self.seqs:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        seqs = [
+            Sequence(
+                seq_id=next(self._seq_ids),
+                request_id=req.request_id,
+                index=i,
+                prompt_token_ids=req.prompt_token_ids,
+                params=req.params,
+                max_tokens=req.max_tokens,
+                arrival_time=req.arrival_time,
+            )
+            for i in range(req.params.n)
+        ]
+        self.seqs[req.request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str, index: int | None = None) -> None:
+        """Stop a request (or one of its n sequences) and free its blocks; unknown ids are
+        ignored (the request may have finished meanwhile)."""
+        seqs = self.seqs.get(request_id)
+        if seqs is None:
+            return
+        for seq in seqs:
+            if (index is None or seq.index == index) and not seq.is_finished:
+                self._finish(seq, FinishReason.ABORT)
+        self._forget_if_done(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[EngineCoreOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        sampled = self.runner.execute(sched, self.eos_token_ids)
+        self.scheduler.update_computed(sched)
+        st = self.stats
+        st.num_steps += 1
+        for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
+            if n == 1 and seq.num_output_tokens > 0:
+                st.num_decode_tokens += 1
+            else:
+                st.num_prefill_tokens += n
+        outputs = []
+        now = time.monotonic()
+        for tok in sampled:
+            seq = tok.seq
+            seq.token_ids.append(tok.token_id)
+            st.num_generated_tokens += 1
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            out = EngineCoreOutput(
+                seq.request_id, seq.index, [tok.token_id], num_cached_tokens=seq.num_cached_tokens
+            )
+            if tok.logprob is not None:
+                out.new_logprobs = [TokenLogprobs(tok.token_id, tok.logprob, tok.top or {})]
+            reason = self._check_stop(seq, tok.token_id)
+            if reason is not None:
+                self._finish(seq, reason)
+                out.finish_reason, out.stop_reason = reason, seq.stop_reason
+            outputs.append(out)
+        for rid in {o.request_id for o in outputs if o.finish_reason is not None}:
+            self._forget_if_done(rid)
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> FinishReason | None:
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            if token in p.stop_token_ids:  # type: ignore[operator]
+                seq.stop_reason = token
+                return FinishReason.STOP
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return FinishReason.STOP
+        if seq.num_output_tokens >= seq.max_tokens:
+            return FinishReason.LENGTH
+        if seq.num_tokens >= self.model_config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.finish(seq, reason)
+        self.runner.release(seq)
+
+    def _forget_if_done(self, request_id: str) -> None:
+        seqs = self.seqs.get(request_id)
+        if seqs is not None and all(s.is_finished for s in seqs):
+            del self.seqs[request_id]
