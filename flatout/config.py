@@ -33,6 +33,7 @@ class ModelConfig:
     dtype: str  # "float32" | "bfloat16" | "float16"
     rope_scaling: dict[str, Any] | None = None
     attention_bias: bool = False  # bias on q/k/v projections
+    o_proj_bias: bool = False  # bias on attention's output projection (Llama/Qwen3)
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k
     sandwich_norm: bool = False  # GLM-4-0414: post-attention and post-MLP norms
     tie_word_embeddings: bool = False
@@ -53,6 +54,7 @@ class ModelConfig:
         q = self.num_attention_heads * self.head_dim
         kv = self.num_key_value_heads * self.head_dim
         attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.attention_bias else 0)
+        attn += h if self.o_proj_bias else 0
         mlp = 3 * h * i
         norms = h * (4 if self.sandwich_norm else 2) + (2 * self.head_dim if self.qk_norm else 0)
         per_layer = attn + mlp + norms

@@ -1,0 +1,217 @@
+"""Linear layers sharded for tensor parallelism.
+
+Every parameter carries `weight_loader(param, loaded, shard_id=None)`, which copies a full
+(unsharded) checkpoint tensor into this rank's slice. Layers whose output stacks several
+checkpoint tensors (q|k|v, gate|up) accept each part with its shard id, or the fused tensor with
+`shard_id=None`: the fused tensor is split into its parts first and each part is then sharded, so
+rank r holds [q_r | k_r | v_r], never a contiguous slice of the fused rows.
+
+Column-parallel layers split output features across ranks and need no communication; a
+row-parallel layer splits input features and all-reduces its output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flatout.worker import distributed
+
+ShardId = int | str
+
+
+def new_parameter(*shape: int) -> nn.Parameter:
+    """Uninitialised inference parameter in the current default dtype and device."""
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(f"shape mismatch: expected {tuple(dst.shape)}, got {tuple(src.shape)}")
+    dst.copy_(src)
+
+
+def default_weight_loader(
+    param: torch.Tensor, loaded: torch.Tensor, shard_id: ShardId | None = None
+) -> None:
+    """Loader of replicated parameters (norm weights): the whole tensor, as is."""
+    if shard_id is not None:
+        raise ValueError(f"unsharded parameter got shard id {shard_id!r}")
+    copy_checked(param.data, loaded)
+
+
+def _divide(total: int, parts: int, what: str) -> int:
+    if total % parts:
+        raise ValueError(f"{what} ({total}) is not divisible by tensor-parallel size {parts}")
+    return total // parts
+
+
+class LinearBase(nn.Module):
+    """y = x W^T (+ b) with W: [out_per_rank, in_per_rank]."""
+
+    def __init__(self, in_per_rank: int, out_per_rank: int, bias: bool) -> None:
+        super().__init__()
+        self.tp_rank = distributed.get_tp_rank()
+        self.tp_size = distributed.get_tp_size()
+        self.weight = new_parameter(out_per_rank, in_per_rank)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = new_parameter(out_per_rank)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId | None = None
+    ) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split across ranks; the output stays sharded (no gather)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        out_per_rank = _divide(output_size, distributed.get_tp_size(), "output size")
+        super().__init__(input_size, out_per_rank, bias)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId | None = None
+    ) -> None:
+        if shard_id is not None:
+            raise ValueError(f"unsharded parameter got shard id {shard_id!r}")
+        rows = param.shape[0]
+        if loaded.shape[0] != rows * self.tp_size:
+            raise ValueError(f"expected {rows * self.tp_size} rows, got {loaded.shape[0]}")
+        copy_checked(param.data, loaded.narrow(0, self.tp_rank * rows, rows))
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One checkpoint tensor stacked into a fused column-parallel output."""
+
+    full_rows: int  # rows of the whole checkpoint tensor
+    rows: int  # rows this rank holds
+    offset: int  # where they start in this rank's parameter
+    index: int  # which slice of the checkpoint tensor this rank takes
+
+
+class FusedColumnParallelLinear(LinearBase):
+    """Several column-parallel outputs stacked along the output dimension."""
+
+    def __init__(
+        self, input_size: int, parts: dict[ShardId, tuple[int, int, int]], bias: bool
+    ) -> None:
+        # parts: shard id -> (full_rows, rows per rank, slice index), in fused order
+        self.parts: dict[ShardId, _Part] = {}
+        offset = 0
+        for shard_id, (full_rows, rows, index) in parts.items():
+            self.parts[shard_id] = _Part(full_rows, rows, offset, index)
+            offset += rows
+        super().__init__(input_size, offset, bias)
+        self.weight.shard_ids = tuple(self.parts)
+        if self.bias is not None:
+            self.bias.shard_ids = tuple(self.parts)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId | None = None
+    ) -> None:
+        if shard_id is None:  # the fused checkpoint tensor: split into parts, then shard each
+            sizes = [p.full_rows for p in self.parts.values()]
+            if loaded.shape[0] != sum(sizes):
+                raise ValueError(
+                    f"fused tensor has {loaded.shape[0]} rows, expected {sum(sizes)} "
+                    f"(parts {dict(zip(self.parts, sizes, strict=True))})"
+                )
+            for sid, piece in zip(self.parts, loaded.split(sizes, dim=0), strict=True):
+                self.weight_loader(param, piece, sid)
+            return
+        part = self.parts.get(shard_id)
+        if part is None:
+            raise ValueError(f"unknown shard id {shard_id!r} (have {list(self.parts)})")
+        if loaded.shape[0] != part.full_rows:
+            raise ValueError(
+                f"shard {shard_id!r} has {loaded.shape[0]} rows, expected {part.full_rows}"
+            )
+        src = loaded.narrow(0, part.index * part.rows, part.rows)
+        copy_checked(param.data.narrow(0, part.offset, part.rows), src)
+
+
+class MergedColumnParallelLinear(FusedColumnParallelLinear):
+    """Outputs of equal-input projections stacked, e.g. gate|up (shard ids 0, 1, ...)."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
+        tp_size, rank = distributed.get_tp_size(), distributed.get_tp_rank()
+        parts: dict[ShardId, tuple[int, int, int]] = {
+            i: (size, _divide(size, tp_size, f"output size {i}"), rank)
+            for i, size in enumerate(output_sizes)
+        }
+        super().__init__(input_size, parts, bias)
+        self.output_sizes = list(output_sizes)
+
+
+class QKVParallelLinear(FusedColumnParallelLinear):
+    """q|k|v projections (shard ids "q", "k", "v"), split by heads across ranks.
+
+    With fewer KV heads than ranks each KV head is replicated on tp_size // num_kv_heads ranks.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        total_num_heads: int,
+        total_num_kv_heads: int,
+        bias: bool = False,
+    ) -> None:
+        tp_size, rank = distributed.get_tp_size(), distributed.get_tp_rank()
+        self.head_dim = head_dim
+        self.num_heads = _divide(total_num_heads, tp_size, "attention heads")
+        if tp_size >= total_num_kv_heads:
+            replicas = _divide(tp_size, total_num_kv_heads, "tensor-parallel size vs kv heads")
+            self.num_kv_heads, kv_index = 1, rank // replicas
+        else:
+            self.num_kv_heads = _divide(total_num_kv_heads, tp_size, "kv heads")
+            kv_index = rank
+        q_rows, kv_rows = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        parts: dict[ShardId, tuple[int, int, int]] = {
+            "q": (total_num_heads * head_dim, q_rows, rank),
+            "k": (total_num_kv_heads * head_dim, kv_rows, kv_index),
+            "v": (total_num_kv_heads * head_dim, kv_rows, kv_index),
+        }
+        super().__init__(hidden_size, parts, bias)
+        self.q_size, self.kv_size = q_rows, kv_rows
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split across ranks; partial outputs are summed with an all-reduce.
+
+    The bias is replicated and added once, after the reduction."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        in_per_rank = _divide(input_size, distributed.get_tp_size(), "input size")
+        super().__init__(in_per_rank, output_size, bias)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId | None = None
+    ) -> None:
+        if shard_id is not None:
+            raise ValueError(f"unsharded parameter got shard id {shard_id!r}")
+        if param.dim() == 1:  # bias: replicated
+            copy_checked(param.data, loaded)
+            return
+        cols = param.shape[1]
+        if loaded.dim() != 2 or loaded.shape[1] != cols * self.tp_size:
+            raise ValueError(f"expected {cols * self.tp_size} columns, got {tuple(loaded.shape)}")
+        copy_checked(param.data, loaded.narrow(1, self.tp_rank * cols, cols))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = distributed.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias

@@ -1,0 +1,117 @@
+"""Rotary position embedding over the first `rotary_dim` dims of each head.
+
+Two pairings of the rotated dims exist in the checkpoints we serve:
+- interleaved (GPT-J; GLM, ChatGLM): pairs (x0, x1), (x2, x3), ...; pair i turns by pos * f_i
+- half-split (NeoX; Llama, Qwen): pairs (x_i, x_{i + R/2})
+Dims past `rotary_dim` pass through unchanged (GLM rotates half of each head).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def check_rope_scaling(rope_scaling: dict[str, Any] | None) -> None:
+    """Raise ValueError for a rope_scaling this module cannot reproduce."""
+    if rope_scaling is None:
+        return
+    rope_type = rope_scaling.get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"unsupported rope scaling type {rope_type!r}; supported: {list(SUPPORTED_ROPE_TYPES)}"
+        )
+    need = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor",
+                                             "original_max_position_embeddings"]}
+    missing = [k for k in need.get(rope_type, []) if k not in rope_scaling]
+    if missing:
+        raise ValueError(f"rope scaling {rope_type!r} lacks {missing}")
+
+
+def rope_inv_freq(
+    rotary_dim: int, base: float, rope_scaling: dict[str, Any] | None = None
+) -> torch.Tensor:  # [rotary_dim // 2] float32
+    """Angular frequency of each rotated pair, after any context-extension scaling."""
+    check_rope_scaling(rope_scaling)
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
+    inv_freq = 1.0 / (base**exponents)
+    rope_type = (rope_scaling or {}).get("rope_type", "default")
+    if rope_type == "linear":  # positions divided by factor == frequencies divided by it
+        inv_freq = inv_freq / rope_scaling["factor"]
+    elif rope_type == "llama3":
+        inv_freq = _llama3_scaling(inv_freq, rope_scaling)
+    return inv_freq
+
+
+def _llama3_scaling(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth blend between."""
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    between = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(between, blended, out)
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies rotary embedding to q and k of a flattened batch, given each token's position.
+
+    cos/sin are precomputed in float32 for positions [0, max_position); the rotation is done in
+    float32 and cast back to the input dtype."""
+
+    def __init__(
+        self,
+        head_dim: int,
+        rotary_dim: int,
+        max_position: int,
+        base: float,
+        interleaved: bool,
+        rope_scaling: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+            raise ValueError(f"rotary_dim {rotary_dim} must be even and in (0, {head_dim}]")
+        self.head_dim = head_dim
+        self.rotary_dim = rotary_dim
+        self.interleaved = interleaved
+        inv_freq = rope_inv_freq(rotary_dim, base, rope_scaling)
+        pos = torch.arange(max_position, dtype=torch.float32)
+        freqs = torch.outer(pos, inv_freq.to(pos.device))  # [P, R/2]
+        cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [P, R]: cos | sin
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
+
+    def forward(
+        self,
+        positions: torch.Tensor,  # [T]
+        q: torch.Tensor,  # [T, H*D]
+        k: torch.Tensor,  # [T, KVH*D]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)  # [T, R/2]
+        cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        x = x.view(t, -1, self.head_dim)  # [T, H, D]
+        rot = x[..., : self.rotary_dim].float()
+        if self.interleaved:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        else:
+            x1, x2 = rot.chunk(2, dim=-1)
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        out = out.to(x.dtype)
+        if self.rotary_dim < self.head_dim:
+            out = torch.cat((out, x[..., self.rotary_dim :]), dim=-1)
+        return out.reshape(t, -1)
+
+    def extra_repr(self) -> str:
+        style = "interleaved" if self.interleaved else "half-split"
+        return f"rotary_dim={self.rotary_dim}/{self.head_dim}, {style}"

@@ -1,0 +1,276 @@
+"""Batched token sampling with per-row parameters.
+
+The model runner calls `Sampler` once per step on the logits rows of every sequence that produces a
+token. All per-row settings travel as tensors in a `SamplingBatch`, so one call handles greedy,
+sampled, seeded and penalised rows together without a Python loop over rows and without any
+device-to-host copy (the runner copies the returned tensors afterwards). The only per-row loop is
+over rows with their own seeded generator, which draw their noise from it.
+
+Order of operations (as vLLM's): logprobs of the raw logits -> banned ids -> repetition, frequency
+and presence penalties -> greedy rows take the argmax -> temperature -> top-k -> top-p -> min-p ->
+sample with the exponential race: argmax(probs / E), E ~ Exp(1) i.i.d., which picks index i with
+probability probs[i] / sum(probs). A seeded row's draw depends only on its generator, so it is
+reproducible whatever else shares the batch and wherever the row sits.
+
+Token ids >= V (the logits width) in prompts, outputs or banned lists are ignored: every padded id
+tensor uses V as its pad value and is scattered into V + 1 columns whose last one is dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from flatout.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """One sequence sampled this step, built by the model runner."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    # the request's own generator when params.seed is set, on the logits' device; owned (created
+    # and kept across steps) by the runner
+    generator: torch.Generator | None = None
+    # ids masked out this step (EOS / stop ids while len(output) < min_tokens)
+    banned_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters as tensors on the logits' device (B rows, vocab V).
+
+    Optional tensors are None when no row needs them, so the sampler skips that work; greedy rows
+    carry neutral values (temperature 1, no top-k/p, min-p 0) so they never trigger it."""
+
+    vocab_size: int
+    all_greedy: bool
+    greedy: torch.Tensor | None  # [B] bool; None when no row is greedy
+    temperature: torch.Tensor | None  # [B] float32 (1.0 on greedy rows); None when all greedy
+    top_k: torch.Tensor | None  # [B] int64 in [1, V] (V = off, 1 on greedy rows); None: unused
+    max_top_k: int  # largest active top-k (0 when top_k is None)
+    top_k_every_row: bool  # no row has top-k off: truncation can work on max_top_k candidates
+    top_p: torch.Tensor | None  # [B] float32 in (0, 1]
+    min_p: torch.Tensor | None  # [B] float32 in [0, 1]
+    generators: dict[int, torch.Generator]  # row index -> generator (sampled rows only)
+    repetition_penalty: torch.Tensor | None  # [B] float32
+    frequency_penalty: torch.Tensor | None  # [B] float32
+    presence_penalty: torch.Tensor | None  # [B] float32
+    prompt_ids: torch.Tensor | None  # [B, Lp] int64, padded with V; only with repetition_penalty
+    output_ids: torch.Tensor | None  # [B, Lo] int64, padded with V; only with any penalty
+    banned_ids: torch.Tensor | None  # [B, Lb] int64, padded with V
+    num_logprobs: int | None  # max top logprobs asked in the batch; None: no row asked
+
+    @classmethod
+    def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device) -> SamplingBatch:
+        """Turn the runner's rows into batch tensors (host work plus host-to-device copies)."""
+        if not rows:
+            raise ValueError("SamplingBatch.build needs at least one row")
+        V = vocab_size
+        params = [r.params for r in rows]
+        greedy = [p.is_greedy for p in params]
+
+        def floats(values: list[float]) -> torch.Tensor:
+            return _to_device(torch.tensor(values, dtype=torch.float32), device)
+
+        def per_row(name: str, neutral: float) -> list[float]:
+            # greedy rows get the neutral value so they never switch the step on
+            return [neutral if p.is_greedy else float(getattr(p, name)) for p in params]
+
+        temperature = per_row("temperature", 1.0)
+        top_p = per_row("top_p", 1.0)
+        min_p = per_row("min_p", 0.0)
+        # greedy rows keep 1 (their token is taken before truncation), so they never force the
+        # full-vocabulary path
+        top_k = [1 if p.is_greedy else min(p.top_k, V) if p.top_k > 0 else V for p in params]
+        active_k = [k for k, g in zip(top_k, greedy, strict=True) if k < V and not g]
+        rep = [p.repetition_penalty for p in params]
+        freq = [p.frequency_penalty for p in params]
+        pres = [p.presence_penalty for p in params]
+        use_rep = any(v != 1.0 for v in rep)
+        use_out = use_rep or any(v != 0.0 for v in freq) or any(v != 0.0 for v in pres)
+        # rows with neutral penalties need no tokens: their counts would change nothing
+        prompts = [r.prompt_token_ids if rp != 1.0 else [] for r, rp in zip(rows, rep, strict=True)]
+        outputs = [
+            r.output_token_ids if (rp, f, pr) != (1.0, 0.0, 0.0) else []
+            for r, rp, f, pr in zip(rows, rep, freq, pres, strict=True)
+        ]
+        banned = [r.banned_token_ids for r in rows]
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        all_greedy = all(greedy)
+        generators = {  # only sampled rows draw noise
+            i: r.generator for i, r in enumerate(rows) if r.generator is not None and not greedy[i]
+        }
+
+        return cls(
+            vocab_size=V,
+            all_greedy=all_greedy,
+            greedy=_to_device(torch.tensor(greedy), device) if any(greedy) else None,
+            temperature=None if all_greedy else floats(temperature),
+            top_k=_to_device(torch.tensor(top_k), device) if active_k else None,
+            max_top_k=max(active_k, default=0),
+            top_k_every_row=bool(active_k) and max(top_k) < V,
+            top_p=floats(top_p) if any(v < 1.0 for v in top_p) else None,
+            min_p=floats(min_p) if any(v > 0.0 for v in min_p) else None,
+            generators=generators,
+            repetition_penalty=floats(rep) if use_rep else None,
+            frequency_penalty=floats(freq) if use_out else None,
+            presence_penalty=floats(pres) if use_out else None,
+            prompt_ids=_padded(prompts, V, device) if use_rep else None,
+            output_ids=_padded(outputs, V, device) if use_out else None,
+            banned_ids=_padded(banned, V, device) if any(banned) else None,
+            num_logprobs=min(max(asked), V) if asked else None,
+        )
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None  # [B] float32: logprob of the sampled token (None: no row asked)
+    top_ids: torch.Tensor | None  # [B, K] int64, K = max logprobs asked (None when K == 0)
+    top_logprobs: torch.Tensor | None  # [B, K] float32
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _padded(lists: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    """[B, max(len)] int64, right-padded with `pad` (at least one column)."""
+    # numpy's fromiter is several times faster than torch.tensor on nested lists
+    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))  # [B]
+    flat = np.fromiter(itertools.chain.from_iterable(lists), np.int64, int(lengths.sum()))
+    out = np.full((len(lists), max(1, int(lengths.max()))), pad, dtype=np.int64)  # [B, L]
+    out[np.arange(out.shape[1]) < lengths[:, None]] = flat
+    return _to_device(torch.from_numpy(out), device)
+
+
+def _seen_mask(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """ids: [B, L] padded with V (ids > V also land in the pad column) -> [B, V] bool."""
+    ids = ids.clamp(max=vocab_size)
+    mask = torch.zeros(ids.shape[0], vocab_size + 1, dtype=torch.bool, device=ids.device)
+    mask.scatter_(1, ids, True)
+    return mask[:, :vocab_size]
+
+
+def apply_banned(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Set banned ids to -inf in place. logits: [B, V]."""
+    if batch.banned_ids is not None:
+        logits.masked_fill_(_seen_mask(batch.banned_ids, logits.shape[1]), float("-inf"))
+    return logits
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Repetition penalty over prompt + output tokens (positive logits divided, negative ones
+    multiplied), then OpenAI's frequency / presence penalties over output tokens:
+    logit -= frequency * count + presence * (count > 0). In place. logits: [B, V] float32."""
+    if batch.output_ids is None:
+        return logits
+    B, V = logits.shape
+    out_ids = batch.output_ids.clamp(max=V)  # [B, Lo]
+    counts = torch.zeros(B, V + 1, dtype=logits.dtype, device=logits.device)
+    counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=logits.dtype))
+    counts = counts[:, :V]  # [B, V] occurrences in the output
+    in_output = counts > 0
+    if batch.repetition_penalty is not None:
+        assert batch.prompt_ids is not None
+        seen = _seen_mask(batch.prompt_ids, V) | in_output  # [B, V]
+        rp = batch.repetition_penalty.unsqueeze(1)  # [B, 1]
+        penalised = torch.where(logits > 0, logits / rp, logits * rp)
+        logits = torch.where(seen, penalised, logits)
+    assert batch.frequency_penalty is not None and batch.presence_penalty is not None
+    logits -= batch.frequency_penalty.unsqueeze(1) * counts
+    logits -= batch.presence_penalty.unsqueeze(1) * in_output
+    return logits
+
+
+def _top_p_drop(desc: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """desc: [B, N] logits sorted descending -> [B, N] bool, True where the tokens above already
+    hold at least top_p of the probability (the first token is always kept)."""
+    probs = desc.softmax(dim=1)
+    mass_above = probs.cumsum(dim=1) - probs  # [B, N]
+    # rows at top_p = 1 drop nothing, even where float rounding pushes the cumsum past 1
+    return (mass_above >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Keep each row's top_k largest logits, then the smallest set of most likely survivors whose
+    probability reaches top_p; the rest become -inf. logits: [B, V], may be updated in place."""
+    neg_inf = float("-inf")
+    if batch.top_k is not None and batch.top_k_every_row:
+        # every row keeps at most max_top_k tokens: truncate among those, no full sort
+        desc, ids = logits.topk(batch.max_top_k, dim=1)  # [B, K]
+        rank = torch.arange(batch.max_top_k, device=logits.device)  # [K]
+        desc.masked_fill_(rank >= batch.top_k.unsqueeze(1), neg_inf)
+        if batch.top_p is not None:
+            desc.masked_fill_(_top_p_drop(desc, batch.top_p), neg_inf)
+        return torch.full_like(logits, neg_inf).scatter_(1, ids, desc)
+    if batch.top_k is not None:
+        # ties with the k-th largest logit are kept
+        top = logits.topk(batch.max_top_k, dim=1).values  # [B, max_k], descending
+        kth = top.gather(1, (batch.top_k.clamp(max=batch.max_top_k) - 1).unsqueeze(1))  # [B, 1]
+        off = (batch.top_k >= logits.shape[1]).unsqueeze(1)  # [B, 1] rows without top-k
+        logits.masked_fill_(logits < kth.masked_fill(off, neg_inf), neg_inf)
+    if batch.top_p is not None:
+        desc, order = logits.sort(dim=1, descending=True)  # [B, V]
+        drop = torch.empty_like(desc, dtype=torch.bool)
+        drop.scatter_(1, order, _top_p_drop(desc, batch.top_p))
+        logits.masked_fill_(drop, neg_inf)
+    return logits
+
+
+def _exponential_race(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """probs: [B, V], unnormalised weights allowed -> [B] int64 index drawn from each row."""
+    # [B, V] ~ Exp(1). CUDA's generator never returns 0; CPU's does with odds 2**-53, negligible.
+    noise = torch.empty_like(probs)
+    if len(batch.generators) < probs.shape[0]:
+        noise.exponential_()  # one call for every row on the default generator
+    for row, generator in batch.generators.items():
+        noise[row].exponential_(generator=generator)  # seeded rows: their own stream
+    return probs.div_(noise).argmax(dim=1)
+
+
+class Sampler(nn.Module):
+    """Picks one token per row; see the module docstring for the order of operations."""
+
+    def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """logits: [B, V] (float32; other dtypes are upcast). May be modified in place."""
+        logits = logits.float()
+        raw_logprobs = None
+        if batch.num_logprobs is not None:
+            raw_logprobs = logits.log_softmax(dim=1)  # [B, V], before any processing
+
+        logits = apply_banned(logits, batch)
+        logits = apply_penalties(logits, batch)
+
+        if batch.all_greedy:
+            token_ids = logits.argmax(dim=1)
+        else:
+            greedy_ids = logits.argmax(dim=1) if batch.greedy is not None else None
+            assert batch.temperature is not None
+            logits.div_(batch.temperature.unsqueeze(1))
+            logits = apply_top_k_top_p(logits, batch)
+            probs = logits.softmax(dim=1)  # [B, V]
+            if batch.min_p is not None:
+                floor = probs.amax(dim=1, keepdim=True) * batch.min_p.unsqueeze(1)  # [B, 1]
+                probs.masked_fill_(probs < floor, 0.0)
+            token_ids = _exponential_race(probs, batch)
+            if greedy_ids is not None:
+                assert batch.greedy is not None
+                token_ids = torch.where(batch.greedy, greedy_ids, token_ids)
+
+        if raw_logprobs is None:
+            return SamplerOutput(token_ids, None, None, None)
+        sampled_logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [B]
+        top_ids = top_logprobs = None
+        if batch.num_logprobs:
+            top_logprobs, top_ids = raw_logprobs.topk(batch.num_logprobs, dim=1)  # [B, K]
+        return SamplerOutput(token_ids, sampled_logprobs, top_ids, top_logprobs)

@@ -1,0 +1,196 @@
+"""Normalises a checkpoint's config.json (any of the layouts in the wild) into ModelConfig fields.
+
+Layouts handled:
+- transformers 5: rotary settings in `rope_parameters` {rope_type, rope_theta,
+  partial_rotary_factor, scaling keys...}
+- transformers 4: top-level `rope_theta`, `partial_rotary_factor`, and `rope_scaling`
+  {type | rope_type, scaling keys...}
+- remote-code ChatGLM (`model_type: chatglm`): num_layers, ffn_hidden_size, kv_channels,
+  multi_query_group_num, padded_vocab_size, seq_length, layernorm_epsilon, rope_ratio
+  (base 10000 * rope_ratio), rotary on half of each head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from flatout.layers.rotary import check_rope_scaling
+
+GLM_ARCHITECTURES = ("GlmForCausalLM", "Glm4ForCausalLM")
+CHATGLM_ARCHITECTURES = ("ChatGLMModel", "ChatGLMForConditionalGeneration")
+LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = GLM_ARCHITECTURES + CHATGLM_ARCHITECTURES + LLAMA_ARCHITECTURES
+
+_BY_MODEL_TYPE = {
+    "glm": "GlmForCausalLM",
+    "glm4": "Glm4ForCausalLM",
+    "chatglm": "ChatGLMModel",
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+_ROPE_KEYS_NOT_SCALING = ("rope_theta", "partial_rotary_factor")
+
+
+@dataclass(frozen=True)
+class ParsedConfig:
+    fields: dict[str, Any]  # ModelConfig fields the config determines
+    max_position_embeddings: int
+    checkpoint_dtype: str | None  # torch_dtype / dtype as saved, e.g. "bfloat16"
+
+
+def eos_list(value: Any) -> list[int]:
+    """eos_token_id as configs store it: int, list of ints, or null."""
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def architecture_of(raw: dict[str, Any]) -> str:
+    archs = raw.get("architectures") or []
+    for arch in archs:
+        if arch in SUPPORTED_ARCHITECTURES:
+            return arch
+    if not archs and raw.get("model_type") in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[raw["model_type"]]
+    found = archs or raw.get("model_type")
+    raise ValueError(
+        f"unsupported architecture {found!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+def _require(raw: dict[str, Any], key: str) -> Any:
+    if raw.get(key) is None:
+        raise ValueError(f"config.json lacks {key!r}")
+    return raw[key]
+
+
+def _unsupported(arch: str, what: str) -> ValueError:
+    return ValueError(f"{arch}: {what} is not supported")
+
+
+def parse_hf_config(raw: dict[str, Any]) -> ParsedConfig:
+    arch = architecture_of(raw)
+    if arch in CHATGLM_ARCHITECTURES:
+        fields, max_pos = _chatglm_fields(arch, raw)
+    else:
+        fields, max_pos = _hf_fields(arch, raw)
+    if raw.get("hidden_act", "silu") != "silu":
+        raise _unsupported(arch, f"hidden_act {raw['hidden_act']!r} (only silu)")
+    if fields["num_attention_heads"] % fields["num_key_value_heads"]:
+        raise ValueError(
+            f"num_attention_heads {fields['num_attention_heads']} is not a multiple of "
+            f"num_key_value_heads {fields['num_key_value_heads']}"
+        )
+    fields.update(
+        architecture=arch,
+        eos_token_ids=tuple(eos_list(raw.get("eos_token_id"))),
+        bos_token_id=raw.get("bos_token_id"),
+        pad_token_id=raw.get("pad_token_id"),
+        hidden_act="silu",
+    )
+    dtype = raw.get("dtype") or raw.get("torch_dtype")
+    return ParsedConfig(fields, int(max_pos), str(dtype) if dtype else None)
+
+
+def _rope(raw: dict[str, Any]) -> tuple[float, float | None, dict[str, Any] | None]:
+    """(rope_theta, partial_rotary_factor or None, scaling dict or None) from either layout."""
+    params = dict(raw.get("rope_parameters") or {})
+    legacy = dict(raw.get("rope_scaling") or {})
+    theta = params.get("rope_theta", legacy.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+    scaling = {k: v for k, v in (params or legacy).items() if k not in _ROPE_KEYS_NOT_SCALING}
+    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    scaling.pop("type", None)
+    if rope_type == "default":
+        return float(theta), partial, None
+    scaling["rope_type"] = rope_type
+    if rope_type == "llama3":
+        scaling.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings"))
+    check_rope_scaling(scaling)
+    return float(theta), partial, scaling
+
+
+def _hf_fields(arch: str, raw: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    hidden = int(_require(raw, "hidden_size"))
+    heads = int(_require(raw, "num_attention_heads"))
+    head_dim = int(raw.get("head_dim") or hidden // heads)
+    theta, partial, scaling = _rope(raw)
+    is_glm = arch in GLM_ARCHITECTURES
+    if partial is None:
+        partial = 0.5 if is_glm else 1.0  # transformers' GlmConfig/Glm4Config default
+    if arch == "Qwen2ForCausalLM":  # q/k/v always carry a bias, o_proj never
+        attention_bias, o_proj_bias = True, False
+    elif is_glm:  # o_proj never has a bias
+        attention_bias, o_proj_bias = bool(raw.get("attention_bias", True)), False
+    else:  # Llama, Qwen3: attention_bias covers o_proj too
+        attention_bias = o_proj_bias = bool(raw.get("attention_bias", False))
+    if raw.get("mlp_bias"):
+        raise _unsupported(arch, "mlp_bias")
+    if "sliding_attention" in (raw.get("layer_types") or []) or (
+        raw.get("use_sliding_window")
+        and raw.get("sliding_window")
+        and raw.get("max_window_layers", 0) < raw["num_hidden_layers"]
+    ):
+        raise _unsupported(arch, "sliding-window attention")
+    fields = dict(
+        vocab_size=int(_require(raw, "vocab_size")),
+        hidden_size=hidden,
+        num_hidden_layers=int(_require(raw, "num_hidden_layers")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+        head_dim=head_dim,
+        intermediate_size=int(_require(raw, "intermediate_size")),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1.5625e-07 if is_glm else 1e-6)),
+        rope_theta=theta,
+        rotary_dim=int(head_dim * partial),
+        rope_interleaved=is_glm,
+        rope_scaling=scaling,
+        attention_bias=attention_bias,
+        o_proj_bias=o_proj_bias,
+        qk_norm=arch == "Qwen3ForCausalLM",
+        sandwich_norm=arch == "Glm4ForCausalLM",
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+    )
+    return fields, int(_require(raw, "max_position_embeddings"))
+
+
+def _chatglm_fields(arch: str, raw: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    if raw.get("position_encoding_2d") or "inner_hidden_size" in raw:
+        raise _unsupported(arch, "ChatGLM-6B v1 (2-D positions, GELU, LayerNorm)")
+    for key, bad, what in [
+        ("rmsnorm", False, "LayerNorm (rmsnorm: false)"),
+        ("post_layer_norm", False, "no final norm (post_layer_norm: false)"),
+        ("add_bias_linear", True, "biases on dense/MLP (add_bias_linear: true)"),
+        ("apply_residual_connection_post_layernorm", True, "post-norm residuals"),
+    ]:
+        if raw.get(key, not bad) == bad:
+            raise _unsupported(arch, what)
+    hidden = int(_require(raw, "hidden_size"))
+    heads = int(_require(raw, "num_attention_heads"))
+    head_dim = int(raw.get("kv_channels") or hidden // heads)
+    kv_heads = int(raw["multi_query_group_num"]) if raw.get("multi_query_attention") else heads
+    fields = dict(
+        vocab_size=int(raw.get("padded_vocab_size") or _require(raw, "vocab_size")),
+        hidden_size=hidden,
+        num_hidden_layers=int(_require(raw, "num_layers")),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=int(_require(raw, "ffn_hidden_size")),
+        rms_norm_eps=float(raw.get("layernorm_epsilon", 1e-5)),
+        rope_theta=10000.0 * float(raw.get("rope_ratio", 1)),
+        rotary_dim=head_dim // 2,
+        # remote code always pairs interleaved; vLLM reads original_rope: false as half-split
+        rope_interleaved=bool(raw.get("original_rope", True)),
+        rope_scaling=None,
+        attention_bias=bool(raw.get("add_qkv_bias", False)),
+        o_proj_bias=False,
+        qk_norm=False,
+        sandwich_norm=False,
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+    )
+    return fields, int(_require(raw, "seq_length"))

@@ -1,0 +1,148 @@
+"""Fills a model's parameters from safetensors files, or with dummy random values.
+
+One loader for every architecture: it asks the architecture's `WeightNameMap` where each
+checkpoint tensor goes and hands the tensor to that parameter's `weight_loader`, which knows the
+parameter's tensor-parallel sharding. Names are checked before any tensor is read, so a wrong
+checkpoint fails in seconds, not after minutes of loading.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from flatout.layers.linear import ShardId, default_weight_loader
+from flatout.layers.norm import RMSNorm
+from flatout.models.weight_names import Target, WeightNameMap
+
+INDEX_FILE = "model.safetensors.index.json"
+DUMMY_WEIGHT_RANGE = 1e-3
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not fit the model: missing, unexpected or misshapen tensors."""
+
+
+def checkpoint_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint: those named by the index, else all in the folder."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{index} names files that do not exist: {absent}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        other = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+            p.name for p in folder.glob("*.pt")
+        )
+        hint = f" (found {other[:3]}: only safetensors is supported)" if other else ""
+        raise CheckpointError(f"no *.safetensors files in {folder}{hint}")
+    return files
+
+
+def _summarise(names: list[str], limit: int = 8) -> str:
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def plan_weight_loading(
+    model: nn.Module, tensor_names: list[str], name_map: WeightNameMap, tied_lm_head: bool
+) -> dict[str, Target]:
+    """Where each checkpoint tensor goes (dropped ones are left out).
+
+    Raises CheckpointError naming unexpected tensors and parameters nothing fills."""
+    params = dict(model.named_parameters())  # tied lm_head.weight appears once, as the embedding
+    plan: dict[str, Target] = {}
+    unexpected: list[str] = []
+    for name in tensor_names:
+        # checkpoints saved from the bare decoder lack the "model." prefix
+        candidates = [name] if name.startswith("model.") else [name, f"model.{name}"]
+        target: Target | None = None
+        dropped = False
+        for candidate in candidates:
+            t = name_map.resolve(candidate)
+            if t is None or (tied_lm_head and t.param == "lm_head.weight"):
+                dropped = True  # a tied head is the embedding: its copy in the file is redundant
+                break
+            if t.param in params:
+                target = t
+                break
+        if target is not None:
+            plan[name] = target
+        elif not dropped:
+            unexpected.append(name)
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint has tensors this model does not use: {_summarise(sorted(unexpected))}"
+        )
+    filled: dict[str, set[ShardId | None]] = defaultdict(set)
+    for t in plan.values():
+        filled[t.param].add(t.shard_id)
+    missing = []
+    for pname, param in params.items():
+        got = filled.get(pname, set())
+        needed = set(getattr(param, "shard_ids", ()))
+        if None not in got and not (needed and needed <= got):
+            lacking = sorted(str(s) for s in needed - got) if needed and got else []
+            missing.append(f"{pname} (shards {lacking})" if lacking else pname)
+    if missing:
+        raise CheckpointError(f"checkpoint lacks tensors for: {_summarise(missing)}")
+    return plan
+
+
+@torch.no_grad()
+def load_safetensors_weights(
+    model: nn.Module, folder: str | Path, name_map: WeightNameMap, tied_lm_head: bool = False
+) -> None:
+    """Fill every parameter of `model` from the checkpoint folder."""
+    files = checkpoint_files(folder)
+    names_by_file: dict[Path, list[str]] = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            names_by_file[path] = list(f.keys())
+    all_names = [n for names in names_by_file.values() for n in names]
+    plan = plan_weight_loading(model, all_names, name_map, tied_lm_head)
+    params = dict(model.named_parameters())
+    # read straight onto the parameters' device: one tensor at a time in flight, sliced there
+    device = str(next(iter(params.values())).device)
+    for path, names in names_by_file.items():
+        with safe_open(path, framework="pt", device=device) as f:
+            for name in names:
+                target = plan.get(name)
+                if target is None:
+                    continue
+                param = params[target.param]
+                loader = getattr(param, "weight_loader", default_weight_loader)
+                try:
+                    loader(param, f.get_tensor(name), target.shard_id)
+                except ValueError as e:
+                    raise CheckpointError(
+                        f"{path.name}: tensor {name} -> {target.param}: {e}"
+                    ) from None
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Random weights at the real shapes without reading files (benchmarks, profiling).
+
+    Norm weights are 1 and everything else is uniform in +-1e-3: activations stay small and
+    finite in every dtype, so timings are those of real data paths."""
+    norm_weights = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    generators: dict[torch.device, torch.Generator] = {}
+    for param in model.parameters():
+        if id(param) in norm_weights:
+            param.fill_(1.0)
+            continue
+        gen = generators.get(param.device)
+        if gen is None:
+            gen = generators[param.device] = torch.Generator(param.device).manual_seed(seed)
+        param.uniform_(-DUMMY_WEIGHT_RANGE, DUMMY_WEIGHT_RANGE, generator=gen)

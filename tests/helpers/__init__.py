@@ -1,0 +1,1 @@
+"""Shared test helpers (tiny random checkpoints of real architectures)."""
