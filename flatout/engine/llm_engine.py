@@ -72,7 +72,7 @@ class InputProcessor:
 def load_tokenizer_for(model_config: ModelConfig) -> Any:
     if model_config.tokenizer is None:
         return None
-    from flatout.tokenizer import load_tokenizer
+    from flatout.tokenizers import load_tokenizer
 
     return load_tokenizer(model_config.tokenizer)
 

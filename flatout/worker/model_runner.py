@@ -96,11 +96,13 @@ class ModelRunner:
         return peak
 
     def _allocate_kv_cache(self) -> None:
-        c = self.config
-        shape = (self.num_blocks, self.block_size, c.num_key_value_heads, c.head_dim)
+        # zeroed on the GPU (kernels mask unused slots but must never meet NaN garbage); left
+        # uninitialised on the CPU so that untouched blocks never take resident memory
+        alloc = torch.zeros if self.device.type == "cuda" else torch.empty
         for layer in self.attn_layers:
-            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            shape = (self.num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+            layer.k_cache = alloc(shape, dtype=self.dtype, device=self.device)
+            layer.v_cache = alloc(shape, dtype=self.dtype, device=self.device)
 
     # -- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
