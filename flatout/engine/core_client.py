@@ -213,7 +213,9 @@ class AsyncEngineClient:
         self.outputs.add_request(request_id, text, ids, params)
         finished = False
         try:
-            self._send(EngineCoreRequest(request_id, ids, params, max_tokens))
+            self._send(
+                EngineCoreRequest(request_id, ids, params, max_tokens, self.inputs.eos_token_ids)
+            )
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):

@@ -34,6 +34,7 @@ class EngineCoreRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     max_tokens: int  # resolved by the caller's validation
+    eos_token_ids: tuple[int, ...] = ()  # from the config, generation config and tokenizer
     arrival_time: float = field(default_factory=time.monotonic)
 
 
@@ -90,7 +91,6 @@ class EngineCore:
         self.device = resolve_device(args.device)
         torch.manual_seed(args.seed)
         self.model_config = resolve_model(args, self.device)
-        self.eos_token_ids: tuple[int, ...] = self.model_config.eos_token_ids
         start = time.monotonic()
         self.runner = ModelRunner(self.model_config, args, self.device)
         self.load_seconds = time.monotonic() - start
@@ -125,6 +125,7 @@ class EngineCore:
                 params=req.params,
                 max_tokens=req.max_tokens,
                 arrival_time=req.arrival_time,
+                eos_token_ids=req.eos_token_ids,
             )
             for i in range(req.params.n)
         ]
@@ -151,7 +152,7 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        sampled = self.runner.execute(sched, self.eos_token_ids)
+        sampled = self.runner.execute(sched)
         self.scheduler.update_computed(sched)
         st = self.stats
         st.num_steps += 1
@@ -188,7 +189,7 @@ class EngineCore:
             if token in p.stop_token_ids:  # type: ignore[operator]
                 seq.stop_reason = token
                 return FinishReason.STOP
-            if not p.ignore_eos and token in self.eos_token_ids:
+            if not p.ignore_eos and token in seq.eos_token_ids:
                 return FinishReason.STOP
         if seq.num_output_tokens >= seq.max_tokens:
             return FinishReason.LENGTH

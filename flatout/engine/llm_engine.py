@@ -28,6 +28,13 @@ class InputProcessor:
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.cache_tokens = cache_tokens
+        eos = list(model_config.eos_token_ids)
+        if tokenizer is not None:
+            from flatout.tokenizers import stop_token_ids
+
+            eos += stop_token_ids(tokenizer, model_config.tokenizer)
+        # GLM chat models end a turn with any of three tokens; all of them stop generation
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos))
 
     def encode(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -108,7 +115,9 @@ class LLMEngine:
         max_tokens = self.inputs.validate(ids, params)
         if request_id in self.outputs.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
-        self.core.add_request(EngineCoreRequest(request_id, ids, params, max_tokens))
+        self.core.add_request(
+            EngineCoreRequest(request_id, ids, params, max_tokens, self.inputs.eos_token_ids)
+        )
         self.outputs.add_request(request_id, text, ids, params)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

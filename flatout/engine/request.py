@@ -44,6 +44,7 @@ class Sequence:
     params: SamplingParams
     max_tokens: int  # resolved: params.max_tokens or what max_model_len leaves
     arrival_time: float
+    eos_token_ids: tuple[int, ...] = ()  # the model's end-of-turn ids (ignored with ignore_eos)
     token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0

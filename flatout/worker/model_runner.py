@@ -106,7 +106,7 @@ class ModelRunner:
 
     # -- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, eos_token_ids: tuple[int, ...]) -> list[SampledToken]:
+    def execute(self, sched: SchedulerOutput) -> list[SampledToken]:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -149,18 +149,20 @@ class ModelRunner:
             return []
         logits = self.model.compute_logits(hidden[torch.tensor(logits_rows, device=dev)])
         batch = SamplingBatch.build(
-            [self._sampling_row(s, eos_token_ids) for s in sampled_seqs],
+            [self._sampling_row(s) for s in sampled_seqs],
             vocab_size=logits.shape[-1],
             device=dev,
         )
         out = self.sampler(logits.float(), batch)
         return self._to_host(sampled_seqs, out)
 
-    def _sampling_row(self, seq: Sequence, eos_token_ids: tuple[int, ...]) -> SamplingRow:
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
         p = seq.params
         banned: list[int] = []
         if seq.num_output_tokens < p.min_tokens:
-            banned = list(p.stop_token_ids or []) + ([] if p.ignore_eos else list(eos_token_ids))
+            banned = list(p.stop_token_ids or [])
+            if not p.ignore_eos:
+                banned += seq.eos_token_ids
         generator = None
         if p.seed is not None:
             generator = self.generators.get(seq.seq_id)

@@ -78,7 +78,7 @@ def test_stop_token_ids_and_min_tokens(llm: LLM) -> None:
 
 
 def test_eos_from_generation_config_and_ignore_eos(llm: LLM) -> None:
-    eos = llm.engine.model_config.eos_token_ids
+    eos = llm.engine.inputs.eos_token_ids
     assert len(eos) == 3  # <|endoftext|>, <|user|>, <|observation|>
     tok = llm.get_tokenizer()
     assert set(eos) == {tok.convert_tokens_to_ids(t)

@@ -1,0 +1,97 @@
+"""Built-in chat templates for GLM checkpoints that ship none (or none usable).
+
+They are rendered by transformers' `apply_chat_template` (jinja2, `trim_blocks` and `lstrip_blocks`
+on). Every template writes its own prefix tokens, because `apply_chat_template` tokenizes with
+`add_special_tokens=False`. The OpenAI role `tool` is rendered as GLM's `observation`.
+"""
+
+from __future__ import annotations
+
+# The tools block shared by the GLM-4 templates: a system turn listing each function as JSON.
+_GLM4_TOOLS = (
+    "{%- if tools -%}"
+    "{{- '<|system|>\\n# 可用工具' -}}"
+    "{%- for tool in tools -%}"
+    "{%- set function = tool.function if tool.function is defined else tool -%}"
+    "{{- '\\n\\n## ' + function.name + '\\n\\n' + (function | tojson(indent=4)) -}}"
+    "{{- '\\n在调用上述函数时，请使用 Json 格式表示调用的参数。' -}}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+)
+
+# glm-4-9b-chat (remote code): `[gMASK]<sop>` then `<|role|>{metadata}\n{content}` per message,
+# generation prompt `<|assistant|>` (the model writes the newline itself).
+GLM4_CHAT_TEMPLATE = "".join(
+    (
+        "{{- '[gMASK]<sop>' -}}",
+        _GLM4_TOOLS,
+        "{%- for message in messages -%}",
+        "{%- set role = 'observation' if message.role == 'tool' else message.role -%}",
+        "{%- if message.content -%}",
+        "{{- '<|' + role + '|>' + (message.metadata or '') + '\\n' + message.content -}}",
+        "{%- endif -%}",
+        "{%- endfor -%}",
+        "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}",
+    )
+)
+
+# GLM-4-0414 / GLM-Z1 style: system turns first, earlier answers keep only the text after
+# `</think>`, and the generation prompt opens a thinking block (`<|assistant|>\n<think>`) unless
+# the caller passes `enable_thinking=False` (then it is a plain `<|assistant|>\n`).
+GLM4_0414_CHAT_TEMPLATE = "".join(
+    (
+        "{{- '[gMASK]<sop>' -}}",
+        _GLM4_TOOLS,
+        "{%- for message in messages if message.role == 'system' -%}",
+        "{{- '<|system|>\\n' + message.content -}}",
+        "{%- endfor -%}",
+        "{%- for message in messages if message.role != 'system' -%}",
+        "{%- set role = 'observation' if message.role == 'tool' else message.role -%}",
+        "{%- set content = message.content or '' -%}",
+        "{%- if role == 'assistant' -%}",
+        "{%- set content = content.split('</think>')[-1].strip() -%}",
+        "{%- endif -%}",
+        "{{- '<|' + role + '|>' + (message.metadata or '') + '\\n' + content -}}",
+        "{%- endfor -%}",
+        "{%- if add_generation_prompt -%}",
+        "{%- if enable_thinking is defined and not enable_thinking -%}",
+        "{{- '<|assistant|>\\n' -}}",
+        "{%- else -%}",
+        "{{- '<|assistant|>\\n<think>' -}}",
+        "{%- endif -%}",
+        "{%- endif -%}",
+    )
+)
+
+# chatglm3-6b: `[gMASK]sop`, then `<|role|>\n content` (note the space: the original tokenizer
+# encoded each message separately, which SentencePiece prefixes with a word boundary).
+CHATGLM3_CHAT_TEMPLATE = (
+    "{{- '[gMASK]sop' -}}"
+    "{%- if tools -%}"
+    "{{- '<|system|>\\n ' + (tools | tojson(indent=4)) -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- set role = 'observation' if message.role == 'tool' else message.role -%}"
+    "{{- '<|' + role + '|>' + (message.metadata or '') + '\\n ' + (message.content or '') -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
+)
+
+# chatglm2-6b has no role tokens: `[Round n]\n\n问：{question}\n\n答：{answer}\n\n`. System text
+# (which the model never saw in training) is put before the first round.
+CHATGLM2_CHAT_TEMPLATE = (
+    "{{- '[gMASK]sop' -}}"
+    "{%- set ns = namespace(round=0) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message.role == 'system' -%}"
+    "{{- message.content + '\\n\\n' -}}"
+    "{%- elif message.role == 'user' -%}"
+    "{%- set ns.round = ns.round + 1 -%}"
+    "{{- '[Round ' + ns.round | string + ']\\n\\n问：' + message.content + '\\n\\n答：' -}}"
+    "{%- elif message.role == 'assistant' -%}"
+    "{{- message.content + '\\n\\n' -}}"
+    "{%- else -%}"
+    "{{- raise_exception('chatglm2 chat supports the roles system, user and assistant only') -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
