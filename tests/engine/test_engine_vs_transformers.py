@@ -18,7 +18,12 @@ ARCHS = [
     "LlamaForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "Glm4ForCausalLM:odd",
+    "LlamaForCausalLM:odd",
 ]
+# uncommon shapes: head_dim 80, 6 query heads on 2 KV heads (GQA ratio 3), odd vocab
+ODD_SHAPES = {"head_dim": 80, "num_attention_heads": 6, "num_key_value_heads": 2,
+              "vocab_size": 307, "hidden_size": 96}
 PROMPT_LENS = [3, 70, 17, 41]
 NEW_TOKENS = 12
 
@@ -44,8 +49,9 @@ def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:  # noqa: 
 
 @pytest.fixture(scope="module", params=ARCHS)
 def checkpoint(request, tmp_path_factory) -> tuple[str, Path, list[list[int]], list[list[int]]]:  # noqa: ANN001
-    arch = request.param
-    path = make_tiny_checkpoint(arch, tmp_path_factory.mktemp(arch))
+    arch, _, variant = request.param.partition(":")
+    overrides = ODD_SHAPES if variant == "odd" else {}
+    path = make_tiny_checkpoint(arch, tmp_path_factory.mktemp(arch), **overrides)
     hf = load_hf_reference(path)
     hf.generation_config.eos_token_id = None
     prompts = prompts_for(hf.config.vocab_size)
