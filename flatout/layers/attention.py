@@ -184,6 +184,26 @@ class Attention(nn.Module):
                 s, e = qsl[i], qsl[i + 1]
                 out[s:e] = _causal_attention(q[s:e], k[s:e], v[s:e], self.scale)
             return out.view(t, -1)
+        if q.is_cuda:
+            return self._forward_triton(q, k, v, meta).view(t, -1)
         write_kv_cache_ref(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         out = paged_attention_ref(q, self.k_cache, self.v_cache, meta, self.scale)
         return out.view(t, -1)
+
+    def _forward_triton(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """The GPU path: reads only device tensors of `meta` when every query is a decode,
+        so decode steps can be captured in CUDA graphs."""
+        from flatout import kernels
+
+        assert self.k_cache is not None and self.v_cache is not None
+        kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if meta.max_query_len == 1:  # q: [B, H, D], one query per sequence
+            return kernels.paged_decode_attention(
+                q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, self.scale
+            )
+        return kernels.paged_prefill_attention(
+            q, self.k_cache, self.v_cache, meta.query_start_loc, meta.seq_lens,
+            meta.block_tables, self.scale, meta.max_query_len,
+        )

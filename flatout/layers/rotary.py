@@ -93,6 +93,12 @@ class RotaryEmbedding(nn.Module):
         q: torch.Tensor,  # [T, H*D]
         k: torch.Tensor,  # [T, KVH*D]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.is_cuda:  # rotates q and k in place, both in one kernel
+            from flatout.kernels import rotary_embedding
+
+            return rotary_embedding(
+                positions, q, k, self.cos_sin_cache, self.head_dim, self.interleaved
+            )
         cos, sin = self.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)  # [T, R/2]
         cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

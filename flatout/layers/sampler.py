@@ -60,8 +60,8 @@ class SamplingBatch:
     min_p: torch.Tensor | None  # [B] float32 in [0, 1]
     generators: dict[int, torch.Generator]  # row index -> generator (sampled rows only)
     repetition_penalty: torch.Tensor | None  # [B] float32
-    frequency_penalty: torch.Tensor | None  # [B] float32
-    presence_penalty: torch.Tensor | None  # [B] float32
+    frequency_penalty: torch.Tensor | None  # [B] float32; None when all rows have 0
+    presence_penalty: torch.Tensor | None  # [B] float32; None when all rows have 0
     prompt_ids: torch.Tensor | None  # [B, Lp] int64, padded with V; only with repetition_penalty
     output_ids: torch.Tensor | None  # [B, Lo] int64, padded with V; only with any penalty
     banned_ids: torch.Tensor | None  # [B, Lb] int64, padded with V
@@ -94,7 +94,9 @@ class SamplingBatch:
         freq = [p.frequency_penalty for p in params]
         pres = [p.presence_penalty for p in params]
         use_rep = any(v != 1.0 for v in rep)
-        use_out = use_rep or any(v != 0.0 for v in freq) or any(v != 0.0 for v in pres)
+        use_freq = any(v != 0.0 for v in freq)
+        use_pres = any(v != 0.0 for v in pres)
+        use_out = use_rep or use_freq or use_pres
         # rows with neutral penalties need no tokens: their counts would change nothing
         prompts = [r.prompt_token_ids if rp != 1.0 else [] for r, rp in zip(rows, rep, strict=True)]
         outputs = [
@@ -120,8 +122,8 @@ class SamplingBatch:
             min_p=floats(min_p) if any(v > 0.0 for v in min_p) else None,
             generators=generators,
             repetition_penalty=floats(rep) if use_rep else None,
-            frequency_penalty=floats(freq) if use_out else None,
-            presence_penalty=floats(pres) if use_out else None,
+            frequency_penalty=floats(freq) if use_freq else None,
+            presence_penalty=floats(pres) if use_pres else None,
             prompt_ids=_padded(prompts, V, device) if use_rep else None,
             output_ids=_padded(outputs, V, device) if use_out else None,
             banned_ids=_padded(banned, V, device) if any(banned) else None,
@@ -186,9 +188,10 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         rp = batch.repetition_penalty.unsqueeze(1)  # [B, 1]
         penalised = torch.where(logits > 0, logits / rp, logits * rp)
         logits = torch.where(seen, penalised, logits)
-    assert batch.frequency_penalty is not None and batch.presence_penalty is not None
-    logits -= batch.frequency_penalty.unsqueeze(1) * counts
-    logits -= batch.presence_penalty.unsqueeze(1) * in_output
+    if batch.frequency_penalty is not None:
+        logits -= batch.frequency_penalty.unsqueeze(1) * counts
+    if batch.presence_penalty is not None:
+        logits -= batch.presence_penalty.unsqueeze(1) * in_output
     return logits
 
 

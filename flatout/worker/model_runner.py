@@ -8,6 +8,7 @@ and samples one token for every sequence whose tokens are now all computed.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from flatout.engine.scheduler import SchedulerOutput
 from flatout.layers.attention import Attention, AttentionMetadata, forward_context
 from flatout.layers.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow
 from flatout.models.registry import load_model
+from flatout.worker.cuda_graph import DecodeGraphs
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,20 @@ class ModelRunner:
         self.generators: dict[int, torch.Generator] = {}
         self.num_blocks = self._plan_num_blocks(args)
         self._allocate_kv_cache()
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not args.enforce_eager:
+            self.graphs = DecodeGraphs(
+                self.model,
+                hidden_size=config.hidden_size,
+                dtype=self.dtype,
+                max_num_seqs=args.max_num_seqs,
+                max_blocks_per_seq=-(-config.max_model_len // self.block_size),
+                block_size=self.block_size,
+                device=self.device,
+            )
+            self.graphs.capture()
+        # CUDA events around each step's GPU work, for the busy fraction (GPU only)
+        self._events: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque(maxlen=1 << 16)
 
     # -- KV cache ---------------------------------------------------------------------------
     @property
@@ -143,18 +159,45 @@ class ModelRunner:
         )
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        with forward_context(meta):
-            hidden = self.model(ids_t, pos_t)
+        events = None
+        if dev.type == "cuda":
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
+            self._events.append(events)
+        graphs = self.graphs
+        if graphs is not None and meta.is_decode_only and len(sched.seqs) <= graphs.max_bs:
+            hidden = graphs.replay(
+                ids_t, pos_t, meta.slot_mapping, meta.seq_lens, meta.block_tables
+            )
+        else:
+            with forward_context(meta):
+                hidden = self.model(ids_t, pos_t)
         if not sampled_seqs:
+            if events is not None:
+                events[1].record()
             return []
-        logits = self.model.compute_logits(hidden[torch.tensor(logits_rows, device=dev)])
+        if len(logits_rows) != len(input_ids):  # decode-only steps sample every row
+            hidden = hidden[torch.tensor(logits_rows, device=dev)]
+        logits = self.model.compute_logits(hidden)
         batch = SamplingBatch.build(
             [self._sampling_row(s) for s in sampled_seqs],
             vocab_size=logits.shape[-1],
             device=dev,
         )
         out = self.sampler(logits.float(), batch)
+        if events is not None:
+            events[1].record()
         return self._to_host(sampled_seqs, out)
+
+    def reset_busy_time(self) -> None:
+        self._events.clear()
+
+    def busy_time(self) -> float:
+        """Seconds the GPU spent inside steps (first kernel to last) since the last reset."""
+        if not self._events:
+            return 0.0
+        self._events[-1][1].synchronize()
+        return sum(s.elapsed_time(e) for s, e in self._events) / 1e3
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         p = seq.params
