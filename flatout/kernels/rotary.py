@@ -1,0 +1,124 @@
+"""Rotary position embedding applied in place to q [T, H*D] and k [T, KVH*D].
+
+cos/sin cache layout (the one flatout.layers.rotary.RotaryEmbedding builds): `cos_sin_cache`
+[max_position, rotary_dim], row p = cos(p * f_0..f_{R/2-1}) | sin(p * f_0..f_{R/2-1}), where f_i is
+the frequency of rotated pair i. Only the first rotary_dim dims of each head turn:
+- interleaved (GPT-J; GLM, ChatGLM): pair i = dims (2i, 2i+1)
+- half-split (NeoX; Llama, Qwen): pair i = dims (i, i + R/2)
+Dims past rotary_dim pass through. Math in fp32, rounded once to the input dtype.
+
+Which one runs: this Triton kernel, one program per token doing all q and k heads in place, so q
+and k (views into the fused qkv output) are read and written once with no copies. torch.compile
+of the eager rotation would fuse too but writes new tensors (then a copy back or a cat), so the
+hand-written kernel should be at least as fast; the lead's GPU benchmark decides.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flatout.kernels._utils import next_pow2
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr, cos, sin, num_heads,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+):  # fmt: skip
+    h = tl.arange(0, BLOCK_H)
+    i = tl.arange(0, BLOCK_R)
+    if INTERLEAVED:
+        first, second = 2 * i, 2 * i + 1
+    else:
+        first, second = i, i + HALF
+    mask = (h < num_heads)[:, None] & (i < HALF)[None, :]  # [H, R/2]
+    p1 = x_ptr + h[:, None] * HEAD_DIM + first[None, :]
+    p2 = x_ptr + h[:, None] * HEAD_DIM + second[None, :]
+    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(p2, mask=mask, other=0.0).to(tl.float32)
+    tl.store(p1, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(p2, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    positions_ptr, q_ptr, k_ptr, cos_sin_ptr,
+    stride_qt, stride_kt, stride_cs,
+    num_heads, num_kv_heads,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr, BLOCK_R: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + t).to(tl.int64)
+    i = tl.arange(0, BLOCK_R)
+    row = cos_sin_ptr + pos * stride_cs
+    cos = tl.load(row + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]  # [1, R/2]
+    sin = tl.load(row + HALF + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+    _rotate_heads(q_ptr + t * stride_qt, cos, sin, num_heads,
+                  HEAD_DIM, HALF, BLOCK_H, BLOCK_R, INTERLEAVED)
+    _rotate_heads(k_ptr + t * stride_kt, cos, sin, num_kv_heads,
+                  HEAD_DIM, HALF, BLOCK_KVH, BLOCK_R, INTERLEAVED)
+
+
+def _check(x: torch.Tensor, head_dim: int, name: str) -> None:
+    if x.dim() != 2 or x.stride(1) != 1 or x.shape[1] % head_dim:
+        raise ValueError(f"{name} must be [T, heads * {head_dim}] with unit last stride")
+
+
+def rotary_embedding(
+    positions: torch.Tensor,  # [T] int
+    q: torch.Tensor,  # [T, H*D], rows may be strided (a view into qkv)
+    k: torch.Tensor,  # [T, KVH*D]
+    cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim]: cos | sin
+    head_dim: int,
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates q and k in place and returns them."""
+    _check(q, head_dim, "q")
+    _check(k, head_dim, "k")
+    if cos_sin_cache.stride(1) != 1:
+        raise ValueError("cos_sin_cache must have unit last stride")
+    rotary_dim = cos_sin_cache.shape[1]
+    if rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(f"rotary_dim {rotary_dim} must be even and at most head_dim {head_dim}")
+    num_heads, num_kv_heads = q.shape[1] // head_dim, k.shape[1] // head_dim
+    if q.shape[0]:
+        _rotary_kernel[(q.shape[0],)](
+            positions, q, k, cos_sin_cache,
+            q.stride(0), k.stride(0), cos_sin_cache.stride(0),
+            num_heads, num_kv_heads,
+            HEAD_DIM=head_dim, HALF=rotary_dim // 2,
+            BLOCK_H=next_pow2(num_heads), BLOCK_KVH=next_pow2(num_kv_heads),
+            BLOCK_R=next_pow2(rotary_dim // 2), INTERLEAVED=interleaved,
+            num_warps=4,
+        )  # fmt: skip
+    return q, k
+
+
+def rotary_embedding_ref(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    head_dim: int,
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch, in place, same contract as `rotary_embedding`."""
+    rotary_dim = cos_sin_cache.shape[1]
+    cos, sin = cos_sin_cache.index_select(0, positions.long()).float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, R/2]
+    for x in (q, k):
+        heads = x.view(x.shape[0], -1, head_dim)[..., :rotary_dim]  # [T, H, R] view
+        rot = heads.float()
+        if interleaved:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        else:
+            x1, x2 = rot.chunk(2, dim=-1)
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        heads.copy_(out)
+    return q, k

@@ -1,0 +1,165 @@
+"""Every Triton kernel against its reference on CUDA, in bf16 and fp16, at awkward and real
+(GLM-4-9B, Llama-3-8B, Qwen2.5-7B) sizes. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # before importing the kernels: CPU runs use the interpreter
+    pytest.skip("needs CUDA", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    pytest.skip("TRITON_INTERPRET is set: these tests need compiled kernels",
+                allow_module_level=True)  # fmt: skip
+pytest.importorskip("triton")
+
+from flatout.kernels import (  # noqa: E402
+    fused_add_rms_norm,
+    fused_add_rms_norm_ref,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+    paged_prefill_attention,
+    paged_prefill_attention_ref,
+    rms_norm,
+    rms_norm_ref,
+    rotary_embedding,
+    rotary_embedding_ref,
+    silu_and_mul,
+    silu_and_mul_ref,
+    write_kv_cache,
+    write_kv_cache_ref,
+)
+from flatout.layers.rotary import RotaryEmbedding  # noqa: E402
+from tests.kernels.paged_batch import make_paged_batch  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+DTYPES = [torch.bfloat16, torch.float16]
+# (query heads, kv heads, head dim, block size)
+ATTN_SHAPES = {
+    "glm4-9b": (32, 2, 128, 16),
+    "llama3-8b": (32, 8, 128, 32),
+    "qwen2.5-7b": (28, 4, 128, 16),
+    "awkward": (6, 2, 80, 8),
+    "mha-d64": (8, 8, 64, 64),
+}
+
+
+def tol(dtype: torch.dtype) -> dict:
+    return dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=4e-3, rtol=4e-3)
+
+
+def upcast(args):
+    return [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(ATTN_SHAPES))
+@pytest.mark.parametrize("num_splits", [None, 1, 7])
+def test_decode(dtype, name, num_splits):
+    heads, kv_heads, head_dim, block_size = ATTN_SHAPES[name]
+    lens = [0, 1, 511, 512, 2047, 33, 4000, 17]
+    batch = make_paged_batch([(1 if n else 0, n) for n in lens], heads, kv_heads, head_dim,
+                             block_size, dtype=dtype, device="cuda")  # fmt: skip
+    q = torch.randn(len(lens), heads, head_dim, device="cuda").to(dtype)
+    args = [q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.scale]
+    out = paged_decode_attention(*args, num_splits=num_splits)
+    ref = paged_decode_attention_ref(*upcast(args))
+    assert torch.isfinite(out).all() and (out[0] == 0).all()
+    torch.testing.assert_close(out.float(), ref, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(ATTN_SHAPES))
+def test_prefill(dtype, name):
+    heads, kv_heads, head_dim, block_size = ATTN_SHAPES[name]
+    chunks = [(512, 512), (1, 700), (37, 1037), (0, 0), (129, 300), (3, 3)]
+    batch = make_paged_batch(chunks, heads, kv_heads, head_dim, block_size, dtype=dtype,
+                             device="cuda", pad_tokens=5)  # fmt: skip
+    args = [batch.q, batch.k_cache, batch.v_cache, batch.query_start_loc, batch.seq_lens,
+            batch.block_tables, batch.scale, batch.meta.max_query_len]  # fmt: skip
+    n = batch.num_real_tokens
+    out = paged_prefill_attention(*args)[:n]
+    ref = paged_prefill_attention_ref(*upcast(args))[:n]
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, **tol(dtype))
+
+
+def test_decode_replays_in_a_cuda_graph():
+    """Captured once, replayed with new lengths and tables written into the same tensors."""
+    heads, kv_heads, head_dim, block_size = ATTN_SHAPES["glm4-9b"]
+    first = make_paged_batch([(1, 40), (1, 1500), (0, 0)], heads, kv_heads, head_dim,
+                             block_size, dtype=torch.bfloat16, device="cuda")  # fmt: skip
+    q = torch.randn(3, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    static = [q, first.k_cache, first.v_cache, first.block_tables, first.seq_lens, first.scale]
+    out = paged_decode_attention(*static)  # warm up: compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_decode_attention(*static)
+    second = make_paged_batch([(1, 1000), (0, 0), (1, 3)], heads, kv_heads, head_dim, block_size,
+                              dtype=torch.bfloat16, device="cuda", seed=1)
+    first.k_cache[: second.k_cache.shape[0]].copy_(second.k_cache)
+    first.v_cache[: second.v_cache.shape[0]].copy_(second.v_cache)
+    first.block_tables.zero_()
+    first.block_tables[:, : second.block_tables.shape[1]].copy_(second.block_tables)
+    first.seq_lens.copy_(second.seq_lens)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    ref = paged_decode_attention_ref(*upcast(static))
+    torch.testing.assert_close(out.float(), ref, **tol(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_cache(dtype):
+    batch = make_paged_batch([(300, 300), (1, 77), (0, 0), (13, 500)], 32, 2, 128, 16,
+                             dtype=dtype, device="cuda", pad_tokens=7)  # fmt: skip
+    t = batch.slot_mapping.shape[0]
+    qkv = torch.randn(t, 36 * 128, device="cuda").to(dtype)  # GLM-4-9B: 32 q + 2 k + 2 v heads
+    k, v = qkv[:, 4096:4352].view(t, 2, 128), qkv[:, 4352:].view(t, 2, 128)
+    k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
+    write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
+    write_kv_cache_ref(k, v, batch.k_cache, batch.v_cache, batch.slot_mapping)
+    assert torch.equal(k_cache, batch.k_cache) and torch.equal(v_cache, batch.v_cache)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [4096, 3584, 80])
+def test_rms_norms(dtype, hidden):
+    x = torch.randn(37, hidden, device="cuda").to(dtype) * 4
+    residual = torch.randn_like(x)
+    w = (torch.randn(hidden, device="cuda") * 0.1 + 1).to(dtype)
+    torch.testing.assert_close(rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5), **tol(dtype))
+    normed, summed = fused_add_rms_norm(x, residual, w, 1e-5)
+    normed_ref, summed_ref = fused_add_rms_norm_ref(x, residual, w, 1e-5)
+    assert torch.equal(summed, summed_ref)
+    torch.testing.assert_close(normed, normed_ref, **tol(dtype))
+
+
+# (heads, kv heads, head dim, rotary dim, interleaved)
+ROTARY = {"glm4-9b": (32, 2, 128, 64, True), "llama3-8b": (32, 8, 128, 128, False),
+          "qwen2.5-7b": (28, 4, 128, 128, False), "awkward": (6, 2, 80, 40, False)}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(ROTARY))
+def test_rotary(dtype, name):
+    heads, kv_heads, head_dim, rotary_dim, interleaved = ROTARY[name]
+    rope = RotaryEmbedding(head_dim, rotary_dim, 8192, 10000.0, interleaved).cuda()
+    t = 301
+    positions = torch.randint(0, 8192, (t,), device="cuda")
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, device="cuda").to(dtype)
+    qkv_ref = qkv.clone()
+    q_end, k_end = heads * head_dim, (heads + kv_heads) * head_dim
+    rotary_embedding(positions, qkv[:, :q_end], qkv[:, q_end:k_end], rope.cos_sin_cache,
+                     head_dim, interleaved)  # fmt: skip
+    rotary_embedding_ref(positions, qkv_ref[:, :q_end], qkv_ref[:, q_end:k_end],
+                         rope.cos_sin_cache, head_dim, interleaved)  # fmt: skip
+    torch.testing.assert_close(qkv, qkv_ref, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [13696, 14336, 1000])
+def test_silu_and_mul(dtype, inter):
+    x = torch.randn(37, 2 * inter, device="cuda").to(dtype) * 4
+    torch.testing.assert_close(silu_and_mul(x), silu_and_mul_ref(x), **tol(dtype))

@@ -1,0 +1,116 @@
+"""Compile every kernel for an H100 (sm_90) on a machine without a GPU and report resources.
+
+The interpreter runs kernels without compiling them, so it cannot catch what only the compiler
+rejects (tensor-core shape limits, constexpr types, shared memory). This script swaps in a driver
+that only names an sm_90 target and turns every launch into a compile-only warmup, calls the
+public kernel functions on CPU tensors at real shapes, and prints one JSON line per kernel
+variant: name, dtype, registers, spilled bytes, shared memory (from ptxas -v).
+
+Run in a process without TRITON_INTERPRET. Exit code 3: this Triton's internals differ from what
+the shim expects (nothing compiled)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+except ImportError:
+    sys.exit(3)
+
+
+class _CompileOnlyDriver:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+COMPILED: list[tuple[str, object]] = []
+
+
+def _install() -> None:
+    driver.set_active(_CompileOnlyDriver())
+    original = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
+        COMPILED.append((self.fn.__name__, kernel))
+        return kernel
+
+    JITFunction.run = run
+
+
+def _launch_all(dtype: torch.dtype) -> None:
+    import flatout.kernels as K
+    from tests.kernels.paged_batch import make_paged_batch
+
+    # GLM-4-9B attention (G = 16, D = 128) and an awkward one (G = 3, D = 80)
+    for heads, kv_heads, head_dim, block_size in [(32, 2, 128, 16), (6, 2, 80, 8)]:
+        b = make_paged_batch([(1, 40), (3, 50)], heads, kv_heads, head_dim, block_size,
+                             dtype=dtype)  # fmt: skip
+        decode_args = (b.q[:2], b.k_cache, b.v_cache, b.block_tables, b.seq_lens, 0.1)
+        K.paged_decode_attention(*decode_args, num_splits=4)
+        K.paged_decode_attention(*decode_args, num_splits=1)
+        K.paged_prefill_attention(b.q, b.k_cache, b.v_cache, b.query_start_loc, b.seq_lens,
+                                  b.block_tables, 0.1, 3)  # fmt: skip
+        K.write_kv_cache(b.q[:, :kv_heads], b.q[:, :kv_heads], b.k_cache, b.v_cache,
+                         b.slot_mapping)  # fmt: skip
+    x = torch.zeros(4, 4096, dtype=dtype)
+    K.rms_norm(x, x[0], 1e-5)
+    K.fused_add_rms_norm(x, x, x[0], 1e-5)
+    K.silu_and_mul(x)
+    positions = torch.zeros(4, dtype=torch.int64)
+    K.rotary_embedding(positions, x, x[:, :256], torch.zeros(8, 64), 128, True)
+    K.rotary_embedding(positions, x, x[:, :1024], torch.zeros(8, 128), 128, False)
+
+
+def _ptxas_report(ptx: str) -> dict:
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        proc = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                              capture_output=True, text=True, check=True)  # fmt: skip
+    finally:
+        os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", proc.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", proc.stderr)
+    return {"registers": int(regs.group(1)), "spill_bytes": int(spills.group(1))}
+
+
+def main() -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("unset TRITON_INTERPRET")
+    try:
+        _install()
+    except (AttributeError, TypeError):
+        sys.exit(3)
+    for dtype in (torch.bfloat16, torch.float16):
+        start = len(COMPILED)
+        _launch_all(dtype)
+        for name, kernel in COMPILED[start:]:
+            report = {"kernel": name, "dtype": str(dtype), "shared": kernel.metadata.shared,
+                      **_ptxas_report(kernel.asm["ptx"])}  # fmt: skip
+            print(json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main()
