@@ -119,7 +119,8 @@ def run_flatout(model: str, quick: bool) -> dict:
     cfg = core.model_config
     res: dict = {"startup_s": time.monotonic() - t0, "num_kv_blocks": core.cache_config.num_blocks,
                  "weight_bytes": cfg.weight_bytes, "kv_bytes_per_token": cfg.kv_bytes_per_token,
-                 "num_params": cfg.num_params, "cuda_graphs": core.runner.graphs is not None}
+                 "num_params": cfg.num_params, "cuda_graphs": core.runner.graphs is not None,
+                 "embed_params": cfg.vocab_size * cfg.hidden_size}
     vocab = cfg.vocab_size
     gen = torch.Generator().manual_seed(0)
 
@@ -184,7 +185,7 @@ def run_flatout(model: str, quick: bool) -> dict:
 
 
 # -- transformers --------------------------------------------------------------------------
-def run_transformers(model: str, quick: bool) -> dict:
+def run_transformers(model: str, quick: bool, partial: Path | None = None) -> dict:
     import transformers
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -203,9 +204,10 @@ def run_transformers(model: str, quick: bool) -> dict:
             if impl == "sdpa" and num > 32:
                 continue  # a padded batch of 256 x 768 is not how anyone runs it
             try:
-                m = AutoModelForCausalLM.from_config(
-                    hf_cfg, dtype=torch.bfloat16, attn_implementation=impl
-                ).cuda().eval()
+                with torch.device("cuda"):  # random init on the GPU, not 9 B params on the CPU
+                    m = AutoModelForCausalLM.from_config(
+                        hf_cfg, dtype=torch.bfloat16, attn_implementation=impl
+                    ).eval()
                 gc = GenerationConfig(max_new_tokens=256, min_new_tokens=256, do_sample=False,
                                       eos_token_id=None, pad_token_id=0)
                 with NvmlSampler() as nv, torch.inference_mode():
@@ -227,6 +229,8 @@ def run_transformers(model: str, quick: bool) -> dict:
                 torch.cuda.empty_cache()
             except Exception as e:  # noqa: BLE001 - report, don't abort the whole run
                 res[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            if partial is not None:  # results so far survive a timeout of this part
+                partial.write_text(json.dumps(res, indent=1))
     return res
 
 
@@ -256,8 +260,10 @@ def report(device: dict, fo: dict, hf: dict, cmd: str) -> str:
         lines.append(f"| {d['batch']} | {d['step_ms']:.2f} | {floor:.2f} | "
                      f"{floor / d['step_ms']:.0%} |")
     lines += ["", "## Prefill", "", "| batch | ms | MFU |", "|---|---|---|"]
+    # matmul FLOPs of a prefill: 2 x (parameters outside the embedding and LM head) per token
+    dense = fo["num_params"] - 2 * fo["embed_params"]
     for p in fo["prefill"]:
-        mfu = 2 * fo["num_params"] * p["tokens"] / p["s"] / peak
+        mfu = 2 * dense * p["tokens"] / p["s"] / peak
         lines.append(f"| {p['shape']} | {p['s'] * 1e3:.1f} | {mfu:.0%} |")
     lines += ["", "## Workload: N requests x (512 prompt -> 256 output tokens, ignore_eos)", "",
               "| engine | requests | output tok/s | req/s | GPU busy (events) | NVML util |",
@@ -288,9 +294,11 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.part != "all":
-        fn = run_flatout if a.part == "flatout" else run_transformers
         try:
-            res = fn(a.model, a.quick)
+            if a.part == "flatout":
+                res = run_flatout(a.model, a.quick)
+            else:
+                res = run_transformers(a.model, a.quick, out / "part_transformers.json")
         except Exception as e:  # noqa: BLE001
             import traceback
 
@@ -301,11 +309,18 @@ def main() -> None:
         return
     device = measure_device()
     torch.cuda.empty_cache()
-    for part in ["flatout", "transformers"]:
+    for part, limit in [("flatout", 260), ("transformers", 260)]:
         cmd = [sys.executable, __file__, "--out", str(out), "--model", a.model, "--part", part]
-        subprocess.run(cmd + (["--quick"] if a.quick else []), check=False, env=os.environ)
-    fo = json.loads((out / "part_flatout.json").read_text())
-    hf = json.loads((out / "part_transformers.json").read_text())
+        try:
+            subprocess.run(cmd + (["--quick"] if a.quick else []), check=False, env=os.environ,
+                           timeout=limit)
+        except subprocess.TimeoutExpired:
+            print(f"{part} part stopped after {limit} s", flush=True)
+    parts = {}
+    for part in ["flatout", "transformers"]:
+        f = out / f"part_{part}.json"
+        parts[part] = json.loads(f.read_text()) if f.exists() else {"error": "no result"}
+    fo, hf = parts["flatout"], parts["transformers"]
     cmd = "python benchmarks/bench_gpu.py --out DIR --model " + a.model + (
         " --quick" if a.quick else "")
     data = {"device": device, "flatout": fo, "transformers": hf, "command": cmd}
