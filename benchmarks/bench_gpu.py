@@ -120,7 +120,8 @@ def run_flatout(model: str, quick: bool) -> dict:
     res: dict = {"startup_s": time.monotonic() - t0, "num_kv_blocks": core.cache_config.num_blocks,
                  "weight_bytes": cfg.weight_bytes, "kv_bytes_per_token": cfg.kv_bytes_per_token,
                  "num_params": cfg.num_params, "cuda_graphs": core.runner.graphs is not None,
-                 "embed_params": cfg.vocab_size * cfg.hidden_size}
+                 "embed_params": cfg.vocab_size * cfg.hidden_size
+                 * (1 if cfg.tie_word_embeddings else 2)}
     vocab = cfg.vocab_size
     gen = torch.Generator().manual_seed(0)
 
@@ -261,7 +262,7 @@ def report(device: dict, fo: dict, hf: dict, cmd: str) -> str:
                      f"{floor / d['step_ms']:.0%} |")
     lines += ["", "## Prefill", "", "| batch | ms | MFU |", "|---|---|---|"]
     # matmul FLOPs of a prefill: 2 x (parameters outside the embedding and LM head) per token
-    dense = fo["num_params"] - 2 * fo["embed_params"]
+    dense = fo["num_params"] - fo["embed_params"]
     for p in fo["prefill"]:
         mfu = 2 * dense * p["tokens"] / p["s"] / peak
         lines.append(f"| {p['shape']} | {p['s'] * 1e3:.1f} | {mfu:.0%} |")

@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--max-model-len", type=int, default=None)
     info.add_argument("--load-format", default="auto")
     info.set_defaults(func=_cmd_info)
+
+    from flatout.server.serve import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

@@ -6,11 +6,11 @@ sampled, seeded and penalised rows together without a Python loop over rows and 
 device-to-host copy (the runner copies the returned tensors afterwards). The only per-row loop is
 over rows with their own seeded generator, which draw their noise from it.
 
-Order of operations (as vLLM's): logprobs of the raw logits -> banned ids -> repetition, frequency
-and presence penalties -> greedy rows take the argmax -> temperature -> top-k -> top-p -> min-p ->
-sample with the exponential race: argmax(probs / E), E ~ Exp(1) i.i.d., which picks index i with
-probability probs[i] / sum(probs). A seeded row's draw depends only on its generator, so it is
-reproducible whatever else shares the batch and wherever the row sits.
+Order of operations: logprobs of the raw logits (as vLLM reports them) -> banned ids ->
+repetition, frequency and presence penalties -> greedy rows take the argmax -> temperature ->
+top-k -> top-p -> min-p -> sample with the exponential race: argmax(probs / E), E ~ Exp(1) i.i.d.,
+which picks index i with probability probs[i] / sum(probs). A seeded row's draw depends only on
+its generator, so it is reproducible whatever else shares the batch and wherever the row sits.
 
 Token ids >= V (the logits width) in prompts, outputs or banned lists are ignored: every padded id
 tensor uses V as its pad value and is scattered into V + 1 columns whose last one is dropped.
