@@ -17,6 +17,7 @@ Writes DIR/bench_gpu.json and DIR/bench_gpu.md (the tables and the command).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -204,32 +205,39 @@ def run_transformers(model: str, quick: bool, partial: Path | None = None) -> di
             key = f"{'generate' if impl == 'sdpa' else 'generate_batch'}[{impl}] x{num}"
             if impl == "sdpa" and num > 32:
                 continue  # a padded batch of 256 x 768 is not how anyone runs it
+            m = None
             try:
                 with torch.device("cuda"):  # random init on the GPU, not 9 B params on the CPU
                     m = AutoModelForCausalLM.from_config(
                         hf_cfg, dtype=torch.bfloat16, attn_implementation=impl
                     ).eval()
-                gc = GenerationConfig(max_new_tokens=256, min_new_tokens=256, do_sample=False,
+                gen_cfg = GenerationConfig(max_new_tokens=256, min_new_tokens=256, do_sample=False,
                                       eos_token_id=None, pad_token_id=0)
-                with NvmlSampler() as nv, torch.inference_mode():
+                # no_grad, not inference_mode: generate_batch's worker thread updates its own
+                # static tensors in place, which inference tensors would refuse
+                with NvmlSampler() as nv, torch.no_grad():
                     torch.cuda.synchronize()
                     t = time.perf_counter()
                     if impl == "sdpa":
                         ids = torch.tensor(prompts, device="cuda")
                         out = m.generate(ids, attention_mask=torch.ones_like(ids),
-                                         generation_config=gc)
+                                         generation_config=gen_cfg)
                         n_out = (out.shape[1] - 512) * num
                     else:
-                        outs = m.generate_batch(inputs=prompts, generation_config=gc)
+                        outs = m.generate_batch(inputs=prompts, generation_config=gen_cfg)
                         n_out = sum(len(o.generated_tokens) for o in outs.values())
                     torch.cuda.synchronize()
                     wall = time.perf_counter() - t
+                if n_out < num * 256:
+                    raise RuntimeError(f"only {n_out} of {num * 256} tokens generated")
                 res[key] = {"wall_s": wall, "output_tok_s": n_out / wall, "req_s": num / wall,
                             "nvml_util": nv.mean}
-                del m
-                torch.cuda.empty_cache()
             except Exception as e:  # noqa: BLE001 - report, don't abort the whole run
                 res[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            finally:
+                del m
+                gc.collect()
+                torch.cuda.empty_cache()
             if partial is not None:  # results so far survive a timeout of this part
                 partial.write_text(json.dumps(res, indent=1))
     return res
