@@ -158,6 +158,10 @@ class AsyncEngineClient:
     def start(self, timeout: float = 600.0) -> CoreReady:
         """Start the core process and wait until its model is loaded (blocking)."""
         self.process.start()
+        # drop this process's copies of the child's ends, so that the child's exit shows up
+        # here as end-of-file instead of a reader blocked forever
+        self._inbox_r.close()
+        self._outbox_w.close()
         if not self._outbox_r.poll(timeout):
             raise EngineDeadError(f"engine core did not start within {timeout:.0f} s")
         msg = self._outbox_r.recv()

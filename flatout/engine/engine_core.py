@@ -49,6 +49,7 @@ class EngineCoreOutput:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    queue_time: float | None = None  # seconds from arrival to first scheduling, on the 1st token
 
 
 @dataclass
@@ -172,6 +173,8 @@ class EngineCore:
             out = EngineCoreOutput(
                 seq.request_id, seq.index, [tok.token_id], num_cached_tokens=seq.num_cached_tokens
             )
+            if seq.num_output_tokens == 1 and seq.first_scheduled_time is not None:
+                out.queue_time = seq.first_scheduled_time - seq.arrival_time
             if tok.logprob is not None:
                 out.new_logprobs = [TokenLogprobs(tok.token_id, tok.logprob, tok.top or {})]
             reason = self._check_stop(seq, tok.token_id)

@@ -32,6 +32,7 @@ class _RequestState:
     prompt_token_ids: list[int]
     samples: list[_SampleState]
     num_cached_tokens: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -78,6 +79,8 @@ class OutputProcessor:
             if s.finish_reason is not None:
                 continue  # a stop string ended it; the core produced one more before the abort
             req.num_cached_tokens = out.num_cached_tokens
+            if out.queue_time is not None and "queue_time" not in req.metrics:
+                req.metrics["queue_time"] = out.queue_time
             touched[req.request_id] = req
             self._apply(s, out)
             if s.finish_reason is not None and out.finish_reason is None:
@@ -141,4 +144,5 @@ class OutputProcessor:
             outputs=outs,
             finished=req.finished,
             num_cached_tokens=req.num_cached_tokens,
+            metrics=dict(req.metrics),
         )

@@ -56,6 +56,7 @@ class Sequence:
     logprobs: list[TokenLogprobs] | None = None
     cumulative_logprob: float = 0.0
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # when it was first admitted (queue time ends)
     first_token_time: float | None = None
 
     def __post_init__(self) -> None:

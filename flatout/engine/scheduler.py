@@ -12,6 +12,7 @@ front of the queue, to be recomputed from its prompt and the tokens it had produ
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -106,6 +107,8 @@ class Scheduler:
                 break
             bm.grow(seq, n)
             self.waiting.popleft()
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.seqs.append(seq)

@@ -1,0 +1,131 @@
+"""The FastAPI application: routes, API-key check, error shapes, engine attach on startup."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import prometheus_client as prom
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+
+import flatout
+from flatout.server.errors import (
+    OpenAIError,
+    from_validation_error,
+    install_error_handlers,
+    to_openai_error,
+)
+from flatout.server.metrics import HTTPMetricsMiddleware
+from flatout.server.protocol import ChatCompletionRequest, CompletionRequest
+from flatout.server.responses import ClientDisconnected
+from flatout.server.serving_chat import create_chat_completion
+from flatout.server.serving_completion import create_completion
+from flatout.server.state import ServerState
+
+_CLIENT_CLOSED = 499  # nginx's code for "client closed the request"; nobody reads it
+
+
+class APIKeyMiddleware:
+    """Requires `Authorization: Bearer <key>` on /v1/* (compared in constant time)."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path", "").startswith("/v1"):
+            got = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(got, self.expected):
+                err = OpenAIError(
+                    "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                    status=401, code="invalid_api_key",
+                )
+                await err.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _answer(work: Awaitable[Response]) -> Response:
+    """Await a handler; any exception becomes the OpenAI error a client should see."""
+    try:
+        return await work
+    except (OpenAIError, ClientDisconnected):
+        raise
+    except Exception as e:
+        raise to_openai_error(e) from e
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    body = await request.body()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+
+
+def build_app(state: ServerState, on_ready: Callable[[], None] | None = None) -> FastAPI:
+    """The API over a started engine client; the engine's outputs are routed into the server's
+    event loop when it starts, and the engine is shut down with the server."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.client.attach(asyncio.get_running_loop())
+        if on_ready is not None:
+            on_ready()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(state.client.shutdown)
+
+    app = FastAPI(title="flatout", version=flatout.__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.flatout = state
+    install_error_handlers(app)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, __: ClientDisconnected) -> Response:
+        return Response(status_code=_CLIENT_CLOSED)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = await _parse(request, ChatCompletionRequest)
+        return await _answer(create_chat_completion(state, req, request))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = await _parse(request, CompletionRequest)
+        return await _answer(create_completion(state, req, request))
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        mc = state.client.model_config
+        cards = [
+            {"id": name, "object": "model", "created": int(state.started), "owned_by": "flatout",
+             "root": mc.model, "max_model_len": mc.max_model_len}
+            for name in state.served_model_names
+        ]
+        return JSONResponse({"object": "list", "data": cards})
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.client.is_alive:
+            return JSONResponse({"status": "ok"})
+        return OpenAIError("the engine is not running", status=503).response()
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": flatout.__version__})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=prom.CONTENT_TYPE_LATEST)
+
+    if state.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=state.api_key)
+    app.add_middleware(HTTPMetricsMiddleware, metrics=state.metrics)
+    return app

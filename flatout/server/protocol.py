@@ -1,0 +1,194 @@
+"""Request bodies of the OpenAI-compatible API, and their translation to SamplingParams.
+
+Bodies are validated strictly (a string is not a number, 1.5 is not an integer), so a client
+mistake becomes a 400 naming the field rather than a silent coercion. Unknown fields are ignored,
+as OpenAI's clients expect: they send parameters a given server may not know.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from flatout.server.errors import OpenAIError
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ContentPart(_Body):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    # extra keys (name, metadata, tool_calls, tool_call_id, reasoning_content) reach the template
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class _SamplingFields(_Body):
+    """Fields both endpoints share: OpenAI's, plus the extras vLLM users send."""
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    max_tokens: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    # chat-template controls
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    enable_thinking: bool | None = None  # top-level, as LangChain's extra_body sends it
+    return_reasoning: bool = True
+
+
+PromptInput = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: PromptInput
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+# -- translation ---------------------------------------------------------------------------------
+# request fields copied as they are into SamplingParams when the client set them
+_PASSTHROUGH = (
+    "n", "temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty",
+    "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens",
+    "spaces_between_special_tokens", "stop_token_ids", "include_stop_str_in_output",
+)
+
+
+def sampling_fields(req: _SamplingFields) -> dict[str, Any]:
+    """The SamplingParams fields the request set explicitly (generation_config.json defaults
+    apply under them). An absent max_tokens means: up to the context length, as OpenAI's."""
+    fields = {
+        name: getattr(req, name)
+        for name in _PASSTHROUGH
+        if name in req.model_fields_set and getattr(req, name) is not None
+    }
+    fields["max_tokens"] = req.max_tokens
+    return fields
+
+
+def chat_sampling_fields(req: ChatCompletionRequest) -> dict[str, Any]:
+    fields = sampling_fields(req)
+    if req.max_completion_tokens is not None:
+        fields["max_tokens"] = req.max_completion_tokens
+    if req.top_logprobs is not None and not req.logprobs:
+        raise OpenAIError("top_logprobs requires logprobs to be true", param="top_logprobs")
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
+        raise OpenAIError(f"top_logprobs must be in [0, 20], got {req.top_logprobs}",
+                          param="top_logprobs", code="invalid_value")
+    if req.logprobs:
+        fields["logprobs"] = req.top_logprobs or 0
+    return fields
+
+
+def completion_sampling_fields(req: CompletionRequest) -> dict[str, Any]:
+    fields = sampling_fields(req)
+    if req.logprobs is not None:
+        fields["logprobs"] = req.logprobs
+    if req.best_of is not None and req.best_of != req.n:
+        raise OpenAIError("best_of other than n is not supported", param="best_of")
+    if req.suffix:
+        raise OpenAIError("suffix is not supported", param="suffix")
+    if req.echo and req.logprobs is not None:
+        raise OpenAIError("echo together with logprobs is not supported", param="echo")
+    return fields
+
+
+def completion_prompts(prompt: PromptInput) -> list[str | list[int]]:
+    """Normalise the four accepted prompt shapes to a list of prompts."""
+    if isinstance(prompt, str):
+        prompts: list[str | list[int]] = [prompt]
+    elif not prompt:
+        raise OpenAIError("prompt must not be empty", param="prompt")
+    elif isinstance(prompt[0], int):
+        prompts = [list(prompt)]  # type: ignore[arg-type]
+    else:
+        prompts = list(prompt)  # type: ignore[arg-type]
+    for p in prompts:
+        if len(p) == 0:
+            raise OpenAIError("prompt must not be empty", param="prompt")
+    return prompts
+
+
+Role = Literal["system", "user", "assistant", "tool", "observation", "developer"]
+_ROLES: frozenset[str] = frozenset(Role.__args__)  # type: ignore[attr-defined]
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template expects them: content as one string (text parts joined
+    by newlines), extra keys kept."""
+    if not messages:
+        raise OpenAIError("messages must not be empty", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if m.role not in _ROLES:
+            raise OpenAIError(
+                f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}, got {m.role!r}",
+                param=f"messages[{i}].role",
+            )
+        msg = m.model_dump(exclude_none=True)
+        if m.role == "developer":  # OpenAI's newer name for the system role
+            msg["role"] = "system"
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise OpenAIError(
+                        f"content part of type {part.type!r} is not supported by this model "
+                        f"(only text parts are)",
+                        param=f"messages[{i}].content[{j}]",
+                    )
+                texts.append(part.text)
+            msg["content"] = "\n".join(texts)
+        elif content is None:
+            msg["content"] = ""
+        out.append(msg)
+    return out
+

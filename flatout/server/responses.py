@@ -1,0 +1,165 @@
+"""Pieces both endpoints use: ids, SSE framing, usage and logprob objects in OpenAI's shapes,
+merging several requests' outputs, and aborting work whose client went away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+
+from flatout.engine.request import TokenLogprobs
+from flatout.outputs import RequestOutput
+from flatout.server.errors import OpenAIError, to_openai_error
+from flatout.server.state import ServerState
+
+T = TypeVar("T")
+_MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_error(e: BaseException) -> str:
+    return sse(to_openai_error(e).body())
+
+
+def usage(outputs: list[RequestOutput]) -> dict[str, Any]:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    cached = sum(o.num_cached_tokens for o in outputs)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def _lp(x: float) -> float:
+    return max(float(x), _MIN_LOGPROB)
+
+
+def chat_logprobs(
+    state: ServerState, lps: list[TokenLogprobs], top_n: int
+) -> dict[str, list[dict[str, Any]]]:
+    """`choices[i].logprobs` of a chat completion: one entry per generated token."""
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = state.token_text(token_id)
+        return {"token": text, "logprob": _lp(logprob), "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for lp in lps:
+        item = entry(lp.token_id, lp.logprob)
+        item["top_logprobs"] = [entry(t, v) for t, v in list(lp.top.items())[:top_n]]
+        content.append(item)
+    return {"content": content}
+
+
+def completion_logprobs(
+    state: ServerState, lps: list[TokenLogprobs], top_n: int, text_offset: int
+) -> dict[str, list[Any]]:
+    """`choices[i].logprobs` of a (legacy) completion; offsets count from `text_offset`."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = text_offset
+    for lp in lps:
+        text = state.token_text(lp.token_id)
+        tokens.append(text)
+        token_lps.append(_lp(lp.logprob))
+        top = {state.token_text(t): _lp(v) for t, v in list(lp.top.items())[:top_n]}
+        top.setdefault(text, _lp(lp.logprob))
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+async def merge(gens: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Items of several async iterators as they come, tagged with the iterator's index.
+    Closing the merge (or an error in one) closes all of them, which aborts their requests."""
+    if len(gens) == 1:
+        async with aclosing(gens[0]) as g:  # type: ignore[type-var]
+            async for item in g:
+                yield 0, item
+        return
+    queue: asyncio.Queue[tuple[int, T | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, gen: AsyncIterator[T]) -> None:
+        try:
+            async with aclosing(gen) as g:  # type: ignore[type-var]
+                async for item in g:
+                    queue.put_nowait((i, item, None))
+            queue.put_nowait((i, None, None))
+        except Exception as e:
+            queue.put_nowait((i, None, e))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item, err = await queue.get()
+            if err is not None:
+                raise err
+            if item is None:
+                remaining -= 1
+                continue
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work` (a non-streaming generation); cancel it, which aborts its requests in the
+    engine, if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise ClientDisconnected
+
+
+def ensure_finished(out: RequestOutput | None) -> RequestOutput:
+    if out is None or not out.finished:
+        raise OpenAIError("the engine ended the request without a result", status=500)
+    return out

@@ -1,0 +1,201 @@
+"""POST /v1/chat/completions: template → tokens → engine → message (or SSE deltas), with the
+reasoning split into `reasoning_content`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from flatout.outputs import CompletionOutput, RequestOutput
+from flatout.sampling_params import SamplingParams
+from flatout.server.protocol import ChatCompletionRequest, chat_messages, chat_sampling_fields
+from flatout.server.reasoning import ReasoningStream
+from flatout.server.responses import (
+    SSE_DONE,
+    chat_logprobs,
+    ensure_finished,
+    merge,
+    new_id,
+    now,
+    sse,
+    sse_error,
+    unless_disconnected,
+    usage,
+)
+from flatout.server.state import ServerState
+
+
+@dataclass
+class _Prepared:
+    request_id: str
+    model: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    opened_reasoning: bool  # the template ended the prompt inside <think>
+    top_logprobs: int
+
+
+def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
+    """Everything that can fail because of the request, before anything is queued."""
+    state.require_engine()
+    model = state.check_model(req.model)
+    messages = chat_messages(req.messages)
+    kwargs = dict(req.chat_template_kwargs or {})
+    if req.enable_thinking is not None:
+        kwargs.setdefault("enable_thinking", req.enable_thinking)
+    prompt = state.renderer.render(
+        messages,
+        add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+        continue_final_message=req.continue_final_message,
+        tools=req.tools,
+        template_kwargs=kwargs,
+    )
+    ids = state.renderer.encode(prompt)
+    fields = chat_sampling_fields(req)
+    parser = state.reasoning
+    if parser is not None and "skip_special_tokens" not in fields and parser.tags_are_special(
+        state.tokenizer
+    ):
+        fields["skip_special_tokens"] = False  # keep the tags in the text so they can be split
+    params = state.client.default_sampling_params(**fields)
+    state.client.inputs.validate(ids, params)
+    opened = parser is not None and parser.prompt_opens_reasoning(prompt)
+    return _Prepared(new_id("chatcmpl"), model, ids, params, opened, req.top_logprobs or 0)
+
+
+async def create_chat_completion(
+    state: ServerState, req: ChatCompletionRequest, raw: Request
+) -> Response:
+    arrival = time.monotonic()
+    p = prepare_chat(state, req)
+    if req.stream:
+        return StreamingResponse(
+            _stream(state, req, p, arrival), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    final = await unless_disconnected(raw, _collect(state, p, arrival))
+    return JSONResponse(_response(state, req, p, final))
+
+
+async def _collect(state: ServerState, p: _Prepared, arrival: float) -> RequestOutput:
+    tracker = state.metrics.track(arrival)
+    last: RequestOutput | None = None
+    try:
+        gen = state.client.generate(p.request_id, p.prompt_token_ids, p.params)
+        async for _, out in merge([gen]):
+            tracker.observe(out)
+            last = out
+    finally:
+        tracker.finish(last, p.params.n)
+    return ensure_finished(last)
+
+
+def _reasoning_stream(state: ServerState, p: _Prepared) -> ReasoningStream | None:
+    return state.reasoning.stream(opened=p.opened_reasoning) if state.reasoning else None
+
+
+def _message(
+    state: ServerState, req: ChatCompletionRequest, p: _Prepared, o: CompletionOutput
+) -> dict[str, Any]:
+    msg: dict[str, Any] = {"role": "assistant", "content": o.text}
+    if state.reasoning is not None:
+        reasoning, content = state.reasoning.split(o.text, opened=p.opened_reasoning)
+        msg["content"] = content
+        if req.return_reasoning:
+            msg["reasoning_content"] = reasoning
+    return msg
+
+
+def _response(
+    state: ServerState, req: ChatCompletionRequest, p: _Prepared, out: RequestOutput
+) -> dict[str, Any]:
+    choices = []
+    for o in out.outputs:
+        choices.append({
+            "index": o.index,
+            "message": _message(state, req, p, o),
+            "logprobs": chat_logprobs(state, o.logprobs or [], p.top_logprobs)
+            if req.logprobs else None,
+            "finish_reason": o.finish_reason,
+            "stop_reason": o.stop_reason,
+        })
+    return {
+        "id": p.request_id,
+        "object": "chat.completion",
+        "created": now(),
+        "model": p.model,
+        "choices": choices,
+        "usage": usage([out]),
+    }
+
+
+async def _stream(
+    state: ServerState, req: ChatCompletionRequest, p: _Prepared, arrival: float
+) -> AsyncIterator[str]:
+    created = now()
+    n = p.params.n
+    base = {"id": p.request_id, "object": "chat.completion.chunk", "created": created,
+            "model": p.model}
+    if req.include_usage:
+        base["usage"] = None
+
+    def chunk(choice: dict[str, Any]) -> str:
+        return sse({**base, "choices": [choice]})
+
+    tracker = state.metrics.track(arrival)
+    splitters = [_reasoning_stream(state, p) for _ in range(n)]
+    sent_chars, sent_lps, done = [0] * n, [0] * n, [False] * n
+    last: RequestOutput | None = None
+    try:
+        for i in range(n):
+            yield chunk({"index": i, "delta": {"role": "assistant", "content": ""},
+                         "logprobs": None, "finish_reason": None})
+        gen = state.client.generate(p.request_id, p.prompt_token_ids, p.params)
+        async for _, out in merge([gen]):
+            tracker.observe(out)
+            last = out
+            for o in out.outputs:
+                i = o.index
+                if done[i]:
+                    continue
+                text, sent_chars[i] = o.text[sent_chars[i]:], len(o.text)
+                finished = o.finish_reason is not None
+                delta: dict[str, Any] = {}
+                reasoning, content = "", text
+                splitter = splitters[i]
+                if splitter is not None:
+                    reasoning, content = splitter.feed(text)
+                    if finished:
+                        r, c = splitter.finish()
+                        reasoning, content = reasoning + r, content + c
+                if reasoning and req.return_reasoning:
+                    delta["reasoning_content"] = reasoning
+                if content:
+                    delta["content"] = content
+                new_lps = (o.logprobs or [])[sent_lps[i]:]
+                sent_lps[i] += len(new_lps)
+                if not delta and not finished and not (req.logprobs and new_lps):
+                    continue
+                choice: dict[str, Any] = {
+                    "index": i, "delta": delta,
+                    "logprobs": chat_logprobs(state, new_lps, p.top_logprobs)
+                    if req.logprobs else None,
+                    "finish_reason": o.finish_reason if finished else None,
+                }
+                if finished:
+                    done[i] = True
+                    choice["stop_reason"] = o.stop_reason
+                yield chunk(choice)
+        if req.include_usage and last is not None:
+            yield sse({**base, "choices": [], "usage": usage([last])})
+        yield SSE_DONE
+    except Exception as e:  # the engine died or rejected the request mid-way
+        yield sse_error(e)
+        yield SSE_DONE
+    finally:
+        tracker.finish(last, p.params.n)
