@@ -16,6 +16,8 @@ _HELP = {
     "kv_cache_memory": "bytes for the KV cache (CPU default 1 GiB; GPU: sized from free memory)",
     "num_kv_blocks": "fix the KV cache size in blocks",
     "load_format": "auto (safetensors) or dummy (random weights, real shapes)",
+    "peak_memory_bandwidth": "device copy bandwidth in bytes/s for MBU (default: measured)",
+    "peak_flops": "device matmul FLOP/s in the model's dtype for MFU (default: measured)",
 }
 
 
@@ -100,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     from flatout.server.serve import add_serve_parser
 
     add_serve_parser(sub)
+
+    from flatout.plan import add_plan_parser
+
+    add_plan_parser(sub)
+
+    from flatout.bench.cli import add_bench_parser
+    from flatout.monitor.top import add_top_parser
+
+    add_bench_parser(sub)
+    add_top_parser(sub)
     return parser
 
 

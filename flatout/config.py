@@ -116,6 +116,9 @@ class EngineArgs:
     load_format: str = "auto"  # auto | safetensors | dummy
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
+    # the device's peaks for MBU/MFU (bytes/s of a copy, FLOP/s of a matmul); None: measured
+    peak_memory_bandwidth: float | None = None
+    peak_flops: float | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -137,6 +140,9 @@ class EngineArgs:
             raise bad("kv_cache_memory", "must be > 0 bytes")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise bad("gpu_memory_utilization", "must be in (0, 1]")
+        for name in ("peak_memory_bandwidth", "peak_flops"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise bad(name, "must be > 0")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise bad("load_format", "must be auto, safetensors or dummy")
 

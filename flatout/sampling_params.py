@@ -84,8 +84,9 @@ class SamplingParams:
             v = num(name)
             if not -2.0 <= v <= 2.0:
                 raise SamplingParamsError(name, f"must be in [-2, 2], got {v}")
-        if self.seed is not None:
-            integer("seed")
+        # the runner seeds a generator with seed + sample index, which torch takes in 64 bits
+        if self.seed is not None and not -(2**63) <= integer("seed") < 2**63:
+            raise SamplingParamsError("seed", f"must fit in 64 bits (signed), got {self.seed}")
         if self.max_tokens is not None and integer("max_tokens") < 1:
             raise SamplingParamsError("max_tokens", f"must be >= 1, got {self.max_tokens}")
         if integer("min_tokens") < 0:
@@ -98,7 +99,8 @@ class SamplingParams:
             if not isinstance(s, str) or not s:
                 raise SamplingParamsError("stop", f"must be non-empty strings, got {s!r}")
         for tid in self.stop_token_ids:
-            if isinstance(tid, bool) or not isinstance(tid, int) or tid < 0:
+            # the sampler puts them in an int64 tensor (ids past the vocabulary are ignored)
+            if isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid < 2**63:
                 raise SamplingParamsError("stop_token_ids", f"must be token ids >= 0, got {tid!r}")
         if self.logprobs is not None:
             lp = integer("logprobs")

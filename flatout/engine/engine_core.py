@@ -24,6 +24,7 @@ from flatout.engine.scheduler import Scheduler
 from flatout.models.registry import resolve_model_config
 from flatout.sampling_params import SamplingParams
 from flatout.worker.model_runner import ModelRunner
+from flatout.worker.parallel import TensorParallelGroup
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +87,30 @@ def resolve_model(args: EngineArgs, device: torch.device) -> ModelConfig:
 
 class EngineCore:
     def __init__(self, args: EngineArgs) -> None:
-        if args.tensor_parallel_size != 1:
-            raise NotImplementedError("tensor_parallel_size > 1 is not supported yet")
         self.args = args
         self.device = resolve_device(args.device)
         torch.manual_seed(args.seed)
         self.model_config = resolve_model(args, self.device)
+        if self.device.type == "cuda":  # refuse what cannot fit before loading anything
+            from flatout.plan import check_fits
+
+            total = torch.cuda.mem_get_info(self.device)[1]
+            check_fits(self.model_config, args, total, torch.cuda.get_device_name(self.device))
         start = time.monotonic()
-        self.runner = ModelRunner(self.model_config, args, self.device)
+        # tensor parallel: this process is rank 0; the group starts the other ranks first, and
+        # the layers read their rank when the runner builds the model
+        self.tp_group: TensorParallelGroup | None = None
+        if args.tensor_parallel_size > 1:
+            self.tp_group = TensorParallelGroup(args, self.model_config, self.device)
+            self.device = self.tp_group.device
+        try:
+            self.runner = ModelRunner(self.model_config, args, self.device)
+        except BaseException:
+            if self.tp_group is not None:
+                self.tp_group.shutdown()
+            raise
+        if self.tp_group is not None:
+            self.tp_group.runner = self.runner
         self.load_seconds = time.monotonic() - start
         self.cache_config = CacheConfig(
             block_size=args.block_size,
@@ -112,6 +129,11 @@ class EngineCore:
         self.seqs: dict[str, list[Sequence]] = {}  # request id -> its sequences
         self.stats = EngineStats()
         self._seq_ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (idempotent; also runs at exit)."""
+        if self.tp_group is not None:
+            self.tp_group.shutdown()
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, req: EngineCoreRequest) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -20,27 +21,37 @@ from flatout.server.errors import (
     install_error_handlers,
     to_openai_error,
 )
+from flatout.server.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
 from flatout.server.metrics import HTTPMetricsMiddleware
+from flatout.server.openapi import install_openapi
 from flatout.server.protocol import ChatCompletionRequest, CompletionRequest
 from flatout.server.responses import ClientDisconnected
 from flatout.server.serving_chat import create_chat_completion
 from flatout.server.serving_completion import create_completion
 from flatout.server.state import ServerState
+from flatout.server.supervisor import Supervisor
+from flatout.server.tokenize import add_tokenize_routes
 
 _CLIENT_CLOSED = 499  # nginx's code for "client closed the request"; nobody reads it
+_OFFLOAD_BYTES = 64 * 1024  # bodies this large are prepared off the event loop
+
+
+PUBLIC_PATHS = frozenset({"/health", "/version", "/metrics", "/openapi.json"})
 
 
 class APIKeyMiddleware:
-    """Requires `Authorization: Bearer <key>` on /v1/* (compared in constant time)."""
+    """Requires `Authorization: Bearer <key>` on every path but PUBLIC_PATHS (the API under /v1,
+    /tokenize, ...). The header and the key are compared as SHA-256 digests with
+    hmac.compare_digest: in constant time, leaking not even the key's length."""
 
     def __init__(self, app: Any, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = hashlib.sha256(f"Bearer {api_key}".encode()).digest()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("path", "").startswith("/v1"):
+        if scope["type"] == "http" and scope.get("path", "") not in PUBLIC_PATHS:
             got = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(got, self.expected):
+            if not hmac.compare_digest(hashlib.sha256(got).digest(), self.expected):
                 err = OpenAIError(
                     "invalid or missing API key: send 'Authorization: Bearer <key>'",
                     status=401, code="invalid_api_key",
@@ -60,32 +71,43 @@ async def _answer(work: Awaitable[Response]) -> Response:
         raise to_openai_error(e) from e
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> Any:
+async def _parse(request: Request, model: type[BaseModel]) -> tuple[Any, int]:
+    """The validated body, and its size in bytes."""
     body = await request.body()
     try:
-        return model.model_validate_json(body)
+        return model.model_validate_json(body), len(body)
     except ValidationError as e:
         raise from_validation_error(e) from None
 
 
-def build_app(state: ServerState, on_ready: Callable[[], None] | None = None) -> FastAPI:
+def build_app(
+    state: ServerState, supervisor: Supervisor | None = None,
+    on_ready: Callable[[], None] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
     """The API over a started engine client; the engine's outputs are routed into the server's
-    event loop when it starts, and the engine is shut down with the server."""
+    event loop when it starts, and the engine is shut down with the server. The supervisor
+    (engine death and hangs, draining) runs while the server does."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state.client.attach(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        state.client.attach(loop)
+        if supervisor is not None:
+            supervisor.start(loop)
         if on_ready is not None:
             on_ready()
         try:
             yield
         finally:
+            if supervisor is not None:
+                await supervisor.stop()
             await asyncio.to_thread(state.client.shutdown)
 
     app = FastAPI(title="flatout", version=flatout.__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.flatout = state
     install_error_handlers(app)
+    add_tokenize_routes(app, state)  # /tokenize, /detokenize (load generators use them)
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(_: Request, __: ClientDisconnected) -> Response:
@@ -93,13 +115,15 @@ def build_app(state: ServerState, on_ready: Callable[[], None] | None = None) ->
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = await _parse(request, ChatCompletionRequest)
-        return await _answer(create_chat_completion(state, req, request))
+        req, size = await _parse(request, ChatCompletionRequest)
+        return await _answer(create_chat_completion(state, req, request,
+                                                    offload=size > _OFFLOAD_BYTES))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = await _parse(request, CompletionRequest)
-        return await _answer(create_completion(state, req, request))
+        req, size = await _parse(request, CompletionRequest)
+        return await _answer(create_completion(state, req, request,
+                                               offload=size > _OFFLOAD_BYTES))
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
@@ -113,9 +137,10 @@ def build_app(state: ServerState, on_ready: Callable[[], None] | None = None) ->
 
     @app.get("/health")
     async def health() -> Response:
-        if state.client.is_alive:
+        problem = state.admission.unavailable()
+        if problem is None:
             return JSONResponse({"status": "ok"})
-        return OpenAIError("the engine is not running", status=503).response()
+        return OpenAIError(problem, status=503).response()
 
     @app.get("/version")
     async def version() -> JSONResponse:
@@ -125,6 +150,9 @@ def build_app(state: ServerState, on_ready: Callable[[], None] | None = None) ->
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=prom.CONTENT_TYPE_LATEST)
 
+    install_openapi(app, api_key_required=bool(state.api_key), public_paths=PUBLIC_PATHS)
+    # outermost last: metrics see every response, the key is checked before any body is read
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     if state.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=state.api_key)
     app.add_middleware(HTTPMetricsMiddleware, metrics=state.metrics)

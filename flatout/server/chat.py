@@ -6,21 +6,27 @@ tokenizer loaded it; the tokenizer loader supplies built-in GLM templates to rem
 ChatGLM checkpoints whose tokenizer builds prompts in Python), or, for a GLM architecture whose
 tokenizer still has none, the built-in GLM-4 template. Rendering goes through transformers'
 `apply_chat_template`, which compiles templates in Jinja's ImmutableSandboxedEnvironment: a
-template (or a message) cannot reach Python internals or mutate the values passed in.
+template (or a message) cannot reach Python internals or mutate the values passed in, and it
+has no loader, so `{% include %}` / `{% import %}` cannot read files. A template that tries is
+refused at render time (a 400 naming the problem, and a warning in the log for the operator);
+the server keeps serving.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import jinja2
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from flatout.server.errors import OpenAIError
 from flatout.tokenizers.templates import GLM4_CHAT_TEMPLATE
 
+log = logging.getLogger(__name__)
 _GLM_REMOTE_CODE_ARCHS = ("ChatGLMModel", "ChatGLMForConditionalGeneration", "GlmForCausalLM")
 # names the renderer passes itself; a request's chat_template_kwargs may not replace them
 _RESERVED = frozenset({"messages", "conversation", "tools", "documents", "chat_template",
@@ -113,13 +119,19 @@ class ChatRenderer:
                 tokenize=False,
                 **kwargs,
             )
-        except jinja2.TemplateError as e:  # raise_exception() in the template, sandbox refusals
+        except SecurityError as e:  # the template reached for Python internals: refused
+            raise _unsafe_template(str(e)) from e
+        except jinja2.TemplateError as e:  # raise_exception() in the template: bad messages
             raise OpenAIError(f"chat template error: {e}", param="messages") from e
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
-            raise OpenAIError(
-                f"messages do not fit this model's chat template: {type(e).__name__}: {e}",
-                param="messages",
-            ) from e
+        except TypeError as e:
+            if "no loader" in str(e):  # {% include %} / {% import %}: no files are readable
+                raise _unsafe_template("it tries to load another template or a file") from e
+            raise _messages_do_not_fit(e) from e
+        except (ValueError, KeyError, IndexError, AttributeError) as e:
+            raise _messages_do_not_fit(e) from e
+        except Exception as e:  # RecursionError, the sandbox's range() limit, ...
+            raise OpenAIError(f"the chat template failed: {type(e).__name__}: {e}",
+                              param="messages", code="chat_template_failed") from e
         if not isinstance(text, str):
             raise OpenAIError("chat template did not render to text", param="messages")
         return text
@@ -127,3 +139,14 @@ class ChatRenderer:
     def encode(self, prompt: str) -> list[int]:
         """Token ids of a rendered prompt: the template wrote the special tokens already."""
         return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+
+
+def _unsafe_template(why: str) -> OpenAIError:
+    log.warning("chat template refused by the sandbox: %s", why)
+    return OpenAIError(f"this model's chat template was stopped by the sandbox: {why}",
+                       param="messages", code="chat_template_unsafe")
+
+
+def _messages_do_not_fit(e: Exception) -> OpenAIError:
+    return OpenAIError(f"messages do not fit this model's chat template: {type(e).__name__}: {e}",
+                       param="messages")

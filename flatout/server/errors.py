@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import traceback
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from flatout.engine.core_client import EngineDeadError
+from flatout.engine.core_client import EngineDeadError, EngineRequestError, RequestTimeoutError
 from flatout.engine.llm_engine import RequestError
 from flatout.sampling_params import SamplingParamsError
 
@@ -25,7 +26,13 @@ _TYPE_BY_STATUS = {
     401: "authentication_error",
     404: "invalid_request_error",
     503: "service_unavailable",
+    504: "timeout_error",
 }
+# pydantic error types that mean "right type, value out of range": code invalid_value
+_RANGE_ERRORS = frozenset({
+    "greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number",
+    "too_short", "too_long", "string_too_short", "string_too_long", "literal_error", "enum",
+})
 
 
 class OpenAIError(Exception):
@@ -33,7 +40,7 @@ class OpenAIError(Exception):
 
     def __init__(
         self, message: str, *, status: int = 400, param: str | None = None,
-        code: str | None = None, type: str | None = None,
+        code: str | None = None, type: str | None = None, headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -44,6 +51,7 @@ class OpenAIError(Exception):
             type = _TYPE_BY_STATUS.get(status, "invalid_request_error" if status < 500 else
                                        "server_error")
         self.type = type
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {
@@ -54,21 +62,33 @@ class OpenAIError(Exception):
         }
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def from_validation_error(e: ValidationError) -> OpenAIError:
-    """The first problem pydantic found, with the field path as `param`."""
-    err = e.errors(include_url=False)[0]
+    """The first problem pydantic found, with the field path as `param`. Of a union's errors,
+    one where the type matched and a range did not says more than "not a string"."""
+    errors = e.errors(include_url=False)
+    err = next((x for x in errors if x["type"] in _RANGE_ERRORS), errors[0])
     if err["type"] == "json_invalid":
         return OpenAIError(f"request body is not valid JSON: {err['msg']}", code="json_invalid")
-    param = ".".join(str(p) for p in err["loc"]) or None
+    param = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p)) or None
     if err["type"] == "missing":
         return OpenAIError(f"missing required field {param!r}", param=param, code="missing")
     where = f"{param}: " if param else "request body: "
     value = err.get("input")
     got = "" if err["type"] == "model_type" else f" (got {json.dumps(value, default=str)[:80]})"
-    return OpenAIError(f"{where}{err['msg']}{got}", param=param, code="invalid_type")
+    code = "invalid_value" if err["type"] in _RANGE_ERRORS else "invalid_type"
+    return OpenAIError(f"{where}{err['msg']}{got}", param=param, code=code)
+
+
+def _is_union_tag(loc: str | int) -> bool:
+    """pydantic names a union's member in the error path ('str', 'list[int]', 'constrained-str');
+    it is no field of the request."""
+    return isinstance(loc, str) and ("[" in loc or "-" in loc or loc in _TYPE_NAMES)
+
+
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
 def to_openai_error(e: BaseException) -> OpenAIError:
@@ -85,9 +105,16 @@ def to_openai_error(e: BaseException) -> OpenAIError:
         return OpenAIError(msg, code=code)
     if isinstance(e, EngineDeadError):
         return OpenAIError(f"the engine is not running: {e}", status=503)
+    if isinstance(e, RequestTimeoutError):
+        return OpenAIError("the request ran past the server's --request-timeout and was stopped",
+                           status=504, code="request_timeout")
+    if isinstance(e, EngineRequestError):
+        return OpenAIError(str(e), status=500, code="engine_refused_request")
     if isinstance(e, ValueError):  # any other validation our engine does on user input
         return OpenAIError(str(e))
-    log.exception("unexpected error while serving a request", exc_info=e)
+    # the traceback without the exception's message, which may quote a prompt
+    log.error("unexpected %s while serving a request:\n%s", type(e).__name__,
+              "".join(traceback.format_tb(e.__traceback__)))
     return OpenAIError(f"internal error: {type(e).__name__}", status=500)
 
 
@@ -99,7 +126,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if e.status_code == 404 else None
-        return OpenAIError(str(e.detail), status=e.status_code, code=code).response()
+        return OpenAIError(str(e.detail), status=e.status_code, code=code,
+                           headers=e.headers).response()  # e.g. 405's Allow
 
     @app.exception_handler(Exception)
     async def _other(_: Request, e: Exception) -> JSONResponse:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import prometheus_client as prom
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from flatout.monitor.nvml import Nvml
+from flatout.monitor.utilization import UtilizationCollector
 from flatout.outputs import RequestOutput
 
 prom.disable_created_metrics()
@@ -26,12 +28,14 @@ _LATENCY_BUCKETS = (
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 # paths counted by name in flatout:http_requests_total; the rest are "other" (bounded labels)
 _KNOWN_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
-                          "/version", "/metrics"})
+                          "/version", "/metrics", "/tokenize", "/detokenize"})
 
 
 class ServerMetrics:
-    def __init__(self, stats_source: Callable[[], Any], model_name: str) -> None:
-        """`stats_source` returns the engine's latest CoreStats."""
+    def __init__(self, stats_source: Callable[[], Any], model_name: str,
+                 nvml: Nvml | None | Literal["auto"] = "auto") -> None:
+        """`stats_source` returns the engine's latest CoreStats; `nvml`: the GPUs to report
+        (auto: the local ones NVML sees, none without NVML)."""
         self.registry = prom.CollectorRegistry()
         self.model_name = model_name
         self._stats = stats_source
@@ -69,6 +73,9 @@ class ServerMetrics:
         self.request_generation_tokens = hist("flatout:request_generation_tokens",
                                               "Generated tokens per request.", _TOKEN_BUCKETS)
         r.register(_EngineCollector(self))
+        # busy fraction, MBU/MFU per step type, NVML per GPU (flatout/monitor/utilization.py)
+        r.register(UtilizationCollector(stats_source, model_name,
+                                        Nvml.open() if nvml == "auto" else nvml))
 
     def render(self) -> bytes:
         return prom.generate_latest(self.registry)

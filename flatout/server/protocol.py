@@ -1,21 +1,34 @@
 """Request bodies of the OpenAI-compatible API, and their translation to SamplingParams.
 
-Bodies are validated strictly (a string is not a number, 1.5 is not an integer), so a client
-mistake becomes a 400 naming the field rather than a silent coercion. Unknown fields are ignored,
-as OpenAI's clients expect: they send parameters a given server may not know.
+Bodies are validated strictly (a string is not a number, 1.5 is not an integer, NaN and Infinity
+are not numbers), so a client mistake becomes a 400 naming the field rather than a silent
+coercion. Ranges are declared on the fields, so /openapi.json states what is accepted. Unknown
+fields are ignored, as OpenAI's clients expect: they send parameters a given server may not know.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from flatout.sampling_params import SamplingParams
 from flatout.server.errors import OpenAIError
+
+MAX_MESSAGES = 2048  # messages in one chat request
+MAX_STOP = 64  # stop strings, and stop token ids, in one request
+MAX_PROMPTS = 2048  # prompts in one completions request
+
+Role = Literal["system", "user", "assistant", "tool", "observation", "developer"]
+_ROLES: tuple[str, ...] = Role.__args__  # type: ignore[attr-defined]
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Body):
@@ -23,15 +36,16 @@ class StreamOptions(_Body):
 
 
 class ContentPart(_Body):
-    model_config = ConfigDict(strict=True, extra="allow")
-    type: str
-    text: str | None = None
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False,
+                              json_schema_extra={"required": ["type", "text"]})
+    type: str = Field(json_schema_extra={"enum": ["text"]})  # other parts: 400, never fetched
+    text: Annotated[str | None, WithJsonSchema({"type": "string"})] = None
 
 
 class ChatMessage(_Body):
     # extra keys (name, metadata, tool_calls, tool_call_id, reasoning_content) reach the template
-    model_config = ConfigDict(strict=True, extra="allow")
-    role: str
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+    role: str = Field(json_schema_extra={"enum": list(_ROLES)})  # checked in chat_messages
     content: str | list[ContentPart] | None = None
 
 
@@ -39,26 +53,27 @@ class _SamplingFields(_Body):
     """Fields both endpoints share: OpenAI's, plus the extras vLLM users send."""
 
     model: str | None = None
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    max_tokens: int | None = None
+    n: int = Field(1, ge=1, le=SamplingParams.MAX_N)
+    temperature: float | None = Field(None, ge=0.0, le=100.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: Int64 | None = None
+    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP)] | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    max_tokens: int | None = Field(None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int | None = None
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, le=2**63 - 1)]],
+                              Field(max_length=MAX_STOP)] | None = None
     include_stop_str_in_output: bool | None = None
 
     @property
@@ -67,10 +82,10 @@ class _SamplingFields(_Body):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=SamplingParams.MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     # chat-template controls
@@ -81,14 +96,25 @@ class ChatCompletionRequest(_SamplingFields):
     return_reasoning: bool = True
 
 
-PromptInput = str | list[str] | list[int] | list[list[int]]
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+# checked by completion_prompts (clearer errors than a four-way union's), described here
+PromptInput = Annotated[
+    str | list[str] | list[int] | list[list[int]],
+    WithJsonSchema({"anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+         "maxItems": MAX_PROMPTS},
+        _TOKEN_IDS,
+        {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": MAX_PROMPTS},
+    ]}),
+]
 
 
 class CompletionRequest(_SamplingFields):
     prompt: PromptInput
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=SamplingParams.MAX_LOGPROBS)
+    best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
 
 
@@ -150,14 +176,13 @@ def completion_prompts(prompt: PromptInput) -> list[str | list[int]]:
         prompts = [list(prompt)]  # type: ignore[arg-type]
     else:
         prompts = list(prompt)  # type: ignore[arg-type]
+    if len(prompts) > MAX_PROMPTS:
+        raise OpenAIError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}",
+                          param="prompt", code="invalid_value")
     for p in prompts:
         if len(p) == 0:
             raise OpenAIError("prompt must not be empty", param="prompt")
     return prompts
-
-
-Role = Literal["system", "user", "assistant", "tool", "observation", "developer"]
-_ROLES: frozenset[str] = frozenset(Role.__args__)  # type: ignore[attr-defined]
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:

@@ -1,5 +1,6 @@
 """Pieces both endpoints use: ids, SSE framing, usage and logprob objects in OpenAI's shapes,
-merging several requests' outputs, and aborting work whose client went away."""
+merging several requests' outputs, and aborting work whose client went away (whether it is
+queued, waiting for its first token or streaming)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any, TypeVar
 
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
 
 from flatout.engine.request import TokenLogprobs
 from flatout.outputs import RequestOutput
+from flatout.server.admission import ClientDisconnected, Outcome, Ticket
 from flatout.server.errors import OpenAIError, to_openai_error
 from flatout.server.state import ServerState
 
@@ -129,13 +132,9 @@ async def merge(gens: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-class ClientDisconnected(Exception):
-    pass
-
-
-async def _wait_for_disconnect(request: Request) -> None:
+async def _wait_for_disconnect(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return
 
@@ -144,7 +143,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Await `work` (a non-streaming generation); cancel it, which aborts its requests in the
     engine, if the client disconnects first."""
     task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_wait_for_disconnect(request))
+    watch = asyncio.ensure_future(_wait_for_disconnect(request.receive))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
@@ -163,3 +162,30 @@ def ensure_finished(out: RequestOutput | None) -> RequestOutput:
     if out is None or not out.finished:
         raise OpenAIError("the engine ended the request without a result", status=500)
     return out
+
+
+class EventStream(StreamingResponse):
+    """An SSE response that watches for its client leaving at every moment (also while the
+    request is queued and nothing is being sent), and records the request's outcome.
+
+    On a disconnect the body generator is closed, which aborts its engine requests. The body
+    records `completed` or `error` itself when it ends; a stream cut short is `aborted`."""
+
+    def __init__(self, body: AsyncIterator[str], ticket: Ticket) -> None:
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.ticket = ticket
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        body = asyncio.ensure_future(self.stream_response(send))
+        gone = asyncio.ensure_future(_wait_for_disconnect(receive))
+        outcome = Outcome.ERROR  # if cancelled from outside: the server cut the stream
+        try:
+            await asyncio.wait({body, gone}, return_when=asyncio.FIRST_COMPLETED)
+            outcome = Outcome.ABORTED  # unless the body ended and recorded its own outcome
+        finally:
+            for task in (body, gone):
+                task.cancel()
+            await asyncio.gather(body, gone, return_exceptions=True)
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            self.ticket.end(outcome)

@@ -2,19 +2,24 @@
 with uvicorn in this process.
 
 The listening socket is bound before the model loads, so a taken port fails at once and
-`--port 0` picks a free port (the banner says which).
+`--port 0` picks a free port (the banner says which). Exit status: 0 after a drained shutdown
+(SIGTERM/SIGINT, also while loading), 1 when the engine died (or failed to start) and was not
+restarted, 2 for bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import socket
 import sys
 import time
 from typing import Any
 
 from flatout.cli import add_engine_args, engine_args_from
+from flatout.server.limits import DEFAULT_MAX_BODY_BYTES
 from flatout.server.reasoning import PARSER_NAMES
 
 
@@ -34,7 +39,29 @@ def add_serve_parser(sub: Any) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $FLATOUT_API_KEY)")
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
+    r = p.add_argument_group("reliability")
+    r.add_argument("--max-waiting-requests", type=int, default=None,
+                   help="most sequences waiting for their first token; more get 503 with "
+                   "Retry-After (default: 4 x --max-num-seqs)")
+    r.add_argument("--request-timeout", type=_seconds, default=None,
+                   help="stop a request after this many seconds (504; default: no limit)")
+    r.add_argument("--shutdown-timeout", type=_seconds, default=30.0,
+                   help="on SIGTERM, seconds to let in-flight requests finish (default 30)")
+    r.add_argument("--restart-engine", action="store_true",
+                   help="restart the engine core if it dies (default: the server exits 1)")
+    r.add_argument("--engine-step-timeout", type=_seconds, default=120.0,
+                   help="treat the engine as hung (kill it) after this many seconds without a "
+                   "step while requests run (default 120; 0: never)")
+    r.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help=f"larger request bodies get 413 (default {DEFAULT_MAX_BODY_BYTES})")
     p.set_defaults(func=run_serve)
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -67,8 +94,22 @@ def banner_lines(state: Any, url: str, startup_seconds: float) -> list[str]:
         f"  KV cache  {cc.num_blocks} blocks x {cc.block_size} = {cache_tokens} tokens = "
         f"{cache_tokens / mc.max_model_len:.1f} concurrent sequences at max length",
         f"  chat      template: {state.renderer.source}; reasoning parser: {parser}",
+        f"  limits    {state.admission.max_waiting} waiting sequences, request timeout "
+        f"{_duration(state.admission.request_timeout)}",
         f"  startup   {startup_seconds:.1f} s (model load {ready.load_seconds:.1f} s)",
     ]
+
+
+def _duration(seconds: float | None) -> str:
+    return "none" if not seconds else f"{seconds:g} s"
+
+
+class _Interrupted(Exception):
+    """SIGTERM while the model was loading."""
+
+
+def _interrupted(sig: int, frame: object) -> None:
+    raise _Interrupted
 
 
 def _version() -> str:
@@ -78,55 +119,90 @@ def _version() -> str:
 
 
 def run_serve(ns: argparse.Namespace) -> int:
-    import uvicorn
-
-    from flatout.engine.core_client import AsyncEngineClient, EngineDeadError
-    from flatout.server.app import build_app
-    from flatout.server.chat import ChatRenderer, load_template_override, resolve_chat_template
-    from flatout.server.metrics import ServerMetrics
-    from flatout.server.reasoning import choose_reasoning_parser
-    from flatout.server.state import ServerState
+    from flatout.engine.async_client import AsyncEngineClient
+    from flatout.engine.core_client import EngineDeadError
 
     start = time.monotonic()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.WARNING)
     args = engine_args_from(ns)
-    api_key = ns.api_key or os.environ.get("FLATOUT_API_KEY") or None
+    for flag in ("max_waiting_requests", "max_request_body_bytes"):
+        value = getattr(ns, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if ns.chat_template is not None:
+        from flatout.server.chat import load_template_override
+
         load_template_override(ns.chat_template)  # a bad file fails before the model loads
     sock = bind_socket(ns.host, ns.port)
-    host, port = sock.getsockname()[:2]
-    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
     client = AsyncEngineClient(args)
+    previous = signal.signal(signal.SIGTERM, _interrupted)
     try:
-        ready = client.start()
+        client.start()
+    except (_Interrupted, KeyboardInterrupt):
+        client.shutdown()
+        sock.close()
+        return 0
     except EngineDeadError as e:
         sock.close()
         client.shutdown()
         print(f"flatout: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     try:
-        mc = ready.model_config
-        template, source = resolve_chat_template(ns.chat_template, client.tokenizer,
-                                                 mc.architecture)
-        parser = choose_reasoning_parser(ns.reasoning_parser, architecture=mc.architecture,
-                                         chat_template=template, tokenizer=client.tokenizer)
-        names = ns.served_model_name or [default_model_name(mc.model)]
-        state = ServerState(
-            client=client, ready=ready, served_model_names=names,
-            renderer=ChatRenderer(client.tokenizer, template, source), reasoning=parser,
-            metrics=ServerMetrics(lambda: client.stats, names[0]), api_key=api_key,
-        )
-    except BaseException:
-        client.shutdown()
+        return _serve(ns, client, sock, start)
+    finally:
+        client.shutdown()  # no-op when the server's shutdown has stopped it
         sock.close()
-        raise
+
+
+def _serve(ns: argparse.Namespace, client: Any, sock: socket.socket, start: float) -> int:
+    import uvicorn
+
+    from flatout.server.admission import Admission
+    from flatout.server.app import build_app
+    from flatout.server.chat import ChatRenderer, resolve_chat_template
+    from flatout.server.limits import max_prompt_chars
+    from flatout.server.metrics import ServerMetrics
+    from flatout.server.reasoning import choose_reasoning_parser
+    from flatout.server.state import ServerState
+    from flatout.server.supervisor import FlatoutServer, Supervisor
+
+    ready = client.ready
+    mc = ready.model_config
+    template, source = resolve_chat_template(ns.chat_template, client.tokenizer, mc.architecture)
+    parser = choose_reasoning_parser(ns.reasoning_parser, architecture=mc.architecture,
+                                     chat_template=template, tokenizer=client.tokenizer)
+    names = ns.served_model_name or [default_model_name(mc.model)]
+    metrics = ServerMetrics(lambda: client.stats, names[0])
+
+    def engine_problem() -> str | None:
+        return client.dead or (None if client.is_alive else "the engine core is not running")
+
+    admission = Admission(
+        metrics.registry, max_waiting=ns.max_waiting_requests or 4 * ns.max_num_seqs,
+        request_timeout=ns.request_timeout or None, engine_problem=engine_problem)
+    state = ServerState(
+        client=client, ready=ready, served_model_names=names,
+        renderer=ChatRenderer(client.tokenizer, template, source), reasoning=parser,
+        metrics=metrics, admission=admission,
+        api_key=ns.api_key or os.environ.get("FLATOUT_API_KEY") or None,
+        max_prompt_chars=max_prompt_chars(client.tokenizer, mc.max_model_len)
+        if client.tokenizer is not None else None,
+    )
+    supervisor = Supervisor(state, restart_engine=ns.restart_engine,
+                            step_timeout=ns.engine_step_timeout or None,
+                            shutdown_timeout=ns.shutdown_timeout)
+    host, port = sock.getsockname()[:2]
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def on_ready() -> None:
         print("\n".join(banner_lines(state, url, time.monotonic() - start)), flush=True)
 
-    app = build_app(state, on_ready=on_ready)
+    app = build_app(state, supervisor, on_ready=on_ready,
+                    max_body_bytes=ns.max_request_body_bytes)
     config = uvicorn.Config(app, log_level=ns.uvicorn_log_level, access_log=False,
                             timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
-    return 0
-
+    FlatoutServer(config, supervisor).run(sockets=[sock])
+    return supervisor.exit_code

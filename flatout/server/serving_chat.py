@@ -9,14 +9,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from flatout.outputs import CompletionOutput, RequestOutput
 from flatout.sampling_params import SamplingParams
+from flatout.server.admission import Outcome, Ticket
+from flatout.server.limits import check_prompt_chars
 from flatout.server.protocol import ChatCompletionRequest, chat_messages, chat_sampling_fields
 from flatout.server.reasoning import ReasoningStream
 from flatout.server.responses import (
     SSE_DONE,
+    EventStream,
     chat_logprobs,
     ensure_finished,
     merge,
@@ -42,7 +45,6 @@ class _Prepared:
 
 def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
     """Everything that can fail because of the request, before anything is queued."""
-    state.require_engine()
     model = state.check_model(req.model)
     messages = chat_messages(req.messages)
     kwargs = dict(req.chat_template_kwargs or {})
@@ -55,6 +57,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
         tools=req.tools,
         template_kwargs=kwargs,
     )
+    check_prompt_chars(prompt, state.max_prompt_chars, "messages")
     ids = state.renderer.encode(prompt)
     fields = chat_sampling_fields(req)
     parser = state.reasoning
@@ -69,25 +72,34 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
 
 
 async def create_chat_completion(
-    state: ServerState, req: ChatCompletionRequest, raw: Request
+    state: ServerState, req: ChatCompletionRequest, raw: Request, *, offload: bool = False
 ) -> Response:
     arrival = time.monotonic()
-    p = prepare_chat(state, req)
+    state.admission.check()  # turn away at once while overloaded, draining or without engine
+    p = await state.prepare(prepare_chat, state, req, offload=offload)
+    ticket = state.admission.accept(p.params.n, arrival)
     if req.stream:
-        return StreamingResponse(
-            _stream(state, req, p, arrival), media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-    final = await unless_disconnected(raw, _collect(state, p, arrival))
-    return JSONResponse(_response(state, req, p, final))
+        return EventStream(_stream(state, req, p, arrival, ticket), ticket)
+
+    async def respond() -> Response:
+        final = await unless_disconnected(raw, _collect(state, p, arrival, ticket))
+        return JSONResponse(_response(state, req, p, final))
+
+    return await ticket.settle(respond())
 
 
-async def _collect(state: ServerState, p: _Prepared, arrival: float) -> RequestOutput:
+def _generate(state: ServerState, p: _Prepared, ticket: Ticket) -> AsyncIterator[RequestOutput]:
+    return state.client.generate(p.request_id, p.prompt_token_ids, p.params,
+                                 deadline=ticket.deadline, on_started=ticket.on_started(p.params.n))
+
+
+async def _collect(
+    state: ServerState, p: _Prepared, arrival: float, ticket: Ticket
+) -> RequestOutput:
     tracker = state.metrics.track(arrival)
     last: RequestOutput | None = None
     try:
-        gen = state.client.generate(p.request_id, p.prompt_token_ids, p.params)
-        async for _, out in merge([gen]):
+        async for _, out in merge([_generate(state, p, ticket)]):
             tracker.observe(out)
             last = out
     finally:
@@ -135,7 +147,7 @@ def _response(
 
 
 async def _stream(
-    state: ServerState, req: ChatCompletionRequest, p: _Prepared, arrival: float
+    state: ServerState, req: ChatCompletionRequest, p: _Prepared, arrival: float, ticket: Ticket
 ) -> AsyncIterator[str]:
     created = now()
     n = p.params.n
@@ -155,8 +167,7 @@ async def _stream(
         for i in range(n):
             yield chunk({"index": i, "delta": {"role": "assistant", "content": ""},
                          "logprobs": None, "finish_reason": None})
-        gen = state.client.generate(p.request_id, p.prompt_token_ids, p.params)
-        async for _, out in merge([gen]):
+        async for _, out in merge([_generate(state, p, ticket)]):
             tracker.observe(out)
             last = out
             for o in out.outputs:
@@ -193,8 +204,10 @@ async def _stream(
                 yield chunk(choice)
         if req.include_usage and last is not None:
             yield sse({**base, "choices": [], "usage": usage([last])})
+        ticket.end(Outcome.COMPLETED)
         yield SSE_DONE
-    except Exception as e:  # the engine died or rejected the request mid-way
+    except Exception as e:  # the engine died or refused the request, a timeout
+        ticket.end(Outcome.ERROR)
         yield sse_error(e)
         yield SSE_DONE
     finally:

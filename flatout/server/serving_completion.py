@@ -9,11 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from flatout.outputs import RequestOutput
 from flatout.sampling_params import SamplingParams
+from flatout.server.admission import Outcome, Ticket
 from flatout.server.errors import OpenAIError
+from flatout.server.limits import check_prompt_chars
 from flatout.server.metrics import RequestTracker
 from flatout.server.protocol import (
     CompletionRequest,
@@ -22,6 +24,7 @@ from flatout.server.protocol import (
 )
 from flatout.server.responses import (
     SSE_DONE,
+    EventStream,
     completion_logprobs,
     ensure_finished,
     merge,
@@ -49,7 +52,6 @@ class _Prepared:
 
 def prepare_completion(state: ServerState, req: CompletionRequest) -> _Prepared:
     """Tokenize and validate every prompt before any is queued."""
-    state.require_engine()
     model = state.check_model(req.model)
     prompts = completion_prompts(req.prompt)
     params = state.client.default_sampling_params(**completion_sampling_fields(req))
@@ -60,6 +62,7 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> _Prepared:
             if tok is None:
                 raise OpenAIError("this model has no tokenizer: send prompts as token ids",
                                   param="prompt")
+            check_prompt_chars(prompt, state.max_prompt_chars, "prompt")
             ids = list(tok.encode(prompt))
         else:
             ids = list(prompt)
@@ -73,21 +76,32 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> _Prepared:
     return _Prepared(new_id("cmpl"), model, ids_list, echo, params)
 
 
-async def create_completion(state: ServerState, req: CompletionRequest, raw: Request) -> Response:
+async def create_completion(
+    state: ServerState, req: CompletionRequest, raw: Request, *, offload: bool = False
+) -> Response:
     arrival = time.monotonic()
-    p = prepare_completion(state, req)
+    state.admission.check()  # turn away at once while overloaded, draining or without engine
+    p = await state.prepare(prepare_completion, state, req, offload=offload)
+    n = p.params.n
+    ticket = state.admission.accept(len(p.prompts) * n, arrival)
     if req.stream:
-        return StreamingResponse(
-            _stream(state, req, p, arrival), media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-    finals = await unless_disconnected(raw, _collect(state, p, arrival))
-    return JSONResponse(_response(state, req, p, finals))
+        return EventStream(_stream(state, req, p, arrival, ticket), ticket)
+
+    async def respond() -> Response:
+        finals = await unless_disconnected(raw, _collect(state, p, arrival, ticket))
+        return JSONResponse(_response(state, req, p, finals))
+
+    return await ticket.settle(respond())
 
 
-def _generators(state: ServerState, p: _Prepared) -> list[AsyncIterator[RequestOutput]]:
+def _generators(
+    state: ServerState, p: _Prepared, ticket: Ticket
+) -> list[AsyncIterator[RequestOutput]]:
+    n = p.params.n
     return [
-        state.client.generate(p.engine_id(i), ids, p.params) for i, ids in enumerate(p.prompts)
+        state.client.generate(p.engine_id(i), ids, p.params, deadline=ticket.deadline,
+                              on_started=ticket.on_started(n))
+        for i, ids in enumerate(p.prompts)
     ]
 
 
@@ -96,11 +110,13 @@ def _finish(trackers: list[RequestTracker], last: list[RequestOutput | None], n:
         tracker.finish(out, n)
 
 
-async def _collect(state: ServerState, p: _Prepared, arrival: float) -> list[RequestOutput]:
+async def _collect(
+    state: ServerState, p: _Prepared, arrival: float, ticket: Ticket
+) -> list[RequestOutput]:
     trackers = [state.metrics.track(arrival) for _ in p.prompts]
     last: list[RequestOutput | None] = [None] * len(p.prompts)
     try:
-        async for i, out in merge(_generators(state, p)):
+        async for i, out in merge(_generators(state, p, ticket)):
             trackers[i].observe(out)
             last[i] = out
     finally:
@@ -136,7 +152,7 @@ def _response(
 
 
 async def _stream(
-    state: ServerState, req: CompletionRequest, p: _Prepared, arrival: float
+    state: ServerState, req: CompletionRequest, p: _Prepared, arrival: float, ticket: Ticket
 ) -> AsyncIterator[str]:
     n = p.params.n
     top_n = req.logprobs or 0
@@ -150,7 +166,7 @@ async def _stream(
     trackers = [state.metrics.track(arrival) for _ in p.prompts]
     last: list[RequestOutput | None] = [None] * len(p.prompts)
     try:
-        async for i, out in merge(_generators(state, p)):
+        async for i, out in merge(_generators(state, p, ticket)):
             trackers[i].observe(out)
             last[i] = out
             for o in out.outputs:
@@ -180,8 +196,10 @@ async def _stream(
                 yield sse({**base, "choices": [choice]})
         if req.include_usage:
             yield sse({**base, "choices": [], "usage": usage([o for o in last if o])})
+        ticket.end(Outcome.COMPLETED)
         yield SSE_DONE
-    except Exception as e:
+    except Exception as e:  # the engine died or refused the request, a timeout
+        ticket.end(Outcome.ERROR)
         yield sse_error(e)
         yield SSE_DONE
     finally:

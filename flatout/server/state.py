@@ -1,17 +1,24 @@
 """What every request handler shares: the engine client, the served model's names, the chat
-renderer, the reasoning parser, the metrics."""
+renderer, the reasoning parser, the metrics, admission control."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from flatout.engine.core_client import AsyncEngineClient, CoreReady
+from flatout.engine.async_client import AsyncEngineClient
+from flatout.engine.core_client import CoreReady
+from flatout.server.admission import Admission
 from flatout.server.chat import ChatRenderer
 from flatout.server.errors import OpenAIError
 from flatout.server.metrics import ServerMetrics
 from flatout.server.reasoning import ReasoningParser
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -22,9 +29,15 @@ class ServerState:
     renderer: ChatRenderer
     reasoning: ReasoningParser | None
     metrics: ServerMetrics
+    admission: Admission
     api_key: str | None = None
+    max_prompt_chars: int | None = None  # longer prompts cannot fit (see limits.py)
     started: float = field(default_factory=time.time)
     _token_text: dict[int, str] = field(default_factory=dict, repr=False)
+    # one thread renders and tokenizes large requests, so the event loop keeps streaming
+    _prepare_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="flatout-prepare"),
+        repr=False)
 
     @property
     def model_name(self) -> str:
@@ -34,9 +47,12 @@ class ServerState:
     def tokenizer(self) -> Any:
         return self.client.tokenizer
 
-    def require_engine(self) -> None:
-        if not self.client.is_alive:
-            raise OpenAIError("the engine is not running", status=503)
+    async def prepare(self, fn: Callable[..., T], *args: Any, offload: bool) -> T:
+        """Run a request's synchronous preparation (template, tokenization, validation): in the
+        preparation thread when `offload` (a large body), else inline (no thread hop)."""
+        if not offload:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, fn, *args)
 
     def check_model(self, requested: str | None) -> str:
         """The model id to answer with (the name the client used, if it is one of ours);

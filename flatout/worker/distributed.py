@@ -1,11 +1,17 @@
-"""Tensor-parallel state and the collectives that parallel layers call.
+"""Tensor-parallel state, process-group setup, and the collectives that parallel layers call.
 
 Until tensor parallelism is initialised every process is rank 0 of a group of 1 and the
-collectives are identities, so single-GPU and CPU runs never touch torch.distributed.
+collectives are identities, so single-GPU and CPU runs never touch torch.distributed. With
+tensor parallelism every rank joins one default process group (NCCL on GPUs, gloo on CPU) through
+torch.distributed's env:// style rendezvous (MASTER_ADDR / MASTER_PORT, RANK, WORLD_SIZE), plus a
+gloo group for the driver's small control messages (see control.py).
 """
 
 from __future__ import annotations
 
+import datetime
+import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +22,13 @@ import torch.distributed as dist
 class _TensorParallelState:
     rank: int = 0
     size: int = 1
+    control_group: object | None = None
 
 
 _state = _TensorParallelState()
+# control messages wait while the server idles: far beyond gloo's default 30 minutes
+CONTROL_TIMEOUT = datetime.timedelta(days=365)
+INIT_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 def init_tensor_parallel(rank: int, size: int) -> None:
@@ -39,6 +49,49 @@ def get_tp_size() -> int:
     return _state.size
 
 
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(
+    rank: int, world_size: int, backend: str, master_addr: str, master_port: int
+) -> None:
+    """Join the tensor-parallel process group (all ranks call this) and set up TP state."""
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{master_addr}:{master_port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=INIT_TIMEOUT,
+    )
+    init_tensor_parallel(rank, world_size)
+    # a gloo group of its own, even on CPU: its long timeout lets workers wait out idle time
+    _state.control_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+
+
+def control_group() -> object:
+    assert _state.control_group is not None, "tensor parallelism is not initialised"
+    return _state.control_group
+
+
+def destroy_distributed() -> None:
+    """Leave the process group and become a group of one again (idempotent)."""
+    if dist.is_initialized() and dist.get_backend() != "nccl":
+        dist.destroy_process_group()
+    # NCCL's teardown waits on peers that have usually exited by now and can hang; the group
+    # is left to end with the process (so one process hosts one NCCL group in its lifetime)
+    _state.rank, _state.size, _state.control_group = 0, 1, None
+
+
+def env_rendezvous() -> tuple[str, int | None]:
+    """MASTER_ADDR and MASTER_PORT from the environment (torchrun's names)."""
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = os.environ.get("MASTER_PORT")
+    return addr, int(port) if port else None
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum `x` over the tensor-parallel group (in place); identity for a group of 1."""
     if _state.size == 1:
@@ -54,3 +107,12 @@ def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(_state.size)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=dim)
+
+
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest `value` any rank holds (every rank calls it); `value` for a group of 1."""
+    if _state.size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())

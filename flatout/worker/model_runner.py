@@ -8,7 +8,6 @@ and samples one token for every sequence whose tokens are now all computed.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +19,9 @@ from flatout.engine.scheduler import SchedulerOutput
 from flatout.layers.attention import Attention, AttentionMetadata, forward_context
 from flatout.layers.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow
 from flatout.models.registry import load_model
+from flatout.monitor.step_clock import StepClock, StepCost, measure_peak
+from flatout.worker import distributed
+from flatout.worker.control import ControlChannel, DriverState, SeqWork, StepMessage
 from flatout.worker.cuda_graph import DecodeGraphs
 
 log = logging.getLogger(__name__)
@@ -37,16 +39,35 @@ class SampledToken:
 
 
 class ModelRunner:
+    """One tensor-parallel rank's model and KV cache (the only rank without parallelism).
+
+    Rank 0 (the driver) turns each scheduled batch into `SeqWork`, broadcasts what changed to
+    the other ranks (control.py), runs the forward and samples; the other ranks run the same
+    forward from the message (tp_worker.py) and drop the logits."""
+
     def __init__(self, config: ModelConfig, args: EngineArgs, device: torch.device) -> None:
         self.config = config
         self.device = device
         self.dtype = _TORCH_DTYPES[config.dtype]
         self.block_size = args.block_size
+        self.tp_rank, self.tp_size = distributed.get_tp_rank(), distributed.get_tp_size()
         self.model: nn.Module = load_model(config, device)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator] = {}
-        self.num_blocks = self._plan_num_blocks(args)
+        # each step's device time and work (busy fraction, MBU/MFU); the peaks are measured
+        # before the KV cache takes the free memory
+        peak = measure_peak(device, self.dtype, args.peak_memory_bandwidth, args.peak_flops,
+                            num_devices=args.tensor_parallel_size)
+        self.step_clock = StepClock(StepCost.of(config), device, peak)
+        self._busy_base = 0.0  # step seconds at the last reset_busy_time()
+        # every rank must hold as many blocks as the others: the scheduler plans for all of them
+        self.num_blocks = distributed.min_over_ranks(self._plan_num_blocks(args), device)
+        # rank 0 of several: broadcasts each step's changes to the others (control.py)
+        self.channel: ControlChannel | None = None
+        self.driver: DriverState | None = None
+        if self.tp_size > 1 and self.tp_rank == 0:
+            self.channel, self.driver = ControlChannel(), DriverState()
         self._allocate_kv_cache()
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not args.enforce_eager:
@@ -60,13 +81,14 @@ class ModelRunner:
                 device=self.device,
             )
             self.graphs.capture()
-        # CUDA events around each step's GPU work, for the busy fraction (GPU only)
-        self._events: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque(maxlen=1 << 16)
 
     # -- KV cache ---------------------------------------------------------------------------
     @property
     def block_bytes(self) -> int:
-        return self.config.kv_bytes_per_token * self.block_size
+        """K and V bytes of one block on this rank (its own share of the KV heads)."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        per_token = sum(2 * a.num_kv_heads * a.head_dim for a in self.attn_layers) * elem
+        return per_token * self.block_size
 
     def _plan_num_blocks(self, args: EngineArgs) -> int:
         if args.num_kv_blocks is not None:
@@ -123,29 +145,61 @@ class ModelRunner:
     # -- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> list[SampledToken]:
+        """Rank 0: run the scheduled batch on every rank and sample its next tokens."""
+        work: list[SeqWork] = []
+        sampled_seqs: list[Sequence] = []
+        for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
+            start = seq.num_computed_tokens
+            end = start + n
+            sample = end == seq.num_tokens  # all tokens computed: this step yields the next one
+            work.append(SeqWork(seq.seq_id, start, seq.token_ids[start:end], seq.block_table,
+                                sample))
+            if sample:
+                sampled_seqs.append(seq)
+        if self.channel is not None and self.driver is not None:
+            preempted = [s.seq_id for s in sched.preempted]
+            self.channel.send(self.driver.message(work, preempted))
+        self.step_clock.begin(sched.num_new_tokens,
+                              [w.start + len(w.token_ids) for w in work], len(sampled_seqs))
+        logits = self.forward(work)
+        if logits is None:
+            self.step_clock.end()
+            return []
+        batch = SamplingBatch.build(
+            [self._sampling_row(s) for s in sampled_seqs],
+            vocab_size=logits.shape[-1],
+            device=self.device,
+        )
+        out = self.sampler(logits.float(), batch)
+        self.step_clock.end()
+        return self._to_host(sampled_seqs, out)
+
+    @torch.inference_mode()
+    def forward(self, work: list[SeqWork]) -> torch.Tensor | None:
+        """The forward every rank runs: the logits of the sampled rows (None if there are none).
+
+        The same calls in the same order on every rank: the layers' collectives pair up."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         query_start = [0]
         seq_lens: list[int] = []
         logits_rows: list[int] = []
-        sampled_seqs: list[Sequence] = []
         bs = self.block_size
-        for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
-            start = seq.num_computed_tokens
-            end = start + n
-            input_ids.extend(seq.token_ids[start:end])
+        for w in work:
+            n = len(w.token_ids)
+            start, end = w.start, w.start + n
+            input_ids.extend(w.token_ids)
             positions.extend(range(start, end))
-            table = seq.block_table
+            table = w.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             query_start.append(query_start[-1] + n)
             seq_lens.append(end)
-            if end == seq.num_tokens:  # all tokens computed: this step yields its next token
+            if w.sample:
                 logits_rows.append(query_start[-1] - 1)
-                sampled_seqs.append(seq)
 
-        max_blocks = max(len(s.block_table) for s in sched.seqs)
-        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in sched.seqs]
+        max_blocks = max(len(w.block_table) for w in work)
+        tables = [w.block_table + [0] * (max_blocks - len(w.block_table)) for w in work]
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
@@ -154,50 +208,35 @@ class ModelRunner:
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
             query_start_loc_cpu=query_start,
             seq_lens_cpu=seq_lens,
-            max_query_len=max(sched.num_new_tokens),
+            max_query_len=max(len(w.token_ids) for w in work),
             max_seq_len=max(seq_lens),
         )
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        events = None
-        if dev.type == "cuda":
-            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            events[0].record()
-            self._events.append(events)
         graphs = self.graphs
-        if graphs is not None and meta.is_decode_only and len(sched.seqs) <= graphs.max_bs:
+        if graphs is not None and meta.is_decode_only and len(work) <= graphs.max_bs:
             hidden = graphs.replay(
                 ids_t, pos_t, meta.slot_mapping, meta.seq_lens, meta.block_tables
             )
         else:
             with forward_context(meta):
                 hidden = self.model(ids_t, pos_t)
-        if not sampled_seqs:
-            if events is not None:
-                events[1].record()
-            return []
+        if not logits_rows:
+            return None
         if len(logits_rows) != len(input_ids):  # decode-only steps sample every row
             hidden = hidden[torch.tensor(logits_rows, device=dev)]
-        logits = self.model.compute_logits(hidden)
-        batch = SamplingBatch.build(
-            [self._sampling_row(s) for s in sampled_seqs],
-            vocab_size=logits.shape[-1],
-            device=dev,
-        )
-        out = self.sampler(logits.float(), batch)
-        if events is not None:
-            events[1].record()
-        return self._to_host(sampled_seqs, out)
+        return self.model.compute_logits(hidden)
 
     def reset_busy_time(self) -> None:
-        self._events.clear()
+        self._busy_base = self.busy_time(since_reset=False)
 
-    def busy_time(self) -> float:
-        """Seconds the GPU spent inside steps (first kernel to last) since the last reset."""
-        if not self._events:
-            return 0.0
-        self._events[-1][1].synchronize()
-        return sum(s.elapsed_time(e) for s, e in self._events) / 1e3
+    def busy_time(self, since_reset: bool = True) -> float:
+        """Seconds the device spent inside steps (first kernel to last) since the last reset;
+        waits for the steps in flight."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        total = sum(t.seconds for t in self.step_clock.totals().values())
+        return total - (self._busy_base if since_reset else 0.0)
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         p = seq.params
@@ -239,5 +278,13 @@ class ModelRunner:
         return result
 
     def release(self, seq: Sequence) -> None:
-        """Forget per-sequence state (its generator) once it finished."""
+        """Forget per-sequence state (its generator, the workers' block table) once finished."""
         self.generators.pop(seq.seq_id, None)
+        if self.driver is not None:
+            self.driver.release(seq.seq_id)
+
+    def shutdown(self) -> None:
+        """Rank 0: tell the other ranks to exit (they leave their loop after this message)."""
+        if self.channel is not None:
+            self.channel.send(StepMessage(stop=True))
+            self.channel = None

@@ -67,6 +67,24 @@ class ServerProcess:
             out.setdefault(name.split("{", 1)[0], float(value))
         return out
 
+    def engine_core_pid(self) -> int:
+        """The engine core: the server's child started by multiprocessing's spawn."""
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmdline = (entry / "cmdline").read_bytes()
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == self.proc.pid and b"spawn_main" in cmdline:
+                return int(entry.name)
+        raise AssertionError("engine core process not found")
+
+    def wait_exit(self, timeout: float) -> int:
+        """The server's exit status, waiting up to `timeout` seconds for it."""
+        return self.proc.wait(timeout=timeout)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -1,0 +1,1 @@
+"""`flatout bench`: load generator, workloads, serving metrics, tables, reports."""

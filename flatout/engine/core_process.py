@@ -1,0 +1,85 @@
+"""The engine core process: its entry point and loop (the client side is in core_client.py).
+
+The loop takes new requests and aborts from its inbox, runs one step, and sends the step's token
+outputs back. A request the core cannot take (`add_request` raises) is rejected on its own; only
+a failure of a step, which belongs to no single request, ends the process.
+
+The process ignores SIGINT and SIGTERM: a Ctrl-C in a terminal or a service manager signalling
+the whole process group must not kill the engine under a server that is draining its requests.
+It ends when the server sends `Shutdown`, when its pipes close (the server exited), or by SIGKILL.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from multiprocessing.connection import Connection
+
+from flatout.config import EngineArgs
+from flatout.engine.core_client import (
+    AbortRequest,
+    CoreFailed,
+    CoreOutputs,
+    CoreReady,
+    CoreRejected,
+    Shutdown,
+    _stats,
+)
+from flatout.engine.engine_core import EngineCore, EngineCoreRequest
+
+log = logging.getLogger(__name__)
+
+
+def run_engine_core(args: EngineArgs, inbox: Connection, outbox: Connection) -> None:
+    """Entry point of the engine core process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        core = EngineCore(args)
+    except Exception as e:  # report startup failures (bad checkpoint, OOM) to the server
+        outbox.send(CoreFailed(f"{type(e).__name__}: {e}"))
+        return
+    try:
+        outbox.send(CoreReady(core.model_config, core.cache_config, str(core.device),
+                              core.load_seconds))
+        _serve(core, inbox, outbox)
+    except (EOFError, BrokenPipeError):
+        return  # the server is gone
+    except Exception as e:
+        log.exception("engine core failed")
+        try:
+            outbox.send(CoreFailed(f"{type(e).__name__}: {e}"))
+        except OSError:
+            pass
+    finally:
+        core.shutdown()
+
+
+def _serve(core: EngineCore, inbox: Connection, outbox: Connection) -> None:
+    while True:
+        # block while idle; otherwise take whatever arrived and keep stepping
+        if not core.has_unfinished() or inbox.poll(0):
+            msgs = [inbox.recv()]
+            while inbox.poll(0):
+                msgs.append(inbox.recv())
+            for msg in msgs:
+                if isinstance(msg, Shutdown):
+                    return
+                if isinstance(msg, EngineCoreRequest):
+                    _add(core, msg, outbox)
+                elif isinstance(msg, AbortRequest):
+                    core.abort(msg.request_id, msg.index)
+            if not core.has_unfinished():
+                outbox.send(CoreOutputs([], _stats(core, 0)))  # idle: the pool should be free
+                continue
+        outputs = core.step()
+        outbox.send(CoreOutputs(outputs, _stats(core, len(outputs))))
+
+
+def _add(core: EngineCore, req: EngineCoreRequest, outbox: Connection) -> None:
+    """Queue one request; if the core refuses it, that request fails and nothing else does."""
+    try:
+        core.add_request(req)
+    except Exception as e:
+        log.warning("engine core refused request %s: %s", req.request_id, type(e).__name__)
+        outbox.send(CoreRejected(req.request_id, f"{type(e).__name__}: {e}"))

@@ -1,0 +1,1 @@
+"""Monitoring: step timing in the engine, NVML, Prometheus scraping, `flatout top`."""

@@ -1,0 +1,145 @@
+"""Starting and stopping a tensor-parallel group, from rank 0's side.
+
+Rank 0 lives in the engine core's process and drives; the other ranks of this node are worker
+processes (`python -m flatout.worker.tp_worker`) started here with torchrun's environment
+variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Ranks on other nodes are
+started there by the same module (see docs/multi_node.md). All of them rendezvous over
+torch.distributed: NCCL on GPUs, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import torch
+
+from flatout.config import EngineArgs, ModelConfig
+from flatout.worker import distributed
+
+log = logging.getLogger(__name__)
+
+
+def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
+    """Raise a clear ValueError when `cfg`'s shapes cannot be split `tp` ways."""
+    if tp == 1:
+        return
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    problems = []
+    if heads % tp:
+        problems.append(f"{heads} attention heads do not split evenly over {tp} ranks")
+    if kv % tp and tp % kv:
+        problems.append(
+            f"{kv} KV heads: the size must divide them or be a multiple of them"
+        )
+    if cfg.intermediate_size % tp:
+        problems.append(f"intermediate size {cfg.intermediate_size} is not divisible by {tp}")
+    if problems:
+        ok = [n for n in (1, 2, 4, 8) if n == 1 or _divides(cfg, n)]
+        raise ValueError(
+            f"tensor_parallel_size={tp} does not fit {cfg.architecture} ({cfg.model}): "
+            + "; ".join(problems)
+            + f". Sizes that work: {', '.join(map(str, ok))}"
+        )
+
+
+def _divides(cfg: ModelConfig, n: int) -> bool:
+    kv = cfg.num_key_value_heads
+    return (
+        cfg.num_attention_heads % n == 0
+        and (kv % n == 0 or n % kv == 0)
+        and cfg.intermediate_size % n == 0
+    )
+
+
+def num_nodes() -> int:
+    return int(os.environ.get("FLATOUT_NNODES", "1"))
+
+
+def rank_device(base: torch.device, local_rank: int) -> torch.device:
+    if base.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return base
+
+
+class TensorParallelGroup:
+    """Rank 0's handle on the group: spawns this node's other ranks, joins, and stops them."""
+
+    def __init__(self, args: EngineArgs, cfg: ModelConfig, device: torch.device) -> None:
+        tp = args.tensor_parallel_size
+        check_tensor_parallel(cfg, tp)
+        nnodes = num_nodes()
+        if tp % nnodes:
+            raise ValueError(f"tensor_parallel_size {tp} is not a multiple of {nnodes} nodes")
+        self.local = tp // nnodes
+        if device.type == "cuda" and self.local > torch.cuda.device_count():
+            raise ValueError(
+                f"{self.local} ranks on this node need {self.local} GPUs; "
+                f"{torch.cuda.device_count()} are visible"
+            )
+        addr, port = distributed.env_rendezvous()
+        if nnodes == 1:
+            addr, port = "127.0.0.1", distributed.free_port()
+        elif port is None:
+            raise ValueError("multi-node tensor parallelism needs MASTER_ADDR and MASTER_PORT")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        self._threads = torch.get_num_threads()
+        if device.type == "cpu":  # the ranks share this node's cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.local))
+        self.procs = [
+            self._spawn(args, rank, tp, rank, addr, port) for rank in range(1, self.local)
+        ]
+        self.stopped = False
+        self.runner: object | None = None  # rank 0's runner, once built: it sends the stop
+        atexit.register(self.shutdown)
+        try:
+            self.device = rank_device(device, 0)
+            distributed.init_distributed(0, tp, backend, addr, port)
+        except BaseException:
+            self.shutdown()
+            raise
+        log.info("tensor parallel: %d ranks (%d on this node), %s on %s:%d", tp, self.local,
+                 backend, addr, port)
+
+    @staticmethod
+    def _spawn(
+        args: EngineArgs, rank: int, world: int, local_rank: int, addr: str, port: int
+    ) -> subprocess.Popen:
+        return spawn_worker(args, rank, world, local_rank, addr, port, os.getpid())
+
+    def shutdown(self) -> None:
+        """Tell the workers to stop (through rank 0's runner), reap them, leave the group."""
+        if self.stopped:
+            return
+        self.stopped = True
+        runner = self.runner
+        if runner is not None:
+            try:
+                runner.shutdown()  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - the workers may be gone already
+                log.warning("could not tell the workers to stop", exc_info=True)
+        for p in self.procs:
+            try:
+                p.wait(timeout=30 if runner is not None else 1)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        distributed.destroy_distributed()
+        torch.set_num_threads(self._threads)
+
+
+def spawn_worker(
+    args: EngineArgs, rank: int, world: int, local_rank: int, addr: str, port: int,
+    parent_pid: int,
+) -> subprocess.Popen:
+    env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
+               MASTER_ADDR=addr, MASTER_PORT=str(port), FLATOUT_PARENT_PID=str(parent_pid))
+    cmd = [sys.executable, "-m", "flatout.worker.tp_worker",
+           "--engine-args", json.dumps(dataclasses.asdict(args))]
+    return subprocess.Popen(cmd, env=env)
