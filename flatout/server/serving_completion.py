@@ -161,6 +161,10 @@ async def _stream(
         base["usage"] = None
     num = len(p.prompts) * n
     sent_chars, sent_lps, done = [0] * num, [0] * num, [False] * num
+    sent_tokens = [0] * num
+    # without a tokenizer the text stays empty: send a chunk per step of new tokens anyway, so
+    # that clients (and `flatout bench`) still see when each token arrived
+    textless = state.tokenizer is None
     echoed = [not p.echo_texts[k // n] for k in range(num)]
     offsets = [len(p.echo_texts[k // n]) for k in range(num)]
     trackers = [state.metrics.track(arrival) for _ in p.prompts]
@@ -180,7 +184,9 @@ async def _stream(
                 new_lps = (o.logprobs or [])[sent_lps[k]:]
                 sent_lps[k] += len(new_lps)
                 finished = o.finish_reason is not None
-                if not text and not finished and not new_lps:
+                new_tokens = len(o.token_ids) - sent_tokens[k]
+                sent_tokens[k] = len(o.token_ids)
+                if not text and not finished and not new_lps and not (textless and new_tokens):
                     continue
                 logprobs = None
                 if req.logprobs is not None:

@@ -100,7 +100,10 @@ def test_closed_loop_table_agrees_with_json(bench_server: ServerProcess, tmp_pat
     assert printed["Engine busy, forward in flight (%)"] == pytest.approx(
         100 * eng["busy_perc"], abs=0.006)
     ts = run["timeseries"]
-    assert 1 <= max(v for v in ts["running"] if v is not None) <= 3, ts["running"]
+    # scrapes every 0.5 s of a run this short may all land between steps (0 running): only the
+    # upper bound is certain
+    running = [v for v in ts["running"] if v is not None]
+    assert running and max(running) <= 3, ts["running"]
     assert run["gpu"]["source"] is None  # no GPU here, and the server reports none
     # the report: a page and its plots, which decode to images with something drawn
     import matplotlib.image as mpimg

@@ -43,6 +43,14 @@ def test_greedy_over_http_equals_offline(arch: str, tmp_path: Path) -> None:
         streamed = [i for c in stream if c.choices[0].logprobs for i in _ids(c.choices[0].logprobs)]
         assert streamed == expected[0]
 
+        # no tokenizer, so no text: still one chunk per generated token, so that clients can
+        # time them
+        bare = client.completions.create(model=arch.lower(), prompt=PROMPTS[0], max_tokens=10,
+                                         temperature=0, stream=True,
+                                         extra_body={"ignore_eos": True})
+        chunks = [c for c in bare if c.choices]
+        assert len(chunks) == 10 and all(c.choices[0].text == "" for c in chunks)
+
         with pytest.raises(openai.BadRequestError, match="chat template"):
             client.chat.completions.create(model=arch.lower(),
                                            messages=[{"role": "user", "content": "hi"}])
