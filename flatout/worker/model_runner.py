@@ -18,7 +18,7 @@ from flatout.engine.request import Sequence
 from flatout.engine.scheduler import SchedulerOutput
 from flatout.layers.attention import Attention, AttentionMetadata, forward_context
 from flatout.layers.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow
-from flatout.models.registry import load_model
+from flatout.models.registry import TORCH_DTYPES, load_model
 from flatout.monitor.step_clock import StepClock, StepCost, measure_peak
 from flatout.worker import distributed
 from flatout.worker.control import ControlChannel, DriverState, SeqWork, StepMessage
@@ -26,7 +26,6 @@ from flatout.worker.cuda_graph import DecodeGraphs
 
 log = logging.getLogger(__name__)
 
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_DEFAULT_KV_CACHE_MEMORY = 1 << 30
 
 
@@ -48,7 +47,7 @@ class ModelRunner:
     def __init__(self, config: ModelConfig, args: EngineArgs, device: torch.device) -> None:
         self.config = config
         self.device = device
-        self.dtype = _TORCH_DTYPES[config.dtype]
+        self.dtype = TORCH_DTYPES[config.dtype]
         self.block_size = args.block_size
         self.tp_rank, self.tp_size = distributed.get_tp_rank(), distributed.get_tp_size()
         self.model: nn.Module = load_model(config, device)
