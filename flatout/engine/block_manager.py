@@ -110,7 +110,9 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        # a pending token (sampled, not read back yet) keeps its block unhashed until it is known
+        known = min(seq.num_computed_tokens, len(seq.token_ids))
+        num_full = min(known // bs, len(seq.block_table))
         prev = seq.block_hashes[-1] if seq.block_hashes else None
         for i in range(len(seq.block_hashes), num_full):
             h = chain_hash(prev, seq.token_ids[i * bs : (i + 1) * bs])

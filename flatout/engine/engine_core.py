@@ -20,10 +20,10 @@ import torch
 from flatout.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
 from flatout.engine.block_manager import BlockManager
 from flatout.engine.request import FinishReason, Sequence, TokenLogprobs
-from flatout.engine.scheduler import Scheduler
+from flatout.engine.scheduler import Scheduler, SchedulerOutput
 from flatout.models.registry import resolve_model_config
 from flatout.sampling_params import SamplingParams
-from flatout.worker.model_runner import ModelRunner
+from flatout.worker.model_runner import LaunchedStep, ModelRunner
 from flatout.worker.parallel import TensorParallelGroup
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ class EngineCore:
         self.seqs: dict[str, list[Sequence]] = {}  # request id -> its sequences
         self.stats = EngineStats()
         self._seq_ids = itertools.count()
+        self._in_flight: LaunchedStep | None = None  # launched, its tokens not read back yet
 
     def shutdown(self) -> None:
         """Stop the other tensor-parallel ranks, if any (idempotent; also runs at exit)."""
@@ -172,23 +173,46 @@ class EngineCore:
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
+        """Launch the next batch, then collect the one launched before it.
+
+        The device runs one step behind the host: while it computes step N+1, this process reads
+        step N's tokens, applies the stop rules and (next call) schedules step N+2. A sequence
+        that stops at step N has also run in step N+1; that token is dropped. The outputs
+        returned are those of the step before the one launched."""
         sched = self.scheduler.schedule()
-        if sched.is_empty:
+        launched = None
+        if not sched.is_empty:
+            launched = self.runner.launch(sched)
+            self.scheduler.update_computed(sched)
+            self._count(sched)
+            if launched is not None:
+                for seq in launched.seqs:
+                    seq.num_pending_tokens += 1
+        previous, self._in_flight = self._in_flight, launched
+        if previous is None:
             return []
-        sampled = self.runner.execute(sched)
-        self.scheduler.update_computed(sched)
+        return self._collect(previous)
+
+    def _count(self, sched: SchedulerOutput) -> None:
         st = self.stats
         st.num_steps += 1
         for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
-            if n == 1 and seq.num_output_tokens > 0:
+            if n == 1 and seq.num_generated_tokens > 0:
                 st.num_decode_tokens += 1
             else:
                 st.num_prefill_tokens += n
+
+    def _collect(self, launched: LaunchedStep) -> list[EngineCoreOutput]:
         outputs = []
+        st = self.stats
         now = time.monotonic()
-        for tok in sampled:
+        for tok in self.runner.collect(launched):
             seq = tok.seq
+            seq.num_pending_tokens -= 1
+            if seq.is_finished:  # stopped (or aborted) while this step ran: drop its token
+                continue
             seq.token_ids.append(tok.token_id)
+            self.block_manager.commit(seq)  # a block its pending token filled is hashable now
             st.num_generated_tokens += 1
             if seq.first_token_time is None:
                 seq.first_token_time = now

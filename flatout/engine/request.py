@@ -33,8 +33,14 @@ class TokenLogprobs:
 class Sequence:
     """One generated continuation. A request with n > 1 owns n sequences.
 
-    Invariant: `num_computed_tokens <= len(token_ids)`; tokens [0, num_computed_tokens) have their
-    K/V in the blocks of `block_table`. A sequence needs to compute the rest before it samples.
+    Invariant: `num_computed_tokens <= num_tokens + num_pending_tokens`; tokens
+    [0, num_computed_tokens) have their K/V in the blocks of `block_table` (or will have, once
+    the step in flight finishes). A sequence needs to compute the rest before it samples.
+
+    Pending tokens: the engine launches step N+1 before it reads step N's sampled tokens back
+    (so the GPU never waits for the host), so a sequence may have a token that was sampled on
+    the device but is not in `token_ids` yet. Step N+1 reads it on the device; the engine
+    appends it when step N is collected. At most one is pending whenever the scheduler runs.
     """
 
     seq_id: int
@@ -48,6 +54,7 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
+    num_pending_tokens: int = 0  # sampled on the device, not yet in token_ids
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache on admission
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks
@@ -82,8 +89,13 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def num_generated_tokens(self) -> int:
+        """Output tokens including the pending ones."""
+        return len(self.token_ids) + self.num_pending_tokens - self.num_prompt_tokens
+
+    @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return len(self.token_ids) + self.num_pending_tokens - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:

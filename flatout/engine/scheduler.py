@@ -75,7 +75,7 @@ class Scheduler:
         for seq in order:
             if budget == 0:
                 break
-            if seq.seq_id in preempted:
+            if seq.seq_id in preempted or self._last_token_pending(seq):
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
             while not bm.can_grow(seq, n):
@@ -100,6 +100,8 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             seq = self.waiting[0]
+            if seq.num_pending_tokens:  # preempted with a token in flight: known next step
+                break
             bm.admit(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             if not bm.can_grow(seq, n):
@@ -115,6 +117,13 @@ class Scheduler:
             out.num_new_tokens.append(n)
             budget -= n
         return out
+
+    def _last_token_pending(self, seq: Sequence) -> bool:
+        """The sequence's pending token is its last (length limits): nothing left to compute."""
+        return seq.num_pending_tokens > 0 and (
+            seq.num_generated_tokens >= seq.max_tokens
+            or seq.num_tokens + seq.num_pending_tokens >= self.config.max_model_len
+        )
 
     def _pick_victim(self, scheduled: set[int]) -> Sequence:
         """The most recently admitted running sequence not yet scheduled this step."""
@@ -134,7 +143,8 @@ class Scheduler:
 
     # -- after the step ---------------------------------------------------------------------
     def update_computed(self, out: SchedulerOutput) -> None:
-        """Record that the scheduled tokens were computed; cache newly full blocks."""
+        """Record that the scheduled tokens are computed (or being computed: the step is
+        launched); cache newly full blocks whose tokens are all known."""
         for seq, n in zip(out.seqs, out.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
             self.block_manager.commit(seq)

@@ -2,7 +2,8 @@
 
 Rank 0 schedules and samples; every rank runs the same forward. Before each forward rank 0
 broadcasts what the other ranks cannot know: for each scheduled sequence its id, first position,
-the token ids computed this step (a decode: the one new token) and the blocks appended to its
+the token ids computed this step (a decode: the one new token, or only the row of last step's
+sampled tokens that holds it, when rank 0 has not read it back yet) and the blocks appended to its
 block table since it was last sent (the whole table the first time and after a preemption),
 plus the ids of sequences that finished. Workers keep the block tables; no tensor ever travels
 here, only these few bytes, over a gloo group of their own. Activations move only through the
@@ -31,15 +32,24 @@ class SeqWork:
 
     seq_id: int
     start: int  # position of the first token computed this step
-    token_ids: list[int]  # the tokens computed this step
+    token_ids: list[int]  # the tokens computed this step whose ids the host knows
     block_table: list[int]
     sample: bool  # all its tokens are computed after this step: rank 0 samples its next token
+    # >= 0: one more token follows token_ids, the one sampled last step in this row of its
+    # sampled tokens (still on the device); -1: none
+    pending_row: int = -1
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids) + (self.pending_row >= 0)
 
 
 @dataclass
 class StepMessage:
-    # (seq_id, start, token_ids, appended blocks, blocks are the whole table, sample)
-    seqs: list[tuple[int, int, list[int], list[int], bool, bool]] = field(default_factory=list)
+    # (seq_id, start, token_ids, appended blocks, blocks are the whole table, sample, pending row)
+    seqs: list[tuple[int, int, list[int], list[int], bool, bool, int]] = field(
+        default_factory=list
+    )
     finished: list[int] = field(default_factory=list)
     stop: bool = False
 
@@ -93,7 +103,9 @@ class DriverState:
             reset = known is None
             blocks = w.block_table if reset else w.block_table[known:]
             self.known_blocks[w.seq_id] = len(w.block_table)
-            msg.seqs.append((w.seq_id, w.start, w.token_ids, blocks, reset, w.sample))
+            msg.seqs.append(
+                (w.seq_id, w.start, w.token_ids, blocks, reset, w.sample, w.pending_row)
+            )
         return msg
 
     def release(self, seq_id: int) -> None:
@@ -111,11 +123,11 @@ class WorkerState:
         for sid in msg.finished:
             self.tables.pop(sid, None)
         work = []
-        for sid, start, tokens, blocks, reset, sample in msg.seqs:
+        for sid, start, tokens, blocks, reset, sample, pending_row in msg.seqs:
             if reset:
                 table = self.tables[sid] = list(blocks)
             else:
                 table = self.tables[sid]
                 table.extend(blocks)
-            work.append(SeqWork(sid, start, tokens, table, sample))
+            work.append(SeqWork(sid, start, tokens, table, sample, pending_row))
         return work

@@ -100,6 +100,14 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def broadcast_from_driver(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `x` on every rank (in place); identity for a group of 1."""
+    if _state.size == 1:
+        return x
+    dist.broadcast(x, src=0)
+    return x
+
+
 def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Concatenate every rank's `x` along `dim` in rank order; identity for a group of 1."""
     if _state.size == 1:
