@@ -32,6 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from decode_timing import profile_decode, steady_decode  # noqa: E402 - beside this file
+
 
 # -- device --------------------------------------------------------------------------------
 def measure_device() -> dict:
@@ -133,25 +135,21 @@ def run_flatout(model: str, quick: bool) -> dict:
         p = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
         core.add_request(EngineCoreRequest(rid, prompt(n_prompt), p, n_out))
 
-    # decode step time at context 512
-    decode = []
+    # decode step time at context 512 (steady state: the interval between steps), and a
+    # profile of the steps at batch 1 and 32 (kernel-busy fraction, where the time goes)
+    decode, profiles = [], {}
     for bs in [1, 8] if quick else [1, 8, 32, 64, 128, 256]:
         for i in range(bs):
             add(f"d{bs}-{i}", 512, 40)
-        while core.scheduler.waiting or any(
-            s.num_uncomputed_tokens > 1 for s in core.scheduler.running
-        ):
-            core.step()
-        times = []
-        while core.has_unfinished():
-            sync()
-            t = time.perf_counter()
-            core.step()
-            times.append(time.perf_counter() - t)  # step() ends with the token copy to host
-        step = statistics.median(times[2:-2] if len(times) > 8 else times)
+        timing = steady_decode(core)
         kv_read = bs * 530 * cfg.kv_bytes_per_token
-        decode.append({"batch": bs, "step_ms": step * 1e3, "bytes": cfg.weight_bytes + kv_read})
+        decode.append({"batch": bs, **timing, "bytes": cfg.weight_bytes + kv_read})
+        if bs in (1, 8 if quick else 32):
+            for i in range(bs):
+                add(f"prof{bs}-{i}", 512, 40)
+            profiles[bs] = profile_decode(core)
     res["decode"] = decode
+    res["profiles"] = profiles
 
     # prefill
     prefill = []
@@ -263,11 +261,20 @@ def report(device: dict, fo: dict, hf: dict, cmd: str) -> str:
     lines += [f"Weights {fo['weight_bytes'] / 1e9:.2f} GB; KV cache {fo['num_kv_blocks']} blocks; "
               f"CUDA graphs: {fo['cuda_graphs']}; startup {fo['startup_s']:.0f} s.", "",
               "## Decode step (context ~512)", "",
-              "| batch | step ms | floor ms | MBU |", "|---|---|---|---|"]
+              "| batch | step ms | floor ms | MBU | GPU busy (events) |", "|---|---|---|---|---|"]
     for d in fo["decode"]:
         floor = d["bytes"] / bw * 1e3
         lines.append(f"| {d['batch']} | {d['step_ms']:.2f} | {floor:.2f} | "
-                     f"{floor / d['step_ms']:.0%} |")
+                     f"{floor / d['step_ms']:.0%} | {d.get('gpu_busy_events', 0):.0%} |")
+    for bs, prof in fo.get("profiles", {}).items():
+        lines += ["", f"### Profile of {prof['steps']} decode steps at batch {bs}", "",
+                  f"Wall {prof['wall_ms_per_step']:.2f} ms/step under the profiler; kernels "
+                  f"(union of kernel/memcpy/memset intervals) {prof['kernel_ms_per_step']:.2f} "
+                  f"ms/step = {prof['kernel_busy_of_wall']:.1%} of the wall time.", "",
+                  "| kernel | ms/step |", "|---|---|"]
+        for k in prof["top_kernels"]:
+            name = k["name"].replace("|", "/")
+            lines.append(f"| `{name}` | {k['ms_per_step']:.3f} |")
     lines += ["", "## Prefill", "", "| batch | ms | MFU |", "|---|---|---|"]
     # matmul FLOPs of a prefill: 2 x (parameters outside the embedding and LM head) per token
     dense = fo["num_params"] - fo["embed_params"]

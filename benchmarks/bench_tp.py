@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from decode_timing import profile_decode, steady_decode  # noqa: E402 - beside this file
 
 
 def sync() -> None:
@@ -110,20 +111,18 @@ def run_tp(model: str, tp: int, quick: bool, out: Path) -> dict:
         for i in range(bs):
             p = SamplingParams(temperature=0.0, max_tokens=12 if quick else 40, ignore_eos=True)
             core.add_request(EngineCoreRequest(f"d{bs}-{i}", prompt(ctx), p, p.max_tokens))
-        while core.scheduler.waiting or any(
-            s.num_uncomputed_tokens > 1 for s in core.scheduler.running
-        ):
-            core.step()
-        times = []
-        while core.has_unfinished():
-            sync()
-            t = time.perf_counter()
-            core.step()
-            times.append(time.perf_counter() - t)
-        step = statistics.median(times[2:-2] if len(times) > 8 else times)
-        coll = res["collectives_s"].get(bs, 0.0)
+        timing = steady_decode(core)
+        for i in range(bs):  # the same again under the profiler: the in-step all-reduce time
+            p = SamplingParams(temperature=0.0, max_tokens=12 if quick else 40, ignore_eos=True)
+            core.add_request(EngineCoreRequest(f"p{bs}-{i}", prompt(ctx), p, p.max_tokens))
+        prof = profile_decode(core, steps=4 if quick else 12)
+        step = timing["step_ms"] / 1e3
+        coll = prof["collective_ms_per_step"] / 1e3
+        eager = res["collectives_s"].get(bs, 0.0)
         decode.append({"batch": bs, "step_ms": step * 1e3, "collective_ms": coll * 1e3,
-                       "collective_share": coll / step if step else 0.0})
+                       "collective_share": coll / step if step else 0.0,
+                       "eager_collective_ms": eager * 1e3, "profile": prof,
+                       "gpu_busy_events": timing["gpu_busy_events"]})
     res["decode"] = decode
     num = 4 if quick else 32
     prompts = [prompt(ctx) for _ in range(num)]
@@ -144,11 +143,12 @@ def report(runs: list[dict], cmd: str, device: str) -> str:
     w0 = next((r["workload"] for r in runs if "workload" in r), {"requests": "?", "prompt": "?",
                                                                     "output": "?"})
     lines += [f"## Decode step (context {w0['prompt']})", "",
-              "| TP | batch | step ms | vs TP 1 | scaling eff. | all-reduce ms/step | share |",
-              "|---|---|---|---|---|---|---|"]
+              "| TP | batch | step ms | vs TP 1 | scaling eff. | collectives ms/step (profiler) "
+              "| share | same collectives alone, eager ms |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         if "error" in r:
-            lines.append(f"| {r.get('tp')} | | failed: {r['error'][:100]} | | | | |")
+            lines.append(f"| {r.get('tp')} | | failed: {r['error'][:100]} | | | | | |")
             continue
         for d in r["decode"]:
             ref = next((b for b in base["decode"] if b["batch"] == d["batch"]), None) if base \
@@ -158,7 +158,8 @@ def report(runs: list[dict], cmd: str, device: str) -> str:
             lines.append(
                 f"| {r['tp']} | {d['batch']} | {d['step_ms']:.2f} | "
                 f"{f'{rel:.0%}' if rel else 'n/a'} | {f'{eff:.0%}' if eff else 'n/a'} | "
-                f"{d['collective_ms']:.2f} | {d['collective_share']:.0%} |")
+                f"{d['collective_ms']:.2f} | {d['collective_share']:.0%} | "
+                f"{d.get('eager_collective_ms', 0):.2f} |")
     lines += ["", f"## Workload: {w0['requests']} requests x ({w0['prompt']} prompt -> "
               f"{w0['output']} output tokens, ignore_eos)", "",
               "| TP | output tok/s | wall s | startup s | CUDA graphs |", "|---|---|---|---|---|"]

@@ -32,6 +32,24 @@ CPU_DEFAULT_KV_CACHE_MEMORY = 1 << 30
 
 
 @dataclass
+class MemoryUse:
+    """What this rank's GPU memory went to (bytes), as `flatout plan` predicts it."""
+
+    weights: int = 0  # allocated by the model's parameters
+    activations: int = 0  # profiled peak of the largest batch, beyond the weights
+    runtime: int = 0  # outside torch's allocator: CUDA context, NCCL, cuBLAS workspaces
+    kv_cache: int = 0
+    kv_tokens: int = 0
+    cuda_graphs: int = 0  # reserved by graph capture (after the KV cache was sized)
+
+    def describe(self) -> str:
+        gib = 1 << 30
+        return (f"weights {self.weights / gib:.2f} GiB, activations {self.activations / gib:.2f}"
+                f" GiB, runtime {self.runtime / gib:.2f} GiB, KV cache {self.kv_cache / gib:.2f}"
+                f" GiB ({self.kv_tokens} tokens), CUDA graphs {self.cuda_graphs / gib:.2f} GiB")
+
+
+@dataclass
 class LaunchedStep:
     """A step queued on the device: its sampled sequences and their results on the way to the
     host (pinned buffers on CUDA, filled once `done` is reached)."""
@@ -66,6 +84,9 @@ class ModelRunner:
         self.block_size = args.block_size
         self.tp_rank, self.tp_size = distributed.get_tp_rank(), distributed.get_tp_size()
         self.model: nn.Module = load_model(config, device)
+        self.memory = MemoryUse()
+        if device.type == "cuda":
+            self.memory.weights = torch.cuda.memory_allocated(device)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator] = {}
@@ -88,6 +109,8 @@ class ModelRunner:
         if self.tp_size > 1 and self.tp_rank == 0:
             self.channel, self.driver = ControlChannel(), DriverState()
         self._allocate_kv_cache()
+        self.memory.kv_cache = self.num_blocks * self.block_bytes
+        self.memory.kv_tokens = self.num_blocks * self.block_size
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not args.enforce_eager:
             self.graphs = DecodeGraphs(
@@ -99,7 +122,11 @@ class ModelRunner:
                 block_size=self.block_size,
                 device=self.device,
             )
+            before = torch.cuda.memory_reserved(device)
             self.graphs.capture()
+            self.memory.cuda_graphs = torch.cuda.memory_reserved(device) - before
+        if device.type == "cuda":
+            log.info("rank %d memory: %s", self.tp_rank, self.memory.describe())
 
     # -- KV cache ---------------------------------------------------------------------------
     @property
@@ -120,6 +147,8 @@ class ModelRunner:
         peak = self._profile_peak_memory(args.max_num_batched_tokens, args.max_num_seqs)
         free, total = torch.cuda.mem_get_info(self.device)
         not_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+        self.memory.activations = peak - self.memory.weights
+        self.memory.runtime = not_torch
         budget = int(total * args.gpu_memory_utilization) - peak - not_torch
         num_blocks = budget // self.block_bytes
         if num_blocks < 1:

@@ -16,6 +16,8 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import torch
 
@@ -23,6 +25,9 @@ from flatout.config import EngineArgs, ModelConfig
 from flatout.worker import distributed
 
 log = logging.getLogger(__name__)
+
+
+WORKER_LOST_EXIT_CODE = 75
 
 
 def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
@@ -106,6 +111,22 @@ class TensorParallelGroup:
             raise
         log.info("tensor parallel: %d ranks (%d on this node), %s on %s:%d", tp, self.local,
                  backend, addr, port)
+        threading.Thread(target=self._watch_workers, name="tp-watchdog", daemon=True).start()
+
+    def _watch_workers(self) -> None:
+        """A rank that dies leaves rank 0 blocked in a collective (NCCL waits for its peer until
+        a timeout of minutes), so this process ends as soon as one does: the server's
+        supervisor then restarts or stops the engine; an offline caller sees its process exit
+        with the reason logged, not a hang."""
+        while not self.stopped:
+            for rank, p in enumerate(self.procs, start=1):
+                code = p.poll()
+                if code is not None and not self.stopped:
+                    log.critical("tensor-parallel rank %d exited with code %s while serving; "
+                                 "the group cannot continue without it: exiting", rank, code)
+                    logging.shutdown()
+                    os._exit(WORKER_LOST_EXIT_CODE)
+            time.sleep(0.2)
 
     @staticmethod
     def _spawn(

@@ -4,6 +4,7 @@ of one rank, for every architecture, through the offline API."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch.distributed as dist
 from flatout import LLM, SamplingParams
 from flatout.models.registry import resolve_model_config
 from flatout.worker import distributed
-from flatout.worker.parallel import check_tensor_parallel
+from flatout.worker.parallel import WORKER_LOST_EXIT_CODE, check_tensor_parallel
 from tests.helpers.tiny_checkpoints import ARCHITECTURES, make_tiny_checkpoint
 
 PROMPTS = [[5, 17, 42, 99, 7, 3], list(range(10, 90)), [200, 201], [9] * 33]
@@ -136,3 +137,24 @@ def test_two_nodes_through_env_rendezvous(tmp_path: Path, monkeypatch: pytest.Mo
         if node1.poll() is None:
             node1.kill()
     _assert_same(got, want)
+
+
+_KILL_A_RANK = """
+import sys, time
+from flatout import LLM, SamplingParams
+llm = LLM(sys.argv[1], tensor_parallel_size=2, max_model_len=128, num_kv_blocks=32)
+print(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids,
+      flush=True)
+llm.engine.core.tp_group.procs[0].kill()
+time.sleep(10)
+print("still here", flush=True)
+"""
+
+
+def test_a_dead_rank_ends_the_engine_process_instead_of_hanging(tmp_path: Path) -> None:
+    path = make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "llama")
+    proc = subprocess.run([sys.executable, "-c", _KILL_A_RANK, str(path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == WORKER_LOST_EXIT_CODE, proc.stderr[-2000:]
+    assert "still here" not in proc.stdout
+    assert "rank 1 exited" in proc.stderr
