@@ -82,7 +82,7 @@ def measure_collectives(tp: int, cfg, batches: list[int], out: Path) -> dict:  #
     return {int(k): v for k, v in json.loads(out.read_text()).items()}
 
 
-def run_tp(model: str, tp: int, quick: bool, out: Path) -> dict:
+def run_tp(model: str, part: str, quick: bool, out: Path) -> dict:
     from flatout import LLM, SamplingParams
     from flatout.engine.engine_core import EngineCoreRequest
     from flatout.models.registry import resolve_model_config
@@ -90,7 +90,8 @@ def run_tp(model: str, tp: int, quick: bool, out: Path) -> dict:
     batches = [1, 8] if quick else [1, 32]
     cfg = resolve_model_config(model, load_format="dummy",
                                device_type="cuda" if torch.cuda.is_available() else "cpu")
-    res: dict = {"tp": tp, "collectives_s": {}}
+    tp = int(part)
+    res: dict = {"tp": tp, "label": part, "collectives_s": {}}
     if tp > 1:
         res["collectives_s"] = measure_collectives(tp, cfg, batches, out / f"coll_{tp}.json")
     ctx, n_out = (64, 8) if quick else (512, 256)
@@ -148,7 +149,8 @@ def report(runs: list[dict], cmd: str, device: str) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         if "error" in r:
-            lines.append(f"| {r.get('tp')} | | failed: {r['error'][:100]} | | | | | |")
+            lines.append(f"| {r.get('label', r.get('tp'))} | | failed: {r['error'][:100]} | | | "
+                         "| | |")
             continue
         for d in r["decode"]:
             ref = next((b for b in base["decode"] if b["batch"] == d["batch"]), None) if base \
@@ -156,7 +158,7 @@ def report(runs: list[dict], cmd: str, device: str) -> str:
             rel = d["step_ms"] / ref["step_ms"] if ref else None
             eff = ref["step_ms"] / (r["tp"] * d["step_ms"]) if ref else None
             lines.append(
-                f"| {r['tp']} | {d['batch']} | {d['step_ms']:.2f} | "
+                f"| {r.get('label', r['tp'])} | {d['batch']} | {d['step_ms']:.2f} | "
                 f"{f'{rel:.0%}' if rel else 'n/a'} | {f'{eff:.0%}' if eff else 'n/a'} | "
                 f"{d['collective_ms']:.2f} | {d['collective_share']:.0%} | "
                 f"{d.get('eager_collective_ms', 0):.2f} |")
@@ -166,8 +168,8 @@ def report(runs: list[dict], cmd: str, device: str) -> str:
     for r in runs:
         if "error" not in r:
             w = r["workload"]
-            lines.append(f"| {r['tp']} | {w['output_tok_s']:.0f} | {w['wall_s']:.1f} | "
-                         f"{r['startup_s']:.0f} | {r['cuda_graphs']} |")
+            lines.append(f"| {r.get('label', r['tp'])} | {w['output_tok_s']:.0f} | "
+                         f"{w['wall_s']:.1f} | {r['startup_s']:.0f} | {r['cuda_graphs']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -178,7 +180,7 @@ def main() -> None:
                     "GLM checkpoint written into --out)")
     ap.add_argument("--tp", default="1,2", help="comma-separated TP sizes")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--part", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -196,17 +198,17 @@ def main() -> None:
             import traceback
 
             traceback.print_exc()
-            res = {"tp": a.part, "error": f"{type(e).__name__}: {e}"}
-        (out / f"part_tp{a.part}.json").write_text(json.dumps(res, indent=1))
+            res = {"tp": a.part, "label": a.part, "error": f"{type(e).__name__}: {e}"}
+        (out / f"part_tp{a.part.replace(':', '_')}.json").write_text(json.dumps(res, indent=1))
         return
     runs = []
-    for tp in [int(x) for x in a.tp.split(",")]:
-        cmd = [sys.executable, __file__, "--out", str(out), "--model", model, "--part", str(tp)]
+    for tp in a.tp.split(","):
+        cmd = [sys.executable, __file__, "--out", str(out), "--model", model, "--part", tp]
         try:
             subprocess.run(cmd + (["--quick"] if a.quick else []), env=os.environ, timeout=280)
         except subprocess.TimeoutExpired:
             print(f"TP {tp} stopped after 280 s", flush=True)
-        f = out / f"part_tp{tp}.json"
+        f = out / f"part_tp{tp.replace(':', '_')}.json"
         runs.append(json.loads(f.read_text()) if f.exists() else {"tp": tp, "error": "no result"})
     device = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
               if torch.cuda.is_available() else "CPU, gloo")

@@ -27,7 +27,15 @@ KNOWN_GPUS: dict[str, tuple[float, float]] = {
     "H200": (141, 4800e9), "B200": (180, 8000e9),
 }
 DEFAULT_BANDWIDTH = 1000e9  # when only a size is given (a 24 GB consumer card is ~1 TB/s)
-RUNTIME_OVERHEAD = int(0.75 * GIB)  # CUDA context, NCCL buffers, CUDA graph pool, allocator
+# outside torch's allocator: CUDA context, cuBLAS workspaces, CUDA graph pool; tensor parallel
+# adds NCCL's communicators and buffers (1.49 GiB measured per rank at TP 2 on H200, torch 2.11:
+# benchmarks/results/check_plan_h200x2_glm-4-9b.md)
+RUNTIME_OVERHEAD = int(0.75 * GIB)
+TP_RUNTIME_OVERHEAD = int(1.5 * GIB)
+
+
+def runtime_overhead(tp: int) -> int:
+    return RUNTIME_OVERHEAD if tp == 1 else TP_RUNTIME_OVERHEAD
 
 
 @dataclass(frozen=True)
@@ -80,15 +88,16 @@ def kv_bytes_per_token_per_rank(cfg: ModelConfig, tp: int) -> int:
 
 
 def activation_reserve(cfg: ModelConfig, tp: int, max_tokens: int, max_seqs: int) -> int:
-    """Peak activations of one forward over `max_tokens` tokens, plus the fp32 logits of up to
-    `max_seqs` sampled rows (the gathered vocabulary, softmax and a copy)."""
+    """Peak activations of one forward over `max_tokens` tokens, plus sampling up to `max_seqs`
+    rows over the gathered vocabulary: fp32 logits and probabilities, and a full sort (values
+    and int64 indices) for top-p — 20 bytes per row and token id."""
     h, b = cfg.hidden_size, cfg.dtype_bytes
     q = cfg.num_attention_heads * cfg.head_dim // tp
     kv = max(1, cfg.num_key_value_heads // tp) * cfg.head_dim
     inter = cfg.intermediate_size // tp
     per_token = (4 * h + 2 * (q + 2 * kv) + 3 * inter) * b
     rows = min(max_seqs, max_tokens)
-    return max_tokens * per_token + rows * cfg.vocab_size * 4 * 3
+    return max_tokens * per_token + rows * cfg.vocab_size * 20
 
 
 @dataclass(frozen=True)
@@ -180,8 +189,9 @@ def make_plan(
     check_tensor_parallel(cfg, tp)
     weights = rank_param_count(cfg, tp) * cfg.dtype_bytes
     act = activation_reserve(cfg, tp, max_num_batched_tokens, max_num_seqs)
-    budget = int(gpus.memory * utilization) - weights - act - RUNTIME_OVERHEAD
-    return Plan(cfg, gpus, tp, utilization, weights, act, RUNTIME_OVERHEAD, budget,
+    overhead = runtime_overhead(tp)
+    budget = int(gpus.memory * utilization) - weights - act - overhead
+    return Plan(cfg, gpus, tp, utilization, weights, act, overhead, budget,
                 kv_bytes_per_token_per_rank(cfg, tp), block_size,
                 min(context or cfg.max_model_len, cfg.max_model_len))
 

@@ -23,7 +23,7 @@ from flatout.kernels._utils import dot_dtype, dot_precision, next_pow2, num_sms
 
 BLOCK_N = 64  # context tokens per tile
 MAX_SPLITS = 64
-MIN_TOKENS_PER_SPLIT = 256  # of the widest context the block table can hold, per split
+MIN_TOKENS_PER_SPLIT = 512  # of the widest context the block table can hold, per split
 
 
 def decode_num_splits(
@@ -150,6 +150,9 @@ def paged_decode_attention(
     scale: float,
     out: torch.Tensor | None = None,  # [B, H, D]
     num_splits: int | None = None,
+    block_n: int = BLOCK_N,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:  # [B, H, D]
     """Attention of each sequence's single new query over its whole cached context.
 
@@ -186,9 +189,9 @@ def paged_decode_attention(
         block_tables.stride(0), *out.stride(),
         GROUP=group, BLOCK_G=max(16, next_pow2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d,
-        PAGE_SIZE=block_size, BLOCK_N=BLOCK_N,
+        PAGE_SIZE=block_size, BLOCK_N=block_n,
         DOT_DTYPE=dot_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype), DIRECT_OUT=direct,
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if not direct:
         _decode_merge_kernel[(batch, num_heads)](

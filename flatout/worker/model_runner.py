@@ -173,9 +173,11 @@ class ModelRunner:
         with forward_context(AttentionMetadata.for_prefill_without_cache(lens, self.device)):
             hidden = self.model(ids, pos)
         ends = torch.tensor(lens, device=self.device).cumsum(0) - 1
-        logits = self.model.compute_logits(hidden[ends])
-        torch.softmax(logits, dim=-1)
-        del hidden, logits
+        logits = self.model.compute_logits(hidden[ends]).float()
+        # the sampler's widest path: probabilities and a full sort for top-p
+        probs = torch.softmax(logits, dim=-1)
+        probs.sort(dim=-1, descending=True)
+        del hidden, logits, probs
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         torch.cuda.empty_cache()
