@@ -89,15 +89,16 @@ def kv_bytes_per_token_per_rank(cfg: ModelConfig, tp: int) -> int:
 
 def activation_reserve(cfg: ModelConfig, tp: int, max_tokens: int, max_seqs: int) -> int:
     """Peak activations of one forward over `max_tokens` tokens, plus sampling up to `max_seqs`
-    rows over the gathered vocabulary: fp32 logits and probabilities, and a full sort (values
-    and int64 indices) for top-p — 20 bytes per row and token id."""
+    rows over the gathered vocabulary: bf16 and fp32 logits, probabilities, and a full sort
+    (values, int64 indices, scratch) for top-p — 32 bytes per row and token id, as measured
+    (benchmarks/results/check_plan_h200x2_glm-4-9b.md)."""
     h, b = cfg.hidden_size, cfg.dtype_bytes
     q = cfg.num_attention_heads * cfg.head_dim // tp
     kv = max(1, cfg.num_key_value_heads // tp) * cfg.head_dim
     inter = cfg.intermediate_size // tp
     per_token = (4 * h + 2 * (q + 2 * kv) + 3 * inter) * b
     rows = min(max_seqs, max_tokens)
-    return max_tokens * per_token + rows * cfg.vocab_size * 20
+    return max_tokens * per_token + rows * cfg.vocab_size * 32
 
 
 @dataclass(frozen=True)
