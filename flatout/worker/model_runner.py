@@ -25,28 +25,15 @@ from flatout.monitor.step_clock import StepClock, StepCost, measure_peak
 from flatout.worker import distributed
 from flatout.worker.control import ControlChannel, DriverState, SeqWork, StepMessage
 from flatout.worker.cuda_graph import DecodeGraphs
+from flatout.worker.kv_cache import (
+    MemoryUse,
+    allocate_kv_cache,
+    kv_block_bytes,
+    plan_num_blocks,
+)
 
 log = logging.getLogger(__name__)
 
-CPU_DEFAULT_KV_CACHE_MEMORY = 1 << 30
-
-
-@dataclass
-class MemoryUse:
-    """What this rank's GPU memory went to (bytes), as `flatout plan` predicts it."""
-
-    weights: int = 0  # allocated by the model's parameters
-    activations: int = 0  # profiled peak of the largest batch, beyond the weights
-    runtime: int = 0  # outside torch's allocator: CUDA context, NCCL, cuBLAS workspaces
-    kv_cache: int = 0
-    kv_tokens: int = 0
-    cuda_graphs: int = 0  # reserved by graph capture (after the KV cache was sized)
-
-    def describe(self) -> str:
-        gib = 1 << 30
-        return (f"weights {self.weights / gib:.2f} GiB, activations {self.activations / gib:.2f}"
-                f" GiB, runtime {self.runtime / gib:.2f} GiB, KV cache {self.kv_cache / gib:.2f}"
-                f" GiB ({self.kv_tokens} tokens), CUDA graphs {self.cuda_graphs / gib:.2f} GiB")
 
 
 @dataclass
@@ -102,14 +89,18 @@ class ModelRunner:
         self.step_clock = StepClock(StepCost.of(config), device, peak)
         self._busy_base = 0.0  # step seconds at the last reset_busy_time()
         # every rank must hold as many blocks as the others: the scheduler plans for all of them
-        self.num_blocks = distributed.min_over_ranks(self._plan_num_blocks(args), device)
+        self.num_blocks = distributed.min_over_ranks(
+            plan_num_blocks(self.model, self.attn_layers, args, device, self.dtype, self.memory),
+            device,
+        )
         # rank 0 of several: broadcasts each step's changes to the others (control.py)
         self.channel: ControlChannel | None = None
         self.driver: DriverState | None = None
         if self.tp_size > 1 and self.tp_rank == 0:
             self.channel, self.driver = ControlChannel(), DriverState()
-        self._allocate_kv_cache()
-        self.memory.kv_cache = self.num_blocks * self.block_bytes
+        allocate_kv_cache(self.attn_layers, self.num_blocks, args.block_size, self.dtype, device)
+        self.memory.kv_cache = self.num_blocks * kv_block_bytes(self.attn_layers,
+                                                                args.block_size, self.dtype)
         self.memory.kv_tokens = self.num_blocks * self.block_size
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not args.enforce_eager:
@@ -127,70 +118,6 @@ class ModelRunner:
             self.memory.cuda_graphs = torch.cuda.memory_reserved(device) - before
         if device.type == "cuda":
             log.info("rank %d memory: %s", self.tp_rank, self.memory.describe())
-
-    # -- KV cache ---------------------------------------------------------------------------
-    @property
-    def block_bytes(self) -> int:
-        """K and V bytes of one block on this rank (its own share of the KV heads)."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        per_token = sum(2 * a.num_kv_heads * a.head_dim for a in self.attn_layers) * elem
-        return per_token * self.block_size
-
-    def _plan_num_blocks(self, args: EngineArgs) -> int:
-        if args.num_kv_blocks is not None:
-            return args.num_kv_blocks
-        if self.device.type != "cuda":
-            budget = args.kv_cache_memory or CPU_DEFAULT_KV_CACHE_MEMORY
-            return max(1, budget // self.block_bytes)
-        if args.kv_cache_memory is not None:
-            return max(1, args.kv_cache_memory // self.block_bytes)
-        peak = self._profile_peak_memory(args.max_num_batched_tokens, args.max_num_seqs)
-        free, total = torch.cuda.mem_get_info(self.device)
-        not_torch = (total - free) - torch.cuda.memory_reserved(self.device)
-        self.memory.activations = peak - self.memory.weights
-        self.memory.runtime = not_torch
-        budget = int(total * args.gpu_memory_utilization) - peak - not_torch
-        num_blocks = budget // self.block_bytes
-        if num_blocks < 1:
-            raise RuntimeError(
-                f"no GPU memory left for the KV cache: weights and activations take "
-                f"{peak / 2**30:.2f} GiB of {total * args.gpu_memory_utilization / 2**30:.2f} GiB "
-                f"(gpu_memory_utilization={args.gpu_memory_utilization}); raise it or lower "
-                f"max_num_batched_tokens"
-            )
-        return num_blocks
-
-    @torch.inference_mode()
-    def _profile_peak_memory(self, num_tokens: int, num_seqs: int) -> int:
-        """Peak bytes of a forward over the largest batch the scheduler can form."""
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        num_seqs = max(1, min(num_seqs, num_tokens))
-        lens = [num_tokens // num_seqs] * num_seqs
-        lens[-1] += num_tokens - sum(lens)
-        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        pos = torch.cat([torch.arange(n, device=self.device) for n in lens])
-        with forward_context(AttentionMetadata.for_prefill_without_cache(lens, self.device)):
-            hidden = self.model(ids, pos)
-        ends = torch.tensor(lens, device=self.device).cumsum(0) - 1
-        logits = self.model.compute_logits(hidden[ends]).float()
-        # the sampler's widest path: probabilities and a full sort for top-p
-        probs = torch.softmax(logits, dim=-1)
-        probs.sort(dim=-1, descending=True)
-        del hidden, logits, probs
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        torch.cuda.empty_cache()
-        return peak
-
-    def _allocate_kv_cache(self) -> None:
-        # zeroed on the GPU (kernels mask unused slots but must never meet NaN garbage); left
-        # uninitialised on the CPU so that untouched blocks never take resident memory
-        alloc = torch.zeros if self.device.type == "cuda" else torch.empty
-        for layer in self.attn_layers:
-            shape = (self.num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-            layer.k_cache = alloc(shape, dtype=self.dtype, device=self.device)
-            layer.v_cache = alloc(shape, dtype=self.dtype, device=self.device)
 
     # -- one step ---------------------------------------------------------------------------
     @torch.inference_mode()

@@ -1,0 +1,111 @@
+"""The paged KV cache of one rank: how many blocks fit, allocating them, and what the GPU's
+memory went to.
+
+On a GPU the cache takes what is left of `gpu_memory_utilization` x the card after the weights,
+the peak of a profiled forward over the largest batch the scheduler can form (including the
+sampler's widest path), and the memory outside torch's allocator (CUDA context, NCCL). On the
+CPU it takes `kv_cache_memory` (1 GiB by default); `num_kv_blocks` fixes it anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flatout.config import EngineArgs
+from flatout.layers.attention import Attention, AttentionMetadata, forward_context
+
+CPU_DEFAULT_KV_CACHE_MEMORY = 1 << 30
+
+
+@dataclass
+class MemoryUse:
+    """What this rank's GPU memory went to (bytes), as `flatout plan` predicts it."""
+
+    weights: int = 0  # allocated by the model's parameters
+    activations: int = 0  # profiled peak of the largest batch, beyond the weights
+    runtime: int = 0  # outside torch's allocator: CUDA context, NCCL, cuBLAS workspaces
+    kv_cache: int = 0
+    kv_tokens: int = 0
+    cuda_graphs: int = 0  # reserved by graph capture (after the KV cache was sized)
+
+    def describe(self) -> str:
+        gib = 1 << 30
+        return (f"weights {self.weights / gib:.2f} GiB, activations {self.activations / gib:.2f}"
+                f" GiB, runtime {self.runtime / gib:.2f} GiB, KV cache {self.kv_cache / gib:.2f}"
+                f" GiB ({self.kv_tokens} tokens), CUDA graphs {self.cuda_graphs / gib:.2f} GiB")
+
+
+def kv_block_bytes(attn_layers: list[Attention], block_size: int, dtype: torch.dtype) -> int:
+    """K and V bytes of one block on this rank (its own share of the KV heads)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_token = sum(2 * a.num_kv_heads * a.head_dim for a in attn_layers) * elem
+    return per_token * block_size
+
+
+def plan_num_blocks(model: nn.Module, attn_layers: list[Attention], args: EngineArgs,
+                    device: torch.device, dtype: torch.dtype, memory: MemoryUse) -> int:
+    """Blocks this rank can hold; on a GPU records the activation peak and runtime memory."""
+    block_bytes = kv_block_bytes(attn_layers, args.block_size, dtype)
+    if args.num_kv_blocks is not None:
+        return args.num_kv_blocks
+    if device.type != "cuda":
+        budget = args.kv_cache_memory or CPU_DEFAULT_KV_CACHE_MEMORY
+        return max(1, budget // block_bytes)
+    if args.kv_cache_memory is not None:
+        return max(1, args.kv_cache_memory // block_bytes)
+    peak = profile_peak_memory(model, args.max_num_batched_tokens, args.max_num_seqs, device)
+    free, total = torch.cuda.mem_get_info(device)
+    not_torch = (total - free) - torch.cuda.memory_reserved(device)
+    memory.activations = peak - memory.weights
+    memory.runtime = not_torch
+    budget = int(total * args.gpu_memory_utilization) - peak - not_torch
+    num_blocks = budget // block_bytes
+    if num_blocks < 1:
+        raise RuntimeError(
+            f"no GPU memory left for the KV cache: weights and activations take "
+            f"{peak / 2**30:.2f} GiB of {total * args.gpu_memory_utilization / 2**30:.2f} GiB "
+            f"(gpu_memory_utilization={args.gpu_memory_utilization}); raise it or lower "
+            f"max_num_batched_tokens"
+        )
+    return num_blocks
+
+
+@torch.inference_mode()
+def profile_peak_memory(model: nn.Module, num_tokens: int, num_seqs: int,
+                        device: torch.device) -> int:
+    """Peak bytes of a forward over the largest batch the scheduler can form, and of sampling
+    its rows (every rank runs it: the forward's collectives pair up)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    num_seqs = max(1, min(num_seqs, num_tokens))
+    lens = [num_tokens // num_seqs] * num_seqs
+    lens[-1] += num_tokens - sum(lens)
+    ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
+    pos = torch.cat([torch.arange(n, device=device) for n in lens])
+    with forward_context(AttentionMetadata.for_prefill_without_cache(lens, device)):
+        hidden = model(ids, pos)
+    ends = torch.tensor(lens, device=device).cumsum(0) - 1
+    logits = model.compute_logits(hidden[ends]).float()
+    # the sampler's widest path: probabilities and a full sort for top-p
+    probs = torch.softmax(logits, dim=-1)
+    probs.sort(dim=-1, descending=True)
+    del hidden, logits, probs
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.empty_cache()
+    return peak
+
+
+def allocate_kv_cache(attn_layers: list[Attention], num_blocks: int, block_size: int,
+                      dtype: torch.dtype, device: torch.device) -> None:
+    """Give every attention layer its K and V cache: [num_blocks, block_size, KVH, D] each."""
+    # zeroed on the GPU (kernels mask unused slots but must never meet NaN garbage); left
+    # uninitialised on the CPU so that untouched blocks never take resident memory
+    alloc = torch.zeros if device.type == "cuda" else torch.empty
+    for layer in attn_layers:
+        shape = (num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
+        layer.k_cache = alloc(shape, dtype=dtype, device=device)
+        layer.v_cache = alloc(shape, dtype=dtype, device=device)
