@@ -35,7 +35,6 @@ from flatout.worker.kv_cache import (
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class LaunchedStep:
     """A step queued on the device: its sampled sequences and their results on the way to the
@@ -190,11 +189,6 @@ class ModelRunner:
                 tok.top = dict(zip(top_ids[i][:k], top_lps[i][:k], strict=True)) if k else {}
             result.append(tok)
         return result
-
-    def execute(self, sched: SchedulerOutput) -> list[SampledToken]:
-        """Launch and collect one step (no overlap with the next one)."""
-        step = self.launch(sched)
-        return [] if step is None else self.collect(step)
 
     @torch.inference_mode()
     def forward(self, work: list[SeqWork]) -> torch.Tensor | None:

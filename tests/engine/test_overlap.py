@@ -107,3 +107,15 @@ def test_a_block_filled_by_a_pending_token_is_cached(llm: LLM) -> None:
                          SamplingParams(temperature=0.0, max_tokens=1))[0]
     assert core.block_manager.num_hit_tokens - hit_before == 12  # 13 tokens: 3 full blocks
     assert again.num_cached_tokens == 12
+
+
+def test_min_tokens_counts_the_pending_token(llm: LLM) -> None:
+    """Stop ids are banned for exactly min_tokens outputs, though the last one is pending when
+    the next is sampled: the stop id may end the output at index min_tokens, not later."""
+    prompt = [31, 32, 33, 34, 35]
+    free = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12,
+                                                 ignore_eos=True))[0].token_ids
+    m = next(i for i in range(2, len(free)) if free[i] not in free[:i])
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                                stop_token_ids=[free[m]], min_tokens=m))[0]
+    assert out.token_ids == free[: m + 1] and out.finish_reason == "stop"
