@@ -8,6 +8,9 @@ For each TP size, in a process of its own (so GPU memory never meets):
      GPUs, gloo on CPU) at batch 1 and 32;
   2. flatout on the model (dummy weights): decode step time at batch 1 and 32 with 512 tokens of
      context, and the 32 x (512 -> 256 tokens, ignore_eos) workload (output tokens/s).
+`--tp 2:nccl` runs TP 2 with --disable-custom-all-reduce: every all-reduce over NCCL, none in the
+fused one-shot all-reduce + add + RMSNorm kernel (whose time, add and norm included, the profiler
+counts as collective time when it is on).
 The all-reduce share of a step = collective time per step / decode step time. Scaling efficiency
 of TP = N = step(TP 1) / (N x step(TP N)). Writes DIR/bench_tp.json and DIR/bench_tp.md.
 On a machine without GPUs (--quick) it runs a tiny checkpoint with gloo, as a smoke test.
@@ -90,15 +93,16 @@ def run_tp(model: str, part: str, quick: bool, out: Path) -> dict:
     batches = [1, 8] if quick else [1, 32]
     cfg = resolve_model_config(model, load_format="dummy",
                                device_type="cuda" if torch.cuda.is_available() else "cpu")
-    tp = int(part)
+    tp_text, _, variant = part.partition(":")  # "2:nccl": TP 2 without the fused all-reduce
+    tp = int(tp_text)
     res: dict = {"tp": tp, "label": part, "collectives_s": {}}
-    if tp > 1:
+    if tp > 1 and not variant:
         res["collectives_s"] = measure_collectives(tp, cfg, batches, out / f"coll_{tp}.json")
     ctx, n_out = (64, 8) if quick else (512, 256)
     t0 = time.monotonic()
     llm = LLM(model, load_format="dummy", tensor_parallel_size=tp, max_model_len=256 if quick
               else 4096, max_num_seqs=64, max_num_batched_tokens=8192,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, disable_custom_all_reduce=variant == "nccl")
     core = llm.engine.core
     res.update(startup_s=time.monotonic() - t0, num_kv_blocks=core.cache_config.num_blocks,
                cuda_graphs=core.runner.graphs is not None)
@@ -178,7 +182,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default=None, help="default: glm-4-9b (--quick on CPU: a tiny "
                     "GLM checkpoint written into --out)")
-    ap.add_argument("--tp", default="1,2", help="comma-separated TP sizes")
+    ap.add_argument("--tp", default="1,2", help="comma-separated TP sizes; N:nccl runs TP N "
+                    "with --disable-custom-all-reduce (all-reduces over NCCL only)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()

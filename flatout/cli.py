@@ -18,6 +18,8 @@ _HELP = {
     "load_format": "auto (safetensors) or dummy (random weights, real shapes)",
     "peak_memory_bandwidth": "device copy bandwidth in bytes/s for MBU (default: measured)",
     "peak_flops": "device matmul FLOP/s in the model's dtype for MFU (default: measured)",
+    "disable_custom_all_reduce": "tensor parallel: all-reduce over NCCL only, not the fused "
+                                 "one-shot all-reduce + add + RMSNorm kernel over NVLink",
 }
 
 

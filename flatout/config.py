@@ -116,6 +116,8 @@ class EngineArgs:
     load_format: str = "auto"  # auto | safetensors | dummy
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
+    # tensor parallel on one node: NCCL instead of the fused all-reduce + add + RMSNorm kernel
+    disable_custom_all_reduce: bool = False
     # the device's peaks for MBU/MFU (bytes/s of a copy, FLOP/s of a matmul); None: measured
     peak_memory_bandwidth: float | None = None
     peak_flops: float | None = None

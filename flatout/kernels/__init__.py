@@ -3,6 +3,7 @@ signature (`<name>_ref`). Importing this package needs triton; on CPU the kernel
 the interpreter (TRITON_INTERPRET=1 set before import), which the tests use."""
 
 from flatout.kernels.activation import silu_and_mul, silu_and_mul_ref
+from flatout.kernels.allreduce import one_shot_add_rms_norm, one_shot_add_rms_norm_ref
 from flatout.kernels.decode_attention import (
     decode_num_splits,
     paged_decode_attention,
@@ -22,6 +23,8 @@ __all__ = [
     "decode_num_splits",
     "fused_add_rms_norm",
     "fused_add_rms_norm_ref",
+    "one_shot_add_rms_norm",
+    "one_shot_add_rms_norm_ref",
     "paged_decode_attention",
     "paged_decode_attention_ref",
     "paged_prefill_attention",

@@ -191,11 +191,19 @@ class QKVParallelLinear(FusedColumnParallelLinear):
 class RowParallelLinear(LinearBase):
     """Input features split across ranks; partial outputs are summed with an all-reduce.
 
-    The bias is replicated and added once, after the reduction."""
+    The bias is replicated and added once, after the reduction. With `reduce_results=False` the
+    layer returns this rank's partial sum, written where the fused all-reduce + add + RMSNorm
+    reads it when the group has one (distributed.partial_buffer); the next norm must then be
+    called with `partial=True`."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool = False, reduce_results: bool = True
+    ) -> None:
         in_per_rank = _divide(input_size, distributed.get_tp_size(), "input size")
         super().__init__(in_per_rank, output_size, bias)
+        if bias and not reduce_results:
+            raise ValueError("a row-parallel linear with a bias must reduce its own results")
+        self.reduce_results = reduce_results
 
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId | None = None
@@ -213,5 +221,12 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return F.linear(x, self.weight, self.bias)
+        if not self.reduce_results:
+            out = None
+            if x.dim() == 2:
+                out = distributed.partial_buffer(x.shape[0], self.weight.shape[0], x.dtype)
+            if out is None:
+                return F.linear(x, self.weight)
+            return torch.mm(x, self.weight.t(), out=out)
         y = distributed.all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from flatout.layers.linear import default_weight_loader
+from flatout.worker import distributed
 
 
 class RMSNorm(nn.Module):
@@ -30,9 +31,17 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
     def forward_with_residual(
-        self, x: torch.Tensor, residual: torch.Tensor
+        self, x: torch.Tensor, residual: torch.Tensor, partial: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (norm(x + residual), x + residual): the sum is the next residual."""
+        """Returns (norm(x + residual), x + residual): the sum is the next residual.
+
+        partial: `x` is this rank's partial sum from a row-parallel linear that left the
+        all-reduce to this norm; one kernel reduces, adds and normalises where the group can."""
+        if partial:
+            fused = distributed.all_reduce_add_rms_norm(x, residual, self.weight, self.eps)
+            if fused is not None:
+                return fused
+            x = distributed.all_reduce(x)
         if x.is_cuda:  # the add and the norm in one pass over the hidden states
             from flatout.kernels import fused_add_rms_norm
 

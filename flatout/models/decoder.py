@@ -23,6 +23,13 @@ from flatout.layers.norm import RMSNorm
 from flatout.layers.rotary import RotaryEmbedding
 
 
+def fuses_reduce(cfg: ModelConfig) -> bool:
+    """Whether the o/down projections leave their all-reduce to the next norm (one kernel for
+    reduce + add + norm): not with a bias to add after the reduce or a sandwich norm before
+    the add."""
+    return not cfg.o_proj_bias and not cfg.sandwich_norm
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
@@ -33,7 +40,8 @@ class SelfAttention(nn.Module):
             bias=cfg.attention_bias,
         )
         self.o_proj = RowParallelLinear(
-            cfg.num_attention_heads * d, cfg.hidden_size, bias=cfg.o_proj_bias
+            cfg.num_attention_heads * d, cfg.hidden_size, bias=cfg.o_proj_bias,
+            reduce_results=not fuses_reduce(cfg),
         )
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         # Qwen3: RMSNorm over each head of q and k, before the rotation
@@ -59,7 +67,8 @@ class MLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(
             cfg.hidden_size, [cfg.intermediate_size] * 2, bias=False
         )
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=False,
+                                           reduce_results=not fuses_reduce(cfg))
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
@@ -77,6 +86,7 @@ class DecoderLayer(nn.Module):
         # GLM-4-0414 "sandwich": extra norms on the attention and MLP outputs, before the add
         self.post_self_attn_layernorm = RMSNorm(h, eps) if cfg.sandwich_norm else None
         self.post_mlp_layernorm = RMSNorm(h, eps) if cfg.sandwich_norm else None
+        self.partial = fuses_reduce(cfg)  # outputs of o_proj and down_proj are partial sums
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
@@ -85,11 +95,15 @@ class DecoderLayer(nn.Module):
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
-            hidden, residual = self.input_layernorm.forward_with_residual(hidden, residual)
+            hidden, residual = self.input_layernorm.forward_with_residual(
+                hidden, residual, partial=self.partial
+            )
         hidden = self.self_attn(positions, hidden)
         if self.post_self_attn_layernorm is not None:
             hidden = self.post_self_attn_layernorm(hidden)
-        hidden, residual = self.post_attention_layernorm.forward_with_residual(hidden, residual)
+        hidden, residual = self.post_attention_layernorm.forward_with_residual(
+            hidden, residual, partial=self.partial
+        )
         hidden = self.mlp(hidden)
         if self.post_mlp_layernorm is not None:
             hidden = self.post_mlp_layernorm(hidden)
@@ -108,6 +122,7 @@ class DecoderModel(nn.Module):
             DecoderLayer(cfg, rotary_emb) for _ in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.partial = fuses_reduce(cfg)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
@@ -116,7 +131,7 @@ class DecoderModel(nn.Module):
             hidden, residual = layer(positions, hidden, residual)
         if residual is None:  # no layers
             return self.norm(hidden)
-        return self.norm.forward_with_residual(hidden, residual)[0]
+        return self.norm.forward_with_residual(hidden, residual, partial=self.partial)[0]
 
 
 class CausalLM(nn.Module):

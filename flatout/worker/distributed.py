@@ -13,9 +13,13 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from flatout.worker.symm_reduce import SymmetricReduce
 
 
 @dataclass
@@ -23,6 +27,7 @@ class _TensorParallelState:
     rank: int = 0
     size: int = 1
     control_group: object | None = None
+    symmetric: SymmetricReduce | None = None  # the fused all-reduce's buffers, where enabled
 
 
 _state = _TensorParallelState()
@@ -82,7 +87,7 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
     # NCCL's teardown waits on peers that have usually exited by now and can hang; the group
     # is left to end with the process (so one process hosts one NCCL group in its lifetime)
-    _state.rank, _state.size, _state.control_group = 0, 1, None
+    _state.rank, _state.size, _state.control_group, _state.symmetric = 0, 1, None, None
 
 
 def env_rendezvous() -> tuple[str, int | None]:
@@ -98,6 +103,38 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
         return x
     dist.all_reduce(x)
     return x
+
+
+def init_symmetric_reduce(max_rows: int, hidden: int, dtype: torch.dtype,
+                          device: torch.device, local_world: int) -> bool:
+    """Set up the all-reduce fused with add + RMSNorm (symm_reduce.py) if every rank can; all
+    ranks call this and agree. Returns whether it is on."""
+    from flatout.worker import symm_reduce
+
+    if _state.size == 1:
+        return False
+    ok = local_world == _state.size and symm_reduce.peers_reachable(device, local_world)
+    if not min_over_ranks(int(ok), device):
+        return False
+    _state.symmetric = symm_reduce.SymmetricReduce(min(max_rows, symm_reduce.MAX_ROWS), hidden,
+                                                   dtype, device)  # fmt: skip
+    return True
+
+
+def partial_buffer(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Where a row-parallel linear writes a partial sum that the next norm reduces (None: any
+    tensor, reduced over NCCL)."""
+    sym = _state.symmetric
+    return None if sym is None else sym.partial_buffer(rows, cols, dtype)
+
+
+def all_reduce_add_rms_norm(
+    partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The fused all-reduce + add + RMSNorm of a partial from `partial_buffer`, or None when
+    the caller must all-reduce and normalise itself."""
+    sym = _state.symmetric
+    return None if sym is None else sym.add_rms_norm(partial, residual, weight, eps)
 
 
 def broadcast_from_driver(x: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from flatout.worker.kv_cache import (
     kv_block_bytes,
     plan_num_blocks,
 )
+from flatout.worker.parallel import num_nodes
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,12 @@ class ModelRunner:
         self.tp_rank, self.tp_size = distributed.get_tp_rank(), distributed.get_tp_size()
         self.model: nn.Module = load_model(config, device)
         self.memory = MemoryUse()
+        if self.tp_size > 1 and device.type == "cuda" and not args.disable_custom_all_reduce:
+            # before sizing the KV cache, which counts its buffers as runtime memory
+            distributed.init_symmetric_reduce(
+                args.max_num_seqs, config.hidden_size, self.dtype, device,
+                local_world=self.tp_size // num_nodes(),
+            )
         if device.type == "cuda":
             self.memory.weights = torch.cuda.memory_allocated(device)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]

@@ -1,0 +1,174 @@
+"""Tensor parallelism on several GPUs: the fused one-shot all-reduce + add + RMSNorm against NCCL
+(eagerly, through both alternating buffers, and replayed in CUDA graphs), and the engine at TP = 2
+(and 4) against one GPU. Run through the device tool on a multi-GPU kind; skipped otherwise."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from flatout import LLM, SamplingParams
+from tests.helpers.tiny_checkpoints import make_tiny_checkpoint
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices"),
+]
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+
+
+def _check_fused(rank: int, world: int, dev: torch.device, dtype: torch.dtype,
+                 hidden: int) -> None:  # fmt: skip
+    import torch.distributed as dist
+
+    from flatout.kernels import fused_add_rms_norm
+    from flatout.worker.symm_reduce import SymmetricReduce
+
+    sym = SymmetricReduce(256, hidden, dtype, dev)
+    weight = torch.randn(hidden, dtype=dtype, device=dev)
+
+    def inputs(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator(device=dev).manual_seed(seed * 8 + rank)
+        part = torch.randn(rows, hidden, dtype=dtype, device=dev, generator=g)
+        g.manual_seed(seed)  # the residual is the same on every rank
+        res = torch.randn(rows, hidden, dtype=dtype, device=dev, generator=g)
+        return part, res
+
+    def want(part: torch.Tensor, res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        total = part.clone()
+        dist.all_reduce(total)
+        return fused_add_rms_norm(total, res, weight, 1e-6)
+
+    def check(got: tuple, ref: tuple, what: str) -> None:
+        for g, w in zip(got, ref, strict=True):
+            if world == 2:  # a + b, rounded once: the same bits as NCCL's
+                torch.testing.assert_close(g, w, rtol=0, atol=0, msg=what)
+            else:  # the rank order of the sum differs from NCCL's ring
+                torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2, msg=what)
+        gathered = [torch.empty_like(got[0]) for _ in range(world)]
+        dist.all_gather(gathered, got[0])
+        for other in gathered:  # every rank computed the same bits
+            assert torch.equal(other, got[0]), what
+
+    # eager, through both buffers, at every size a decode graph uses and beyond 128 rows
+    for seed, rows in enumerate([1, 2, 3, 8, 32, 127, 128, 129, 200, 256, 1, 5]):
+        part, res = inputs(rows, seed)
+        buf = sym.partial_buffer(rows, hidden, dtype)
+        assert buf is not None
+        buf.copy_(part)
+        check(sym.add_rms_norm(buf, res, weight, 1e-6), want(part, res), f"eager {rows}")
+    assert sym.partial_buffer(257, hidden, dtype) is None  # too many rows: NCCL
+
+    # a CUDA graph of many back-to-back calls, replayed with new data each time
+    rows, calls = 24, 40
+    srcs = torch.zeros(calls, rows, hidden, dtype=dtype, device=dev)
+    res = torch.zeros(rows, hidden, dtype=dtype, device=dev)
+    outs: list[torch.Tensor] = []
+    sym.next = 0
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        r = res
+        for k in range(calls):
+            buf = sym.partial_buffer(rows, hidden, dtype)
+            buf.copy_(srcs[k])
+            y, r = sym.add_rms_norm(buf, r, weight, 1e-6)
+            outs.append(y)
+    for replay in range(3):
+        for k in range(calls):
+            srcs[k].copy_(inputs(rows, 100 + replay * calls + k)[0])
+        res.copy_(inputs(rows, 99 + replay)[1])
+        graph.replay()
+        r = res
+        for k in range(calls):
+            y, r = want(srcs[k], r)
+            check((outs[k],), (y,), f"graph replay {replay} call {k}")
+    torch.cuda.synchronize()
+    dist.barrier()
+
+
+def _fused_rank(rank: int, world: int, port: int, errors: mp.Queue) -> None:
+    try:
+        import torch.distributed as dist
+
+        torch.cuda.set_device(rank)
+        dev = torch.device("cuda", rank)
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, device_id=dev)  # fmt: skip
+        _check_fused(rank, world, dev, torch.bfloat16, 4096)
+        _check_fused(rank, world, dev, torch.float32, 200)
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported to the test
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fused_all_reduce_matches_nccl(world: int) -> None:
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} CUDA devices")
+    from flatout.worker.distributed import free_port
+
+    ctx = mp.get_context("spawn")
+    errors: mp.Queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_fused_rank, args=(r, world, port, errors)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    msgs = []
+    while not errors.empty():
+        msgs.append(errors.get())
+    assert not hung, f"ranks {hung} hung (a barrier that never met)\n" + "\n".join(msgs)
+    assert all(p.exitcode == 0 for p in procs), "\n".join(msgs)
+
+
+PROMPTS = [[5, 17, 42, 99, 7, 3], list(range(10, 90)), [200, 201], [9] * 33, [3] * 300]
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+ENGINE = {"max_model_len": 512, "max_num_batched_tokens": 1024, "dtype": "float32",
+          "gpu_memory_utilization": 0.3}
+
+
+def _run(path: Path, tp: int, **engine: object) -> tuple[list, bool]:
+    from flatout.worker import distributed
+
+    llm = LLM(str(path), tensor_parallel_size=tp, **{**ENGINE, **engine})
+    try:
+        outs = [o.outputs[0] for o in llm.generate(PROMPTS, GREEDY)]
+        fused = distributed._state.symmetric is not None
+    finally:
+        llm.engine.core.shutdown()
+    return outs, fused
+
+
+@pytest.mark.parametrize("arch", ["GlmForCausalLM", "LlamaForCausalLM", "Glm4ForCausalLM"])
+def test_tp_on_gpus_matches_one_gpu(tmp_path: Path, arch: str) -> None:
+    """Greedy tokens and their logprobs at TP = 2 (and 4) equal one GPU's, with the fused
+    all-reduce in CUDA graphs and eager steps, and with NCCL only. The 300-token prompt takes
+    the NCCL path (more rows than the fused buffers hold); decode steps take the fused one.
+    Glm4 (sandwich norms) never fuses."""
+    path = make_tiny_checkpoint(arch, tmp_path / arch, num_key_value_heads=2)
+    want, fused = _run(path, 1)
+    assert not fused
+    sizes = [2, 4] if torch.cuda.device_count() >= 4 else [2]
+    for tp in sizes:
+        for engine in [{}, {"enforce_eager": True}, {"disable_custom_all_reduce": True}]:
+            got, fused = _run(path, tp, max_num_seqs=256 if not engine else 64, **engine)
+            assert fused == (arch != "Glm4ForCausalLM" and not engine.get(
+                "disable_custom_all_reduce", False))
+            assert [o.token_ids for o in got] == [o.token_ids for o in want], (tp, engine)
+            for g, w in zip(got, want, strict=True):
+                assert [lp.logprob for lp in g.logprobs] == pytest.approx(
+                    [lp.logprob for lp in w.logprobs], abs=1e-3
+                ), (tp, engine)
