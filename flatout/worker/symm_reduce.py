@@ -69,7 +69,8 @@ class SymmetricReduce:
             self.flag_ptrs.append(torch.tensor(flag_handle.buffer_ptrs, dtype=torch.int64,
                                                device=device))  # fmt: skip
         torch.cuda.synchronize(device)
-        dist.barrier()  # every rank's flags are zero before any rank signals
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        dist.barrier(device_ids=[index])  # every rank's flags are zero before any rank signals
         self.next = 0
         log.info("fused all-reduce: 2 x %d rows x %d over symmetric memory (rank %d of %d)",
                  max_rows, hidden, self.rank, self.world)

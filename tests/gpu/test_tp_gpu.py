@@ -138,7 +138,7 @@ def test_fused_all_reduce_matches_nccl(world: int) -> None:
 PROMPTS = [[5, 17, 42, 99, 7, 3], list(range(10, 90)), [200, 201], [9] * 33, [3] * 300]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
 ENGINE = {"max_model_len": 512, "max_num_batched_tokens": 1024, "dtype": "float32",
-          "gpu_memory_utilization": 0.3}
+          "num_kv_blocks": 512}
 
 
 def _run(path: Path, tp: int, **engine: object) -> tuple[list, bool]:
@@ -158,7 +158,8 @@ def test_tp_on_gpus_matches_one_gpu(tmp_path: Path, arch: str) -> None:
     """Greedy tokens and their logprobs at TP = 2 (and 4) equal one GPU's, with the fused
     all-reduce in CUDA graphs and eager steps, and with NCCL only. The 300-token prompt takes
     the NCCL path (more rows than the fused buffers hold); decode steps take the fused one.
-    Glm4 (sandwich norms) never fuses."""
+    Glm4 (sandwich norms) never fuses. All engines run one after another in this process: a
+    shut-down engine leaves the process group, so the next one can join a new one."""
     path = make_tiny_checkpoint(arch, tmp_path / arch, num_key_value_heads=2)
     want, fused = _run(path, 1)
     assert not fused
