@@ -82,18 +82,12 @@ def control_group() -> object:
 
 
 def destroy_distributed() -> None:
-    """Leave the process group and become a group of one again (idempotent); the process can
-    join a new group afterwards (e.g. start another tensor-parallel engine).
-
-    NCCL communicators are aborted rather than destroyed: a destroy may wait on peers, which
-    at shutdown have usually exited already; an abort frees this rank's share on its own."""
+    """Leave the process group and become a group of one again (idempotent)."""
     _state.symmetric = None  # its buffers go with their tensors
-    if dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            torch.cuda.synchronize()  # this rank's last collectives are done
-            dist.distributed_c10d._abort_process_group()
-        else:
-            dist.destroy_process_group()
+    if dist.is_initialized() and dist.get_backend() != "nccl":
+        dist.destroy_process_group()
+    # NCCL's teardown waits on peers that have usually exited by now and can hang; the group
+    # is left to end with the process (so one process hosts one NCCL group in its lifetime)
     _state.rank, _state.size, _state.control_group = 0, 1, None
 
 

@@ -141,16 +141,35 @@ ENGINE = {"max_model_len": 512, "max_num_batched_tokens": 1024, "dtype": "float3
           "num_kv_blocks": 512}
 
 
-def _run(path: Path, tp: int, **engine: object) -> tuple[list, bool]:
-    from flatout.worker import distributed
-
-    llm = LLM(str(path), tensor_parallel_size=tp, **{**ENGINE, **engine})
+def _engine_rank0(path: str, tp: int, engine: dict, results: mp.Queue) -> None:
     try:
+        from flatout.worker import distributed
+
+        llm = LLM(path, tensor_parallel_size=tp, **{**ENGINE, **engine})
         outs = [o.outputs[0] for o in llm.generate(PROMPTS, GREEDY)]
         fused = distributed._state.symmetric is not None
-    finally:
         llm.engine.core.shutdown()
-    return outs, fused
+        results.put(([o.token_ids for o in outs],
+                     [[lp.logprob for lp in o.logprobs] for o in outs], fused))  # fmt: skip
+    except BaseException:  # noqa: BLE001 - reported to the test
+        results.put(traceback.format_exc())
+        raise
+
+
+def _run(path: Path, tp: int, **engine: object) -> tuple[list, list, bool]:
+    """One engine in a process of its own (a process hosts one NCCL group in its lifetime)."""
+    ctx = mp.get_context("spawn")
+    results: mp.Queue = ctx.Queue()
+    proc = ctx.Process(target=_engine_rank0, args=(str(path), tp, engine, results))
+    proc.start()
+    try:
+        got = results.get(timeout=240)
+    finally:
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+    assert not isinstance(got, str), got
+    return got
 
 
 @pytest.mark.parametrize("arch", ["GlmForCausalLM", "LlamaForCausalLM", "Glm4ForCausalLM"])
@@ -158,19 +177,16 @@ def test_tp_on_gpus_matches_one_gpu(tmp_path: Path, arch: str) -> None:
     """Greedy tokens and their logprobs at TP = 2 (and 4) equal one GPU's, with the fused
     all-reduce in CUDA graphs and eager steps, and with NCCL only. The 300-token prompt takes
     the NCCL path (more rows than the fused buffers hold); decode steps take the fused one.
-    Glm4 (sandwich norms) never fuses. All engines run one after another in this process: a
-    shut-down engine leaves the process group, so the next one can join a new one."""
+    Glm4 (sandwich norms) never fuses."""
     path = make_tiny_checkpoint(arch, tmp_path / arch, num_key_value_heads=2)
-    want, fused = _run(path, 1)
+    want_ids, want_lps, fused = _run(path, 1)
     assert not fused
     sizes = [2, 4] if torch.cuda.device_count() >= 4 else [2]
     for tp in sizes:
         for engine in [{}, {"enforce_eager": True}, {"disable_custom_all_reduce": True}]:
-            got, fused = _run(path, tp, max_num_seqs=256 if not engine else 64, **engine)
+            ids, lps, fused = _run(path, tp, max_num_seqs=256 if not engine else 64, **engine)
             assert fused == (arch != "Glm4ForCausalLM" and not engine.get(
                 "disable_custom_all_reduce", False))
-            assert [o.token_ids for o in got] == [o.token_ids for o in want], (tp, engine)
-            for g, w in zip(got, want, strict=True):
-                assert [lp.logprob for lp in g.logprobs] == pytest.approx(
-                    [lp.logprob for lp in w.logprobs], abs=1e-3
-                ), (tp, engine)
+            assert ids == want_ids, (tp, engine)
+            for got, want in zip(lps, want_lps, strict=True):
+                assert got == pytest.approx(want, abs=1e-3), (tp, engine)
