@@ -20,6 +20,7 @@ from flatout.engine.request import Sequence
 from flatout.engine.scheduler import SchedulerOutput
 from flatout.layers.attention import Attention, AttentionMetadata, forward_context
 from flatout.layers.sampler import Sampler, SamplingBatch, SamplingRow
+from flatout.models.decoder import fuses_reduce
 from flatout.models.registry import TORCH_DTYPES, load_model
 from flatout.monitor.step_clock import StepClock, StepCost, measure_peak
 from flatout.worker import distributed
@@ -72,7 +73,8 @@ class ModelRunner:
         self.tp_rank, self.tp_size = distributed.get_tp_rank(), distributed.get_tp_size()
         self.model: nn.Module = load_model(config, device)
         self.memory = MemoryUse()
-        if self.tp_size > 1 and device.type == "cuda" and not args.disable_custom_all_reduce:
+        if (self.tp_size > 1 and device.type == "cuda" and not args.disable_custom_all_reduce
+                and fuses_reduce(config)):
             # before sizing the KV cache, which counts its buffers as runtime memory
             distributed.init_symmetric_reduce(
                 args.max_num_seqs, config.hidden_size, self.dtype, device,
