@@ -114,7 +114,10 @@ def one_shot_add_rms_norm_ref(
     partials: list[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same result from the ranks' partials, in PyTorch."""
-    total = torch.stack([p.float() for p in partials]).sum(0).to(residual.dtype)
+    total = partials[0].float()
+    for p in partials[1:]:  # in rank order, as the kernel adds them
+        total = total + p.float()
+    total = total.to(residual.dtype)
     summed = (total.float() + residual.float()).to(residual.dtype)
     xf = summed.float()
     y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(residual.dtype)
