@@ -1,8 +1,10 @@
 """Small all-reduces as a decode step does them (81 of [batch, hidden] bf16 for GLM-4-9B),
 captured in a CUDA graph: NCCL beside a one-shot all-reduce over PyTorch's symmetric memory
 (both with an elementwise kernel between calls, as layers have), checked against NCCL's sums.
-Measured on 2 x H200 (benchmarks/results/bench_allreduce_h200x2.json): no faster than NCCL at
-decode sizes, so the engine keeps NCCL.
+Measured on 2 x H200 (benchmarks/results/bench_allreduce_h200x2.json): a plain one-shot with a
+copy in is no faster than NCCL at decode sizes; what the engine uses instead is the one-shot fused
+with the residual add and RMSNorm, the partials written in place by the GEMM
+(flatout/kernels/allreduce.py; measured in benchmarks/bench_tp.py).
 
     python benchmarks/bench_allreduce.py --out DIR [--gpus 2]
 """
