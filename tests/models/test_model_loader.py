@@ -226,3 +226,28 @@ def test_dummy_load_of_a_scaled_down_preset() -> None:
     logits = flatout_logits(model, random_prompts(1000, [6, 3]))
     assert all(torch.isfinite(lg).all() for lg in logits)
     assert logits[0].shape == (6, 1000)
+
+
+def test_row_parallel_partial_output_is_reduced_by_the_next_norm(
+    tensor_parallel: Callable[[int, int], None],
+) -> None:
+    """reduce_results=False returns this rank's partial sum (no symmetric buffers on the CPU:
+    an ordinary tensor); the norm called with partial=True reduces it before the add + norm, so
+    summing the ranks' partials and normalising gives the full layer's result."""
+    from flatout.layers.norm import RMSNorm
+
+    hidden, inter, tp = 6, 10, 2
+    down, x, residual = torch.randn(hidden, inter), torch.randn(3, inter), torch.randn(3, hidden)
+    norm = RMSNorm(hidden, 1e-6)
+    partials = []
+    for rank in range(tp):
+        tensor_parallel(rank, tp)
+        row = RowParallelLinear(inter, hidden, reduce_results=False)
+        row.weight_loader(row.weight, down)
+        partials.append(row(x[:, rank * inter // tp:(rank + 1) * inter // tp]))
+        with pytest.raises(ValueError, match="bias"):
+            RowParallelLinear(inter, hidden, bias=True, reduce_results=False)
+    tensor_parallel(0, 1)  # a group of one: the norm's all-reduce is the identity
+    got, got_sum = norm.forward_with_residual(partials[0] + partials[1], residual, partial=True)
+    torch.testing.assert_close(got_sum, x @ down.T + residual)
+    torch.testing.assert_close(got, norm(x @ down.T + residual))
