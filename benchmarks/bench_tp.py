@@ -94,6 +94,8 @@ def run_tp(model: str, part: str, quick: bool, out: Path) -> dict:
     cfg = resolve_model_config(model, load_format="dummy",
                                device_type="cuda" if torch.cuda.is_available() else "cpu")
     tp_text, _, variant = part.partition(":")  # "2:nccl": TP 2 without the fused all-reduce
+    if variant not in ("", "nccl"):
+        raise ValueError(f"unknown TP variant {part!r}: N or N:nccl")
     tp = int(tp_text)
     res: dict = {"tp": tp, "label": part, "collectives_s": {}}
     if tp > 1 and not variant:

@@ -12,7 +12,7 @@ ranks of the node can read (PyTorch symmetric memory, over NVLink), and each pro
      flag is never set twice before it is consumed);
   2. for each of its rows, sums the ranks' partials in rank order in fp32 (so every rank computes
      the same bits), rounds to the model dtype (what an all-reduce would have returned), adds the
-     residual, and normalises exactly as flatout.kernels.norm does.
+     residual, and normalises with flatout.kernels.norm's `_normalise`.
 
 The caller must not overwrite a rank's buffer until every peer has read it: buffers alternate, and
 the barrier of the next call (or any collective in between) proves the peers are past this one
@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from flatout.kernels._utils import next_pow2
+from flatout.kernels.norm import _normalise, fused_add_rms_norm_ref
 
 MAX_PROGRAMS = 128  # flags per rank: MAX_PROGRAMS * world; at most one program per SM or so
 
@@ -70,10 +71,7 @@ def _one_shot_all_reduce_add_rms_norm_kernel(
         x += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x = x.to(dtype)  # the stored residual, rounded
         tl.store(residual_out_ptr + offs, x, mask=mask)
-        x = x.to(tl.float32)
-        inv_rms = tl.rsqrt(tl.sum(x * x, 0) / hidden + eps)
-        y = (x * inv_rms).to(dtype).to(tl.float32)
-        tl.store(out_ptr + offs, (w * y).to(dtype), mask=mask)
+        tl.store(out_ptr + offs, _normalise(x.to(tl.float32), w, hidden, eps, dtype), mask=mask)
 
 
 def one_shot_add_rms_norm(
@@ -117,8 +115,4 @@ def one_shot_add_rms_norm_ref(
     total = partials[0].float()
     for p in partials[1:]:  # in rank order, as the kernel adds them
         total = total + p.float()
-    total = total.to(residual.dtype)
-    summed = (total.float() + residual.float()).to(residual.dtype)
-    xf = summed.float()
-    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(residual.dtype)
-    return (weight * y).to(residual.dtype), summed
+    return fused_add_rms_norm_ref(total.to(residual.dtype), residual, weight, eps)

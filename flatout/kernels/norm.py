@@ -19,6 +19,15 @@ from flatout.kernels._utils import next_pow2
 
 
 @triton.jit
+def _normalise(x, w, hidden, eps, dtype: tl.constexpr):
+    """w * x / sqrt(mean(x^2) + eps) for one fp32 row `x` (masked lanes 0) and fp32 weights,
+    rounded to `dtype` before and after the weight product, as RMSNorm rounds."""
+    inv_rms = tl.rsqrt(tl.sum(x * x, 0) / hidden + eps)
+    y = (x * inv_rms).to(dtype).to(tl.float32)
+    return (w * y).to(dtype)
+
+
+@triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     stride_x, stride_r, stride_o, stride_ro,
@@ -34,10 +43,9 @@ def _rms_norm_kernel(
         x = x.to(residual_out_ptr.dtype.element_ty)  # the stored residual, rounded
         tl.store(residual_out_ptr + row * stride_ro + cols, x, mask=mask)
         x = x.to(tl.float32)
-    inv_rms = tl.rsqrt(tl.sum(x * x, 0) / hidden + eps)
-    y = (x * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+    y = _normalise(x, w, hidden, eps, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + cols, y, mask=mask)
 
 
 def _launch(x, residual, weight, eps):
