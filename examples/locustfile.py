@@ -27,6 +27,8 @@ API = os.environ.get("LLM_API", "completions")
 PROMPT_WORDS = int(os.environ.get("LLM_PROMPT_WORDS", "200"))
 MAX_TOKENS = int(os.environ.get("LLM_MAX_TOKENS", "128"))
 IGNORE_EOS = os.environ.get("LLM_IGNORE_EOS", "1") == "1"
+# prompts are drawn from a seeded generator: the same run sends the same prompts
+_RNG = random.Random(int(os.environ.get("LLM_SEED", "0")))
 WORDS = ("the model serves tokens quickly when the batch is large and the cache is warm so "
          "every request shares the device with many others").split()
 
@@ -49,7 +51,7 @@ class LLMUser(HttpUser):
                 self.model = r.json()["data"][0]["id"]
 
     def body(self) -> dict:
-        prompt = " ".join(random.choices(WORDS, k=PROMPT_WORDS))
+        prompt = " ".join(_RNG.choices(WORDS, k=PROMPT_WORDS))
         body: dict = {"model": self.model, "max_tokens": MAX_TOKENS, "stream": True,
                       "stream_options": {"include_usage": True}, "temperature": 0.0}
         if IGNORE_EOS:

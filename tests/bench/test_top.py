@@ -67,9 +67,14 @@ def test_top_renders_through_a_recording_console(bench_server: ServerProcess) ->
     state = TopState(bench_server.url)
     with Traffic(bench_server.url), httpx.Client() as http:
         state.add(fetch(bench_server.url, http))
-        time.sleep(1.5)
-        state.add(fetch(bench_server.url, http))
-    view = state.view()
+        # wait (bounded) until the window holds finished requests, instead of a fixed sleep
+        deadline = time.monotonic() + 30
+        while True:
+            time.sleep(0.5)
+            state.add(fetch(bench_server.url, http))
+            view = state.view()
+            if view.values["tpot_p50"] is not None or time.monotonic() > deadline:
+                break
     assert view.values["gen_tok_s"] and view.values["gen_tok_s"] > 0
     assert view.values["tpot_p50"] is not None and view.values["tpot_p50"] > 0
     console = Console(record=True, width=120, file=open("/dev/null", "w"))  # noqa: SIM115
