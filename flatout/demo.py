@@ -122,10 +122,24 @@ def _is_complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in names)
 
 
+def _refresh_tokenizer_files(folder: Path) -> None:
+    """Bring the tokenizer files of an existing demo folder up to the shipped ones (a folder made
+    by an older flatout keeps its weights, which never change, but gets a newer template).
+    Each file is replaced atomically, so concurrent users see the old or the new file."""
+    for name in TOKENIZER_FILES:
+        shipped = (ASSETS / name).read_bytes()
+        if (folder / name).read_bytes() != shipped:
+            fd, staging = tempfile.mkstemp(prefix=f".{name}-", dir=folder)
+            with os.fdopen(fd, "wb") as f:
+                f.write(shipped)
+            os.replace(staging, folder / name)
+
+
 def demo_model_path() -> str:
     """Path of the demo checkpoint folder, creating it on first use (safe under concurrency)."""
     target = cache_root() / DEMO_NAME
     if _is_complete(target):
+        _refresh_tokenizer_files(target)
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{DEMO_NAME}-", dir=target.parent))

@@ -38,30 +38,40 @@ GLM4_CHAT_TEMPLATE = "".join(
 # GLM-4-0414 / GLM-Z1 style: system turns first, earlier answers keep only the text after
 # `</think>`, and the generation prompt opens a thinking block (`<|assistant|>\n<think>`) unless
 # the caller passes `enable_thinking=False` (then it is a plain `<|assistant|>\n`).
-GLM4_0414_CHAT_TEMPLATE = "".join(
-    (
-        "{{- '[gMASK]<sop>' -}}",
-        _GLM4_TOOLS,
-        "{%- for message in messages if message.role == 'system' -%}",
-        "{{- '<|system|>\\n' + message.content -}}",
-        "{%- endfor -%}",
-        "{%- for message in messages if message.role != 'system' -%}",
-        "{%- set role = 'observation' if message.role == 'tool' else message.role -%}",
-        "{%- set content = message.content or '' -%}",
-        "{%- if role == 'assistant' -%}",
-        "{%- set content = content.split('</think>')[-1].strip() -%}",
-        "{%- endif -%}",
-        "{{- '<|' + role + '|>' + (message.metadata or '') + '\\n' + content -}}",
-        "{%- endfor -%}",
-        "{%- if add_generation_prompt -%}",
-        "{%- if enable_thinking is defined and not enable_thinking -%}",
-        "{{- '<|assistant|>\\n' -}}",
-        "{%- else -%}",
-        "{{- '<|assistant|>\\n<think>' -}}",
-        "{%- endif -%}",
-        "{%- endif -%}",
+def _glm4_0414_template(think_by_default: bool) -> str:
+    thinking = ("enable_thinking is defined and not enable_thinking" if think_by_default
+                else "enable_thinking is not defined or not enable_thinking")
+    return "".join(
+        (
+            "{{- '[gMASK]<sop>' -}}",
+            _GLM4_TOOLS,
+            "{%- for message in messages if message.role == 'system' -%}",
+            "{{- '<|system|>\\n' + message.content -}}",
+            "{%- endfor -%}",
+            "{%- for message in messages if message.role != 'system' -%}",
+            "{%- set role = 'observation' if message.role == 'tool' else message.role -%}",
+            "{%- set content = message.content or '' -%}",
+            "{%- if role == 'assistant' -%}",
+            "{%- set content = content.split('</think>')[-1].strip() -%}",
+            "{%- endif -%}",
+            "{{- '<|' + role + '|>' + (message.metadata or '') + '\\n' + content -}}",
+            "{%- endfor -%}",
+            "{%- if add_generation_prompt -%}",
+            "{%- if " + thinking + " -%}",
+            "{{- '<|assistant|>\\n' -}}",
+            "{%- else -%}",
+            "{{- '<|assistant|>\\n<think>' -}}",
+            "{%- endif -%}",
+            "{%- endif -%}",
+        )
     )
-)
+
+
+GLM4_0414_CHAT_TEMPLATE = _glm4_0414_template(think_by_default=True)
+
+# The built-in demo model's template: the same layout, but thinking is opt-in
+# (`enable_thinking=True`), so that a plain request gets its text in `message.content`.
+DEMO_CHAT_TEMPLATE = _glm4_0414_template(think_by_default=False)
 
 # chatglm3-6b: `[gMASK]sop`, then `<|role|>\n content` (note the space: the original tokenizer
 # encoded each message separately, which SentencePiece prefixes with a word boundary).

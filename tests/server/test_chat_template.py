@@ -1,5 +1,5 @@
-"""Chat templates: the checkpoint's own (the demo's GLM-Z1-style one), overrides, the built-in
-GLM-4 fallback, and the sandbox."""
+"""Chat templates: the checkpoint's own (the demo's GLM-Z1-style one, thinking opt-in),
+overrides, the built-in GLM-4 fallback, and the sandbox."""
 
 from __future__ import annotations
 
@@ -35,11 +35,12 @@ def test_checkpoint_template_multi_turn_with_thinking_switch(tok: PreTrainedToke
     assert r.source == "checkpoint"
     conv = msgs(("system", "Be brief."), ("user", "Hi"), ("assistant", "<think>x</think>Hello"),
                 ("user", "你是谁?"))
-    text = r.render(conv)
+    text = r.render(conv, template_kwargs={"enable_thinking": True})
     assert text == ("[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi<|assistant|>\nHello"
                     "<|user|>\n你是谁?<|assistant|>\n<think>")
-    off = r.render(conv, template_kwargs={"enable_thinking": False})
-    assert off.endswith("<|user|>\n你是谁?<|assistant|>\n")
+    for kwargs in ({"enable_thinking": False}, None):  # the demo thinks only when asked
+        off = r.render(conv, template_kwargs=kwargs)
+        assert off.endswith("<|user|>\n你是谁?<|assistant|>\n")
     ids = r.encode(text)
     assert ids[:2] == tok.convert_tokens_to_ids(["[gMASK]", "<sop>"])  # no doubled prefix
     assert ids[-1] == tok.convert_tokens_to_ids("<think>")

@@ -56,20 +56,24 @@ def test_completion_token_ids_and_several_prompts(client: openai.OpenAI, llm: LL
 
 
 def test_chat_greedy_equals_offline_with_reasoning_split(client: openai.OpenAI, llm: LLM) -> None:
-    # the demo template opens <think> in the prompt, so the whole reply starts as reasoning
-    ref = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+    # with thinking on, the demo template opens <think> in the prompt, so the whole reply
+    # starts as reasoning
+    ref = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                   chat_template_kwargs={"enable_thinking": True})[0]
     reasoning, content = ReasoningParser("glm45").split(ref.text, opened=True)
-    r = client.chat.completions.create(model="demo", messages=CHAT, max_tokens=24,
-                                       temperature=0, extra_body=NO_EOS)
+    r = client.chat.completions.create(model="demo", messages=CHAT, max_tokens=24, temperature=0,
+                                       extra_body={**NO_EOS, "enable_thinking": True})
     msg = r.choices[0].message
     assert r.object == "chat.completion" and msg.role == "assistant"
     assert msg.content == content and msg.model_extra["reasoning_content"] == reasoning
     assert r.usage.completion_tokens == 24 and r.usage.prompt_tokens == len(ref.prompt_token_ids)
 
-    # thinking switched off (top level, as LangChain's extra_body sends it): plain text
+    # thinking switched off (top level, as LangChain's extra_body sends it), or left at the
+    # demo's default: plain text
     plain = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
                      chat_template_kwargs={"enable_thinking": False})[0]
-    for extra in ({"enable_thinking": False},
+    assert plain.text
+    for extra in ({}, {"enable_thinking": False},
                   {"chat_template_kwargs": {"enable_thinking": False}}):
         r = client.chat.completions.create(model="demo", messages=CHAT, max_tokens=24,
                                            temperature=0, extra_body={**NO_EOS, **extra})
@@ -78,7 +82,8 @@ def test_chat_greedy_equals_offline_with_reasoning_split(client: openai.OpenAI, 
 
     # return_reasoning: false drops the reasoning, keeps the answer
     r = client.chat.completions.create(model="demo", messages=CHAT, max_tokens=24, temperature=0,
-                                       extra_body={**NO_EOS, "return_reasoning": False})
+                                       extra_body={**NO_EOS, "enable_thinking": True,
+                                                   "return_reasoning": False})
     assert "reasoning_content" not in (r.choices[0].message.model_extra or {})
     assert r.choices[0].message.content == content
 

@@ -1,6 +1,7 @@
 """A tiny GLM-4-0414 checkpoint that deterministically writes `<think>REASONING</think>ANSWER`.
 
-It is the demo checkpoint (same config, same real tokenizer and GLM-Z1-style chat template) with
+It is the demo checkpoint (same config, same real tokenizer) with GLM-Z1's chat template, which
+opens `<think>` unless `enable_thinking=False` (the demo's own thinks only when asked), and with
 weights set so that the next token depends only on the current one: every attention output and
 MLP output projection is zero, so the residual stream is just the token's embedding; each token
 of a chain gets its own embedding axis, and the LM head maps that axis to the chain's next token.
@@ -22,6 +23,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import PreTrainedTokenizerFast
 
 from flatout.demo import ASSETS, ENDOFTEXT_ID, TOKENIZER_FILES, WEIGHTS_FILE, demo_model_path
+from flatout.tokenizers.templates import GLM4_0414_CHAT_TEMPLATE
 
 REASONING = "think about it"
 ANSWER = "我是一个小模型。"
@@ -43,6 +45,7 @@ def make_thinking_checkpoint(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
         shutil.copyfile(src / name, path / name)
+    (path / "chat_template.jinja").write_text(GLM4_0414_CHAT_TEMPLATE, encoding="utf-8")
     weights = load_file(str(src / WEIGHTS_FILE))
     embed = weights["model.embed_tokens.weight"]
     vocab, hidden = embed.shape

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from flatout.assets.demo.build_tokenizer import tokenizer_config, train_demo_tokenizer
 from flatout.demo import ASSETS, STOP_TOKEN_IDS, demo_model_path, write_demo_checkpoint
 from flatout.tokenizers import load_tokenizer, stop_token_ids
-from flatout.tokenizers.templates import GLM4_0414_CHAT_TEMPLATE
+from flatout.tokenizers.templates import DEMO_CHAT_TEMPLATE
 from tests.tokenizers.tokenizer_fixtures import SAMPLE_TEXTS
 
 MESSAGES = [
@@ -74,15 +74,22 @@ def test_demo_tokenizer_through_load_tokenizer(demo_path: str) -> None:
 def test_demo_chat_template(demo_path: str) -> None:
     tok = load_tokenizer(demo_path)
     rendered = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    # thinking is opt-in for the demo: a plain request answers in `content`
     assert rendered == (
         "[gMASK]<sop><|system|>\nYou are a helpful assistant.<|user|>\nHello!"
-        "<|assistant|>\nHi, how can I help?<|user|>\n讲个故事<|assistant|>\n<think>"
+        "<|assistant|>\nHi, how can I help?<|user|>\n讲个故事<|assistant|>\n"
     )
-    no_think = tok.apply_chat_template(
-        MESSAGES, tokenize=False, add_generation_prompt=True, enable_thinking=False
+    for off in (False, None):
+        no_think = tok.apply_chat_template(
+            MESSAGES, tokenize=False, add_generation_prompt=True, enable_thinking=off
+        )
+        assert no_think == rendered
+    think = tok.apply_chat_template(
+        MESSAGES, tokenize=False, add_generation_prompt=True, enable_thinking=True
     )
-    assert no_think.endswith("讲个故事<|assistant|>\n")
-    ids = tok.apply_chat_template(MESSAGES, add_generation_prompt=True)["input_ids"]
+    assert think == rendered + "<think>"
+    ids = tok.apply_chat_template(MESSAGES, add_generation_prompt=True,
+                                  enable_thinking=True)["input_ids"]
     newline = tok.convert_tokens_to_ids("\u010a")  # byte-level "\n"
     assert ids[:3] == [4086, 4088, 4090] and ids[-3:] == [4092, newline, 4094]
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
@@ -124,6 +131,6 @@ def test_shipped_tokenizer_is_reproducible() -> None:
     assert retrained["model"]["merges"] == shipped["model"]["merges"]
     assert retrained["added_tokens"] == shipped["added_tokens"]
     assert json.loads((ASSETS / "tokenizer_config.json").read_text()) == tokenizer_config()
-    assert (ASSETS / "chat_template.jinja").read_text(encoding="utf-8") == GLM4_0414_CHAT_TEMPLATE
+    assert (ASSETS / "chat_template.jinja").read_text(encoding="utf-8") == DEMO_CHAT_TEMPLATE
     shipped_bytes = sum(path.stat().st_size for path in ASSETS.iterdir() if path.is_file())
     assert shipped_bytes < 1_000_000

@@ -19,7 +19,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from flatout.tokenizers.loader import GLM4_PATTERN
-from flatout.tokenizers.templates import GLM4_0414_CHAT_TEMPLATE
+from flatout.tokenizers.templates import DEMO_CHAT_TEMPLATE
 
 HERE = Path(__file__).resolve().parent
 VOCAB_SIZE = 4096
@@ -189,7 +189,7 @@ def write_tokenizer_files(folder: Path) -> None:
     tokenizer.save(str(folder / "tokenizer.json"), pretty=True)
     text = json.dumps(tokenizer_config(), indent=2, ensure_ascii=False) + "\n"
     (folder / "tokenizer_config.json").write_text(text, encoding="utf-8")
-    (folder / "chat_template.jinja").write_text(GLM4_0414_CHAT_TEMPLATE, encoding="utf-8")
+    (folder / "chat_template.jinja").write_text(DEMO_CHAT_TEMPLATE, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,114 @@
+"""The README's quick start and server sections run verbatim against the demo model: each bash
+block that starts `flatout serve` is started (its install step included) and every client block
+of those sections (curl, the LangChain snippet) runs against it and must print a non-empty answer.
+The quick start's test command is the one `.ci/run` runs. A README that drifts fails here."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.readme_blocks import README, Block, readme_blocks, readme_test_command
+
+ROOT = README.parent
+SECTIONS = ("Quick start", "OpenAI-compatible server")
+PORT = 8000  # the address the README's examples use
+STARTUP_TIMEOUT = 300.0  # the quick start installs first
+
+
+def _blocks() -> list[Block]:
+    return [b for b in readme_blocks() if b.section in SECTIONS]
+
+
+def _server_blocks() -> list[Block]:
+    return [b for b in _blocks() if b.lang == "bash" and "flatout serve" in b.code]
+
+
+def _client_blocks() -> list[Block]:
+    return [b for b in _blocks() if b not in _server_blocks() and "pytest" not in b.code]
+
+
+def _env() -> dict[str, str]:
+    # `pip`, `flatout` and `python` are this interpreter's, as in an activated virtualenv
+    bindir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _answer(block: Block, output: str) -> str:
+    """The text a client block printed: the chat message's content for a curl of the chat API,
+    the whole output for the others."""
+    if block.lang == "bash" and "/v1/chat/completions" in block.code:
+        message = json.loads(output)["choices"][0]["message"]
+        return message["content"]
+    return output.strip()
+
+
+def _run_client(block: Block) -> str:
+    cmd = ["bash", "-c", block.code] if block.lang == "bash" else [sys.executable, "-c", block.code]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT)
+    assert done.returncode == 0, f"README block failed:\n{block.code}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_readme_sections_have_what_this_test_runs() -> None:
+    assert len(_server_blocks()) >= 1
+    langs = {b.lang for b in _client_blocks()}
+    assert langs == {"bash", "python"}, _client_blocks()
+    for b in _blocks():
+        assert b.lang in ("bash", "python"), f"README block of unknown language: {b}"
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    assert readme_test_command(readme_blocks()) == (
+        'pip install torch==2.13.0 -e ".[test]" && ruff check . && python -m pytest -q -x')
+    assert "tests/readme_blocks.py test-command" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("server", _server_blocks(), ids=lambda b: b.code.split("#")[0].strip())
+def test_readme_examples_run_verbatim_against_the_demo(server: Block, tmp_path: Path) -> None:
+    if not _port_free(PORT):
+        pytest.fail(f"port {PORT}, which the README's examples use, is taken on this machine")
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["bash", "-c", server.code], stdout=out, stderr=subprocess.STDOUT,
+                                env=_env(), cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            assert proc.poll() is None, f"{server.code} exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no server after {STARTUP_TIMEOUT:.0f} s"
+            try:
+                if httpx.get(f"http://127.0.0.1:{PORT}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        for block in _client_blocks():
+            answer = _answer(block, _run_client(block))
+            assert answer, f"README block printed an empty answer:\n{block.code}"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert code == 0, log.read_text()[-3000:]
