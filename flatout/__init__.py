@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
 __all__ = ["LLM", "CompletionOutput", "EngineArgs", "RequestOutput", "SamplingParams"]
 
 if TYPE_CHECKING:
+    __version__: str
     from flatout.config import EngineArgs
     from flatout.llm import LLM
     from flatout.outputs import CompletionOutput, RequestOutput
@@ -25,8 +25,22 @@ _WHERE = {
 def __getattr__(name: str) -> Any:
     # imported on first use, so the pure-Python parts (scheduler, block manager) load without
     # torch and the command line starts fast
+    if name == "__version__":
+        global __version__
+        __version__ = _installed_version()
+        return __version__
     if name in _WHERE:
         import importlib
 
         return getattr(importlib.import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'flatout' has no attribute {name!r}")
+
+
+def _installed_version() -> str:
+    """The version pyproject.toml gives, as installed (`pip install` / `pip install -e`)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flatout")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "0+unknown"

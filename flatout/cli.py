@@ -1,53 +1,26 @@
-"""`flatout` command line: generate, info (serve and bench come with the server)."""
+"""flatout: an LLM inference server, and tools to size, run and load-test models.
+
+Building the parser imports no torch (see flatout.cli_args): each command's code is imported
+when that command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
-import types
-import typing
+from collections.abc import Callable
 
-from flatout.config import EngineArgs
+from flatout import cli_args
 
-_HELP = {
-    "model": "checkpoint folder, or a preset name with --load-format dummy (default: demo model)",
-    "dtype": "auto, float32, bfloat16 or float16 (auto: bf16 on GPU, fp32 on CPU)",
-    "kv_cache_memory": "bytes for the KV cache (CPU default 1 GiB; GPU: sized from free memory)",
-    "num_kv_blocks": "fix the KV cache size in blocks",
-    "load_format": "auto (safetensors) or dummy (random weights, real shapes)",
-    "peak_memory_bandwidth": "device copy bandwidth in bytes/s for MBU (default: measured)",
-    "peak_flops": "device matmul FLOP/s in the model's dtype for MFU (default: measured)",
-    "disable_custom_all_reduce": "tensor parallel: all-reduce over NCCL only, not the fused "
-                                 "one-shot all-reduce + add + RMSNorm kernel over NVLink",
-}
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """One flag per EngineArgs field, named as vLLM's (--max-num-seqs, ...)."""
-    hints = typing.get_type_hints(EngineArgs)
-    for f in dataclasses.fields(EngineArgs):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        if isinstance(kind, types.UnionType):  # X | None
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        if kind is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=f.default,
-                help=_HELP.get(f.name),
-            )
-        else:
-            parser.add_argument(flag, type=kind, default=f.default, help=_HELP.get(f.name))
-
-
-def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    return EngineArgs(**{name: getattr(ns, name) for name in EngineArgs.field_names()})
+Run = Callable[[argparse.Namespace], int]
 
 
 def _cmd_generate(ns: argparse.Namespace) -> int:
     from flatout import LLM
 
-    llm = LLM(**dataclasses.asdict(engine_args_from(ns)))
+    llm = LLM(**dataclasses.asdict(cli_args.engine_args_from(ns)))
     params = llm.engine.default_sampling_params(
         max_tokens=ns.max_tokens,
         **({"temperature": ns.temperature} if ns.temperature is not None else {}),
@@ -79,41 +52,62 @@ def _cmd_info(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _lazy(module: str, name: str) -> Run:
+    """The command `module.name`, imported when it runs."""
+
+    def run(ns: argparse.Namespace) -> int:
+        func: Run = getattr(importlib.import_module(module), name)
+        return func(ns)
+
+    return run
+
+
+# name, one-line help, its arguments, what runs it
+_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Run]] = [
+    ("serve", "serve the OpenAI-compatible API over HTTP",
+     cli_args.add_serve_args, _lazy("flatout.server.serve", "run_serve")),
+    ("generate", "generate offline (no server) and print the text",
+     cli_args.add_generate_args, _cmd_generate),
+    ("info", "parameters, weight and KV-cache bytes from a model's config",
+     cli_args.add_info_args, _cmd_info),
+    ("plan", "memory plan from the config: will a model fit these GPUs?",
+     cli_args.add_plan_args, _lazy("flatout.plan", "run_plan")),
+    ("bench", "load-test an OpenAI-compatible server (or --compare two results)",
+     cli_args.add_bench_args, _lazy("flatout.bench.cli", "run_bench")),
+    ("top", "live dashboard of a running server (from its /metrics)",
+     cli_args.add_top_args, _lazy("flatout.monitor.top", "run_top")),
+]
+
+
+def _version() -> str:
+    import flatout
+
+    return f"flatout {flatout.__version__}"
+
+
+class _VersionAction(argparse.Action):
+    """--version: print `flatout X.Y.Z` and exit 0 (the version is read only when asked)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(_version())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flatout", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    gen = sub.add_parser("generate", help="generate offline (no server) and print the text")
-    add_engine_args(gen)
-    gen.add_argument("prompt", nargs="+", help="prompt text (several: one completion each)")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=None)
-    gen.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    gen.set_defaults(func=_cmd_generate)
-
-    info = sub.add_parser("info", help="parameters, weight and KV-cache bytes, from the config")
-    info.add_argument("--model", default=None)
-    info.add_argument("--dtype", default="auto")
-    info.add_argument("--device-type", default="cuda", choices=["cuda", "cpu"],
-                      help="the device the dtype is resolved for (auto dtype: bf16 on cuda)")
-    info.add_argument("--max-model-len", type=int, default=None)
-    info.add_argument("--load-format", default="auto")
-    info.set_defaults(func=_cmd_info)
-
-    from flatout.server.serve import add_serve_parser
-
-    add_serve_parser(sub)
-
-    from flatout.plan import add_plan_parser
-
-    add_plan_parser(sub)
-
-    from flatout.bench.cli import add_bench_parser
-    from flatout.monitor.top import add_top_parser
-
-    add_bench_parser(sub)
-    add_top_parser(sub)
+    parser = argparse.ArgumentParser(
+        prog="flatout", description=__doc__.split("\n\n")[0],
+        epilog="`flatout COMMAND --help` lists a command's options.")
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text, add_args, run in _COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(func=run)
     return parser
 
 
@@ -124,8 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         print(f"flatout: error: {e}", file=sys.stderr)
         return 2
-
-
 
 
 if __name__ == "__main__":

@@ -197,25 +197,8 @@ def make_plan(
                 min(context or cfg.max_model_len, cfg.max_model_len))
 
 
-def add_plan_parser(sub: Any) -> None:
-    """Register `flatout plan` on the CLI's subparsers."""
-    p = sub.add_parser("plan", help="will a model fit these GPUs? (from the config alone)")
-    p.add_argument("--model", default=None, help="checkpoint folder or preset (glm-4-9b, ...)")
-    p.add_argument("--gpus", required=True, help="e.g. 2x24GB, 4x80GiB, 2xH100, H200")
-    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=None,
-                   help="tensor-parallel size (default: all the GPUs)")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--context", type=int, default=None,
-                   help="context length for the concurrency figure (default: max-model-len)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--max-num-batched-tokens", type=int, default=4096)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--gpu-bandwidth", type=float, default=None, help="GB/s per GPU")
-    p.set_defaults(func=_cmd_plan)
-
-
-def _cmd_plan(ns: Any) -> int:
+def run_plan(ns: Any) -> int:
+    """`flatout plan` (its arguments: flatout.cli_args.add_plan_args)."""
     from flatout.models.registry import resolve_model_config
 
     model = ns.model

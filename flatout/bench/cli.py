@@ -23,57 +23,6 @@ from flatout.bench.runner import LoadPoint, run_point
 from flatout.bench.watch import Watch, is_local
 
 
-def add_bench_parser(sub: Any) -> None:
-    p = sub.add_parser("bench", help="load-test an OpenAI-compatible server (or --compare A B)")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000")
-    p.add_argument("--model", default=None, help="model id to request (default: the server's "
-                   "first in /v1/models)")
-    p.add_argument("--api", choices=["completions", "chat"], default="completions")
-    p.add_argument("--api-key", default=None, help="default: $OPENAI_API_KEY")
-    p.add_argument("--tokenizer", default=None, help="local tokenizer folder for exact prompt "
-                   "lengths (default: the server's checkpoint if local, else its /tokenize)")
-    g = p.add_argument_group("load (a list of values runs a sweep)")
-    g.add_argument("--concurrency", type=int, nargs="+", default=None,
-                   help="closed loop: N users, each sending its next request when one finishes")
-    g.add_argument("--request-rate", type=float, nargs="+", default=None,
-                   help="open loop: requests/s (inf: all at once; the default)")
-    g.add_argument("--burstiness", type=float, default=1.0,
-                   help="gamma shape of the arrival gaps: 1 Poisson, < 1 burstier")
-    g.add_argument("--max-concurrency", type=int, default=None,
-                   help="open loop: at most this many requests in flight")
-    g.add_argument("--num-prompts", type=int, default=200, help="requests per load point")
-    w = p.add_argument_group("workload")
-    w.add_argument("--dataset-name", choices=["random", "sharegpt"], default="random")
-    w.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON file")
-    w.add_argument("--input-len", "--random-input-len", type=int, default=512)
-    w.add_argument("--output-len", "--random-output-len", type=int, default=128)
-    w.add_argument("--range-ratio", "--random-range-ratio", type=float, default=0.0,
-                   help="lengths uniform in [len * (1 - r), len * (1 + r)]")
-    w.add_argument("--prefix-len", "--random-prefix-len", type=int, default=0,
-                   help="shared prompt prefix in tokens (exercises prefix caching)")
-    w.add_argument("--num-prefixes", type=int, default=1, help="distinct shared prefixes")
-    w.add_argument("--sharegpt-output-len", type=int, default=None)
-    w.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
-                   help="let the model stop early (default: ignore_eos + min_tokens)")
-    w.add_argument("--temperature", type=float, default=0.0)
-    w.add_argument("--extra-body", default=None, help="JSON merged into every request body")
-    w.add_argument("--seed", type=int, default=0)
-    o = p.add_argument_group("measurement and output")
-    o.add_argument("--slo", "--goodput", nargs="+", default=None, metavar="KEY:MS",
-                   help="goodput SLOs, e.g. ttft:500 tpot:50 e2el:10000")
-    o.add_argument("--json", default=None, metavar="FILE", help="results and every request")
-    o.add_argument("--report", default=None, metavar="DIR", help="HTML page + PNG plots")
-    o.add_argument("--compare", nargs=2, default=None, metavar=("A.json", "B.json"),
-                   help="print the before/after table of two --json results and exit")
-    o.add_argument("--labels", nargs=2, default=None, help="column names for --compare")
-    o.add_argument("--markdown", action="store_true", help="--compare as a Markdown table")
-    o.add_argument("--scrape-interval", type=float, default=0.5, help="/metrics period (s)")
-    o.add_argument("--no-nvml", action="store_true", help="do not sample local GPUs")
-    o.add_argument("--timeout", type=float, default=600.0, help="per request (s)")
-    o.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run_bench)
-
-
 def load_points(ns: argparse.Namespace) -> list[LoadPoint]:
     if ns.concurrency and ns.request_rate:
         raise ValueError("give --concurrency (closed loop) or --request-rate (open loop), not "
@@ -123,6 +72,7 @@ def build_requests(ns: argparse.Namespace, tok: datasets.Tokenizer | None) -> li
 
 
 def run_bench(ns: argparse.Namespace) -> int:
+    """`flatout bench` (its arguments: flatout.cli_args.add_bench_args)."""
     console = Console()
     if ns.compare:
         print_compare(ns.compare, ns.labels, ns.markdown, console)

@@ -154,17 +154,8 @@ def render(v: View) -> Group:
     return Group(head, gpus, engine, lat, util)
 
 
-def add_top_parser(sub: Any) -> None:
-    p = sub.add_parser("top", help="live dashboard of a running server (from its /metrics)")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between scrapes")
-    p.add_argument("--window", type=float, default=60.0, help="seconds of latency history")
-    p.add_argument("--once", action="store_true",
-                   help="scrape twice, --interval apart, print one screen and exit")
-    p.set_defaults(func=run_top)
-
-
 def run_top(ns: argparse.Namespace) -> int:
+    """`flatout top` (its arguments: flatout.cli_args.add_top_args)."""
     if ns.interval <= 0:
         raise ValueError("--interval must be > 0")
     state = TopState(ns.base_url, ns.window)

@@ -15,13 +15,14 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 import flatout
+from flatout.cli_args import DEFAULT_MAX_BODY_BYTES
 from flatout.server.errors import (
     OpenAIError,
     from_validation_error,
     install_error_handlers,
     to_openai_error,
 )
-from flatout.server.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
+from flatout.server.limits import BodySizeLimit
 from flatout.server.metrics import HTTPMetricsMiddleware
 from flatout.server.openapi import install_openapi
 from flatout.server.protocol import ChatCompletionRequest, CompletionRequest

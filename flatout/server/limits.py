@@ -12,8 +12,6 @@ from typing import Any
 
 from flatout.server.errors import OpenAIError
 
-DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
-
 
 class BodySizeLimit:
     """Pure-ASGI middleware answering 413 for bodies over `max_bytes`."""

@@ -18,50 +18,7 @@ import sys
 import time
 from typing import Any
 
-from flatout.cli import add_engine_args, engine_args_from
-from flatout.server.limits import DEFAULT_MAX_BODY_BYTES
-from flatout.server.reasoning import PARSER_NAMES
-
-
-def add_serve_parser(sub: Any) -> None:
-    """Register `flatout serve` on the CLI's subparsers."""
-    p = sub.add_parser("serve", help="serve the OpenAI-compatible API over HTTP")
-    add_engine_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
-    p.add_argument("--served-model-name", nargs="+", default=None,
-                   help="model id(s) the API answers to (default: the model folder's name)")
-    p.add_argument("--chat-template", default=None,
-                   help="Jinja chat template file (or text) replacing the checkpoint's own")
-    p.add_argument("--reasoning-parser", default="auto", choices=PARSER_NAMES,
-                   help="split <think>...</think> into reasoning_content (auto: from the model)")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: $FLATOUT_API_KEY)")
-    p.add_argument("--uvicorn-log-level", default="warning",
-                   choices=["critical", "error", "warning", "info", "debug", "trace"])
-    r = p.add_argument_group("reliability")
-    r.add_argument("--max-waiting-requests", type=int, default=None,
-                   help="most sequences waiting for their first token; more get 503 with "
-                   "Retry-After (default: 4 x --max-num-seqs)")
-    r.add_argument("--request-timeout", type=_seconds, default=None,
-                   help="stop a request after this many seconds (504; default: no limit)")
-    r.add_argument("--shutdown-timeout", type=_seconds, default=30.0,
-                   help="on SIGTERM, seconds to let in-flight requests finish (default 30)")
-    r.add_argument("--restart-engine", action="store_true",
-                   help="restart the engine core if it dies (default: the server exits 1)")
-    r.add_argument("--engine-step-timeout", type=_seconds, default=120.0,
-                   help="treat the engine as hung (kill it) after this many seconds without a "
-                   "step while requests run (default 120; 0: never)")
-    r.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                   help=f"larger request bodies get 413 (default {DEFAULT_MAX_BODY_BYTES})")
-    p.set_defaults(func=run_serve)
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also NaN
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
-    return value
+from flatout.cli_args import engine_args_from
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -125,6 +82,7 @@ def run_serve(ns: argparse.Namespace) -> int:
     start = time.monotonic()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.WARNING)
+    logging.getLogger("flatout").setLevel(logging.INFO)  # flatout's own notes, e.g. shutdown
     args = engine_args_from(ns)
     for flag in ("max_waiting_requests", "max_request_body_bytes"):
         value = getattr(ns, flag)

@@ -117,8 +117,8 @@ class Supervisor:
     def _begin_drain(self) -> None:
         adm = self.state.admission
         adm.draining = True
-        log.warning("shutting down: finishing %d requests (at most %.0f s; a second signal "
-                    "exits at once)", adm.num_in_flight, self.shutdown_timeout)
+        log.info("shutting down: finishing %d requests (at most %.0f s; a second signal "
+                 "exits at once)", adm.num_in_flight, self.shutdown_timeout)
         assert self._loop is not None
         self._tasks.append(self._loop.create_task(self._drain()))
 

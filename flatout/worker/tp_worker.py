@@ -87,7 +87,7 @@ def run_node(ns: argparse.Namespace, args: EngineArgs) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flatout.cli import add_engine_args, engine_args_from
+    from flatout.cli_args import add_engine_args, engine_args_from
 
     p = argparse.ArgumentParser(prog="python -m flatout.worker.tp_worker")
     p.add_argument("--engine-args", default=None, help="EngineArgs as JSON (one rank)")

@@ -1,0 +1,181 @@
+"""The arguments of every `flatout` subcommand, and the engine flags shared by `generate`,
+`serve` and the tensor-parallel worker.
+
+This module imports only the standard library, `flatout.config` and `flatout.server.reasoning`
+(plain Python), so building the parser (`flatout --help`, `flatout SUB --help`) loads neither
+torch nor the server's or the bench's libraries; each command imports those when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+
+from flatout.config import EngineArgs
+from flatout.server.reasoning import PARSER_NAMES
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # `flatout serve --max-request-body-bytes`
+
+_HELP = {
+    "model": "checkpoint folder, or a preset name with --load-format dummy (default: demo model)",
+    "dtype": "auto, float32, bfloat16 or float16 (auto: bf16 on GPU, fp32 on CPU)",
+    "kv_cache_memory": "bytes for the KV cache (CPU default 1 GiB; GPU: sized from free memory)",
+    "num_kv_blocks": "fix the KV cache size in blocks",
+    "load_format": "auto (safetensors) or dummy (random weights, real shapes)",
+    "peak_memory_bandwidth": "device copy bandwidth in bytes/s for MBU (default: measured)",
+    "peak_flops": "device matmul FLOP/s in the model's dtype for MFU (default: measured)",
+    "disable_custom_all_reduce": "tensor parallel: all-reduce over NCCL only, not the fused "
+                                 "one-shot all-reduce + add + RMSNorm kernel over NVLink",
+}
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineArgs field, named as vLLM's (--max-num-seqs, ...)."""
+    hints = typing.get_type_hints(EngineArgs)
+    for f in dataclasses.fields(EngineArgs):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType):  # X | None
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if kind is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default,
+                help=_HELP.get(f.name),
+            )
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=_HELP.get(f.name))
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(**{name: getattr(ns, name) for name in EngineArgs.field_names()})
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    add_engine_args(p)
+    p.add_argument("prompt", nargs="+", help="prompt text (several: one completion each)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+
+
+def add_info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder or preset (glm-4-9b, ...; default: the demo model)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device-type", default="cuda", choices=["cuda", "cpu"],
+                   help="the device the dtype is resolved for (auto dtype: bf16 on cuda)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--load-format", default="auto")
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model id(s) the API answers to (default: the model folder's name)")
+    p.add_argument("--chat-template", default=None,
+                   help="Jinja chat template file (or text) replacing the checkpoint's own")
+    p.add_argument("--reasoning-parser", default="auto", choices=PARSER_NAMES,
+                   help="split <think>...</think> into reasoning_content (auto: from the model)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $FLATOUT_API_KEY)")
+    p.add_argument("--uvicorn-log-level", default="warning",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    r = p.add_argument_group("reliability")
+    r.add_argument("--max-waiting-requests", type=int, default=None,
+                   help="most sequences waiting for their first token; more get 503 with "
+                   "Retry-After (default: 4 x --max-num-seqs)")
+    r.add_argument("--request-timeout", type=_seconds, default=None,
+                   help="stop a request after this many seconds (504; default: no limit)")
+    r.add_argument("--shutdown-timeout", type=_seconds, default=30.0,
+                   help="on SIGTERM, seconds to let in-flight requests finish (default 30)")
+    r.add_argument("--restart-engine", action="store_true",
+                   help="restart the engine core if it dies (default: the server exits 1)")
+    r.add_argument("--engine-step-timeout", type=_seconds, default=120.0,
+                   help="treat the engine as hung (kill it) after this many seconds without a "
+                   "step while requests run (default 120; 0: never)")
+    r.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help=f"larger request bodies get 413 (default {DEFAULT_MAX_BODY_BYTES})")
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="checkpoint folder or preset (glm-4-9b, ...)")
+    p.add_argument("--gpus", required=True, help="e.g. 2x24GB, 4x80GiB, 2xH100, H200")
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=None,
+                   help="tensor-parallel size (default: all the GPUs)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--context", type=int, default=None,
+                   help="context length for the concurrency figure (default: max-model-len)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--gpu-bandwidth", type=float, default=None, help="GB/s per GPU")
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", default=None, help="model id to request (default: the server's "
+                   "first in /v1/models)")
+    p.add_argument("--api", choices=["completions", "chat"], default="completions")
+    p.add_argument("--api-key", default=None, help="default: $OPENAI_API_KEY")
+    p.add_argument("--tokenizer", default=None, help="local tokenizer folder for exact prompt "
+                   "lengths (default: the server's checkpoint if local, else its /tokenize)")
+    g = p.add_argument_group("load (a list of values runs a sweep)")
+    g.add_argument("--concurrency", type=int, nargs="+", default=None,
+                   help="closed loop: N users, each sending its next request when one finishes")
+    g.add_argument("--request-rate", type=float, nargs="+", default=None,
+                   help="open loop: requests/s (inf: all at once; the default)")
+    g.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of the arrival gaps: 1 Poisson, < 1 burstier")
+    g.add_argument("--max-concurrency", type=int, default=None,
+                   help="open loop: at most this many requests in flight")
+    g.add_argument("--num-prompts", type=int, default=200, help="requests per load point")
+    w = p.add_argument_group("workload")
+    w.add_argument("--dataset-name", choices=["random", "sharegpt"], default="random")
+    w.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON file")
+    w.add_argument("--input-len", "--random-input-len", type=int, default=512)
+    w.add_argument("--output-len", "--random-output-len", type=int, default=128)
+    w.add_argument("--range-ratio", "--random-range-ratio", type=float, default=0.0,
+                   help="lengths uniform in [len * (1 - r), len * (1 + r)]")
+    w.add_argument("--prefix-len", "--random-prefix-len", type=int, default=0,
+                   help="shared prompt prefix in tokens (exercises prefix caching)")
+    w.add_argument("--num-prefixes", type=int, default=1, help="distinct shared prefixes")
+    w.add_argument("--sharegpt-output-len", type=int, default=None)
+    w.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                   help="let the model stop early (default: ignore_eos + min_tokens)")
+    w.add_argument("--temperature", type=float, default=0.0)
+    w.add_argument("--extra-body", default=None, help="JSON merged into every request body")
+    w.add_argument("--seed", type=int, default=0)
+    o = p.add_argument_group("measurement and output")
+    o.add_argument("--slo", "--goodput", nargs="+", default=None, metavar="KEY:MS",
+                   help="goodput SLOs, e.g. ttft:500 tpot:50 e2el:10000")
+    o.add_argument("--json", default=None, metavar="FILE", help="results and every request")
+    o.add_argument("--report", default=None, metavar="DIR", help="HTML page + PNG plots")
+    o.add_argument("--compare", nargs=2, default=None, metavar=("A.json", "B.json"),
+                   help="print the before/after table of two --json results and exit")
+    o.add_argument("--labels", nargs=2, default=None, help="column names for --compare")
+    o.add_argument("--markdown", action="store_true", help="--compare as a Markdown table")
+    o.add_argument("--scrape-interval", type=float, default=0.5, help="/metrics period (s)")
+    o.add_argument("--no-nvml", action="store_true", help="do not sample local GPUs")
+    o.add_argument("--timeout", type=float, default=600.0, help="per request (s)")
+    o.add_argument("--no-progress", action="store_true")
+
+
+def add_top_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between scrapes")
+    p.add_argument("--window", type=float, default=60.0, help="seconds of latency history")
+    p.add_argument("--once", action="store_true",
+                   help="scrape twice, --interval apart, print one screen and exit")
