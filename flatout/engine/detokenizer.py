@@ -3,7 +3,14 @@
 Text is produced by decoding a short sliding window of tokens twice (with and without the newest
 ones) and emitting the difference, and only once it no longer ends in U+FFFD, so a character
 whose bytes span several tokens is emitted whole, never cut. The window starts with the last few
-prompt tokens so that tokenizers which render a leading space by context do so correctly.
+prompt tokens so that tokenizers which render a leading space by context do so correctly. When
+the sequence ends, `flush` emits bytes still held back (an incomplete character) as the tokenizer
+renders them, U+FFFD, so the final text is what `tokenizer.decode(generated_ids)` returns.
+
+`token_texts` attributes the text to the tokens: when several held-back tokens are emitted at
+once, each gets the part of the text that decoding up to it already settles (the bytes of an
+invalid sequence go to their own token), and the rest of a character goes to the token that
+completes it; the others get ''. The entries join to the text (before stop-string cutting).
 
 Stop strings are searched for in the newly produced text (plus enough look-back to catch a stop
 string that straddles two steps). While a sequence runs, the last `len(longest stop) - 1`
@@ -13,6 +20,7 @@ of a stop string that is then cut.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 _PROMPT_CONTEXT = 5
@@ -39,6 +47,7 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
         self.text = ""
+        self.token_texts: list[str] = []  # per generated token: the text it added
         self.stopped_by: str | None = None
 
     def _decode(self, ids: list[int]) -> str:
@@ -48,23 +57,54 @@ class IncrementalDetokenizer:
             spaces_between_special_tokens=self.spaces_between_special_tokens,
         )
 
+    @property
+    def num_pending(self) -> int:
+        """Generated tokens whose text is held back (an incomplete character so far)."""
+        return len(self.tokens) - self.read_offset
+
     def add_token(self, token_id: int, check_stop: bool = True) -> str:
         """Append one generated token; return the text it completed ('' while a character is
         incomplete). Sets `stopped_by` when a stop string appears (if `check_stop`)."""
         if self.tokenizer is None:
             return ""
         self.tokens.append(token_id)
+        self.token_texts.append("")
+        return self._emit(final=False, check_stop=check_stop)
+
+    def flush(self) -> str:
+        """At the end of the sequence: emit the held-back tokens' text even if it ends in an
+        incomplete character (rendered U+FFFD, as `tokenizer.decode` does) and return it. Nothing
+        once a stop string has ended the text."""
+        if self.tokenizer is None or self.stopped_by is not None or self.num_pending == 0:
+            return ""
+        return self._emit(final=True, check_stop=True)
+
+    def _emit(self, *, final: bool, check_stop: bool) -> str:
         prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
         full = self._decode(self.tokens[self.prefix_offset :])
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
             return ""
         delta = full[len(prefix) :]
+        pieces = self._split(len(prefix), full)
+        self.token_texts[len(self.token_texts) - len(pieces) :] = pieces
         self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
         start = len(self.text)
         self.text += delta
         if check_stop and self.stop:
             self._check_stop(start)
         return delta
+
+    def _split(self, settled: int, full: str) -> list[str]:
+        """`full[settled:]` split over the held-back tokens: each gets what the decode up to it
+        shares with `full` beyond what the tokens before it got; the last gets the rest."""
+        pieces = []
+        for end in range(self.read_offset + 1, len(self.tokens)):
+            partial = self._decode(self.tokens[self.prefix_offset : end])
+            common = max(settled, len(os.path.commonprefix([partial, full])))
+            pieces.append(full[settled:common])
+            settled = common
+        pieces.append(full[settled:])
+        return pieces
 
     def _check_stop(self, new_from: int) -> None:
         search_from = max(0, new_from - self.hold_back)

@@ -1,11 +1,17 @@
 """Turns the engine core's token outputs into RequestOutputs: detokenizes incrementally, applies
 stop strings, and tells the caller which sequences to abort in the core because a stop string
 ended them. Runs beside the caller (the offline LLM, or the server's API process), never in the
-loop that drives the GPU."""
+loop that drives the GPU.
+
+A finished sequence's text is the decode of its generated tokens: bytes of an incomplete
+character still held back at the end are flushed as U+FFFD. Each logprob carries the text its
+token added (`TokenLogprobs.text`), so the logprobs' texts join to the output's text; a logprob
+is reported once its text is settled (no longer held back), so every output of a stream agrees
+with the final one."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flatout.engine.detokenizer import IncrementalDetokenizer
@@ -19,10 +25,39 @@ from flatout.sampling_params import SamplingParams
 class _SampleState:
     detok: IncrementalDetokenizer
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprobs] | None = None
+    logprobs: list[TokenLogprobs] | None = None  # raw, one per token
+    settled: list[TokenLogprobs] = field(default_factory=list)  # reported, with their text
+    settled_chars: int = 0  # length of the text the settled logprobs cover
     cumulative_logprob: float = 0.0
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
+
+    def finish(self, reason: FinishReason, stop_reason: int | str | None) -> None:
+        """End the sequence: flush held-back bytes into the text (as U+FFFD where they are an
+        incomplete character); a stop string in the flushed text ends it there instead."""
+        self.detok.flush()
+        if self.detok.stopped_by is not None:
+            reason, stop_reason = FinishReason.STOP, self.detok.stopped_by
+        self.finish_reason, self.stop_reason = reason, stop_reason
+
+    def reported_logprobs(self, text: str, done: bool) -> list[TokenLogprobs] | None:
+        """The logprobs whose token's text is settled in `text` (the visible text), each with
+        that text; all of them once the sequence is done."""
+        if self.logprobs is None:
+            return None
+        if self.detok.tokenizer is None:
+            return list(self.logprobs)
+        end = len(self.logprobs) if done else len(self.logprobs) - self.detok.num_pending
+        added_texts = self.detok.token_texts  # a stop token, never given to it, adds ''
+        while len(self.settled) < end:
+            i = len(self.settled)
+            lp, added = self.logprobs[i], added_texts[i] if i < len(added_texts) else ""
+            piece = text[self.settled_chars : self.settled_chars + len(added)]
+            if len(piece) < len(added) and not done:
+                break  # held back: it may begin a stop string
+            self.settled.append(replace(lp, text=piece))  # cut where a stop string ended it
+            self.settled_chars += len(piece)
+        return list(self.settled)
 
 
 @dataclass
@@ -110,7 +145,7 @@ class OutputProcessor:
                 s.finish_reason, s.stop_reason = FinishReason.STOP, s.detok.stopped_by
                 return
         if out.finish_reason is not None:
-            s.finish_reason, s.stop_reason = out.finish_reason, out.stop_reason
+            s.finish(out.finish_reason, out.stop_reason)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
@@ -118,7 +153,7 @@ class OutputProcessor:
             return None
         for s in req.samples:
             if s.finish_reason is None:
-                s.finish_reason = FinishReason.ABORT
+                s.finish(FinishReason.ABORT, None)
         return self._make_output(req)
 
     @staticmethod
@@ -126,14 +161,15 @@ class OutputProcessor:
         outs = []
         for i, s in enumerate(req.samples):
             done = s.finish_reason is not None
+            text = s.detok.visible_text(done)
             outs.append(
                 CompletionOutput(
                     index=i,
-                    text=s.detok.visible_text(done),
+                    text=text,
                     token_ids=list(s.token_ids),
                     finish_reason=str(s.finish_reason) if done else None,
                     stop_reason=s.stop_reason,
-                    logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                    logprobs=s.reported_logprobs(text, done),
                     cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
                 )
             )

@@ -27,6 +27,10 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: dict[int, float]  # token id -> logprob, best first
+    # the text this token added to the output's text, set by the output processor: the whole of
+    # a character goes to the token that completes it ('' for the tokens before), a stop token
+    # adds ''. None without a tokenizer.
+    text: str | None = None
 
 
 @dataclass(eq=False)

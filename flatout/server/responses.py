@@ -60,19 +60,26 @@ def _lp(x: float) -> float:
     return max(float(x), _MIN_LOGPROB)
 
 
+def _token(state: ServerState, lp: TokenLogprobs) -> str:
+    """A generated token as logprobs report it: the text it added to the output (so the tokens
+    join to the output's text), or its id on a model without a tokenizer."""
+    return lp.text if lp.text is not None else state.token_text(lp.token_id)
+
+
 def chat_logprobs(
     state: ServerState, lps: list[TokenLogprobs], top_n: int
 ) -> dict[str, list[dict[str, Any]]]:
-    """`choices[i].logprobs` of a chat completion: one entry per generated token."""
+    """`choices[i].logprobs` of a chat completion: one entry per generated token; the
+    alternatives in `top_logprobs` are each decoded on their own."""
 
-    def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        text = state.token_text(token_id)
+    def entry(text: str, logprob: float) -> dict[str, Any]:
         return {"token": text, "logprob": _lp(logprob), "bytes": list(text.encode("utf-8"))}
 
     content = []
     for lp in lps:
-        item = entry(lp.token_id, lp.logprob)
-        item["top_logprobs"] = [entry(t, v) for t, v in list(lp.top.items())[:top_n]]
+        item = entry(_token(state, lp), lp.logprob)
+        item["top_logprobs"] = [entry(state.token_text(t), v)
+                                for t, v in list(lp.top.items())[:top_n]]
         content.append(item)
     return {"content": content}
 
@@ -80,15 +87,16 @@ def chat_logprobs(
 def completion_logprobs(
     state: ServerState, lps: list[TokenLogprobs], top_n: int, text_offset: int
 ) -> dict[str, list[Any]]:
-    """`choices[i].logprobs` of a (legacy) completion; offsets count from `text_offset`."""
+    """`choices[i].logprobs` of a (legacy) completion; offsets count from `text_offset`. The
+    tokens join to the choice's text; `top_logprobs` keys are tokens each decoded on its own."""
     tokens, token_lps, tops, offsets = [], [], [], []
     offset = text_offset
     for lp in lps:
-        text = state.token_text(lp.token_id)
+        text = _token(state, lp)
         tokens.append(text)
         token_lps.append(_lp(lp.logprob))
         top = {state.token_text(t): _lp(v) for t, v in list(lp.top.items())[:top_n]}
-        top.setdefault(text, _lp(lp.logprob))
+        top.setdefault(state.token_text(lp.token_id), _lp(lp.logprob))
         tops.append(top)
         offsets.append(offset)
         offset += len(text)
