@@ -21,7 +21,7 @@ from tests.readme_blocks import README, Block, readme_blocks, readme_test_comman
 
 ROOT = README.parent
 SECTIONS = ("Quick start", "OpenAI-compatible server")
-PORT = 8000  # the address the README's examples use
+PORT = 8000  # the address the README's examples use (another one when it is taken here)
 STARTUP_TIMEOUT = 300.0  # the quick start installs first
 
 
@@ -61,6 +61,22 @@ def _answer(block: Block, output: str) -> str:
     return output.strip()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _on_port(block: Block, port: int) -> Block:
+    """The block as written when `port` is the README's; else moved to `port` (another server,
+    e.g. a second test run, holds the README's port on this machine)."""
+    if port == PORT:
+        return block
+    code = block.code.replace("flatout serve", f"flatout serve --port {port}")
+    code = code.replace(f"127.0.0.1:{PORT}", f"127.0.0.1:{port}")
+    return Block(block.section, block.lang, code)
+
+
 def _run_client(block: Block) -> str:
     cmd = ["bash", "-c", block.code] if block.lang == "bash" else [sys.executable, "-c", block.code]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT)
@@ -84,8 +100,8 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 @pytest.mark.parametrize("server", _server_blocks(), ids=lambda b: b.code.split("#")[0].strip())
 def test_readme_examples_run_verbatim_against_the_demo(server: Block, tmp_path: Path) -> None:
-    if not _port_free(PORT):
-        pytest.fail(f"port {PORT}, which the README's examples use, is taken on this machine")
+    port = PORT if _port_free(PORT) else _free_port()
+    server = _on_port(server, port)
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(["bash", "-c", server.code], stdout=out, stderr=subprocess.STDOUT,
@@ -96,12 +112,12 @@ def test_readme_examples_run_verbatim_against_the_demo(server: Block, tmp_path: 
             assert proc.poll() is None, f"{server.code} exited:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"no server after {STARTUP_TIMEOUT:.0f} s"
             try:
-                if httpx.get(f"http://127.0.0.1:{PORT}/health", timeout=2).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
-        for block in _client_blocks():
+        for block in map(_on_port, _client_blocks(), [port] * len(_client_blocks())):
             answer = _answer(block, _run_client(block))
             assert answer, f"README block printed an empty answer:\n{block.code}"
     finally:
