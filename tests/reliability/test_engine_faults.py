@@ -19,6 +19,9 @@ MAX_NUM_SEQS = 16
 ARGS = ["--max-model-len", "2048", "--max-num-seqs", str(MAX_NUM_SEQS), "--num-kv-blocks",
         "4096", "--served-model-name", "demo"]
 NUM_CLIENTS = 24  # 16 generating, 8 queued
+# Every client hears of a dead engine within this (about 0.1 s on an idle machine; the bound
+# leaves room for a 2-core machine shared with another CPU-heavy job).
+KILLED_WITHIN = 8.0
 
 
 def _until(predicate, timeout: float) -> float:  # noqa: ANN001
@@ -47,12 +50,12 @@ async def _load_then(server: ServerProcess, fault) -> tuple[list[Stream], float]
                                               completion_body(i, 1500),
                                               on_first_chunk=generating.release))
                  for i in range(NUM_CLIENTS)]
-        for _ in range(MAX_NUM_SEQS):
-            await asyncio.wait_for(generating.acquire(), timeout=60)
+        for _ in range(MAX_NUM_SEQS):  # a bound, not a budget: generous for a loaded machine
+            await asyncio.wait_for(generating.acquire(), timeout=240)
         assert not any(t.done() for t in tasks)
         fault()
         t0 = time.monotonic()
-        results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
         return list(results), time.monotonic() - t0
 
 
@@ -69,7 +72,7 @@ def test_engine_killed_under_load_errors_everyone_and_exits_1(tmp_path: Path) ->
         pid = server.engine_core_pid()
         streams, seconds = asyncio.run(_load_then(server, lambda: os.kill(pid, signal.SIGKILL)))
         _check_failed(streams)
-        assert seconds < 3.0
+        assert seconds < KILLED_WITHIN
         assert _health(server) in (503, 0)
         r = None
         try:  # during the short linger: refused, not queued
@@ -93,8 +96,9 @@ def test_restart_engine_after_a_kill_and_a_hang(tmp_path: Path) -> None:
             streams, seconds = asyncio.run(_load_then(server, lambda p=pid, f=fault:
                                                       os.kill(p, f)))
             _check_failed(streams)
-            assert seconds < (3.0 if fault == signal.SIGKILL else 6.0)
-            _until(lambda: _health(server) == 200, timeout=60)  # a new engine core
+            # a hang is noticed after --engine-step-timeout (2 s)
+            assert seconds < (KILLED_WITHIN if fault == signal.SIGKILL else KILLED_WITHIN + 2.0)
+            _until(lambda: _health(server) == 200, timeout=240)  # a new engine core
             assert server.engine_core_pid() != pid
             r = httpx.post(server.url + COMPLETIONS, json={**completion_body(0, 5),
                                                            "stream_options": None}, timeout=30)
