@@ -71,6 +71,6 @@ def test_requests_past_the_shutdown_timeout_end_with_an_error(tmp_path: Path) ->
             assert s.status == 200 and s.done
             assert s.error is not None and s.error["code"] == "shutting_down", s.error
         assert server.wait_exit(timeout=30) == 0
-        assert time.monotonic() - start < 40  # 8 x 2000 tokens would take minutes
+        assert time.monotonic() - start < 40  # cut after 1 s: 2000 tokens each run far longer
     finally:
         server.stop()
