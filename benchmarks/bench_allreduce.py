@@ -128,7 +128,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 
 
 def main() -> None:
-    from flatout.worker.distributed import free_port
+    from flatout.distributed import free_port
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)

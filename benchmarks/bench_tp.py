@@ -77,7 +77,7 @@ def _collective_rank(rank: int, world: int, port: int, shapes: dict, out: str) -
 def measure_collectives(tp: int, cfg, batches: list[int], out: Path) -> dict:  # noqa: ANN001
     import torch.multiprocessing as tmp
 
-    from flatout.worker.distributed import free_port
+    from flatout.distributed import free_port
 
     shapes = {"hidden": cfg.hidden_size, "vocab": cfg.vocab_size, "batches": batches,
               "num_all_reduce": 2 * cfg.num_hidden_layers + 1}

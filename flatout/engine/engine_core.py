@@ -110,7 +110,7 @@ class EngineCore:
                 self.tp_group.shutdown()
             raise
         if self.tp_group is not None:
-            self.tp_group.runner = self.runner
+            self.tp_group.stop_workers = self.runner.shutdown
         self.load_seconds = time.monotonic() - start
         self.cache_config = CacheConfig(
             block_size=args.block_size,

@@ -1,14 +1,11 @@
 """SiLU-and-mul (SwiGLU): x = gate | up along the last dim -> silu(gate) * up.
 
-Which one runs: this Triton kernel. It is one read of x and one write of the result, the memory
-floor; torch.compile of `F.silu(gate) * up` fuses to the same single pass and should be as fast,
-so if the lead's measurement shows no gap, either is fine. Both are computed in fp32 and rounded
-once (eager PyTorch rounds silu(gate) to the input dtype before the product)."""
+One read of x and one write of the result per token; computed in fp32 and rounded once, as
+flatout.kernels.reference.silu_and_mul."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -41,8 +38,3 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # x: [T, 2I] -> [T, I]
         grid = (num_tokens, triton.cdiv(inter, BLOCK))
         _silu_and_mul_kernel[grid](x, out, inter, x.stride(0), out.stride(0), BLOCK=BLOCK)
     return out
-
-
-def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:  # x: [T, 2I] -> [T, I]
-    gate, up = x.float().chunk(2, dim=-1)
-    return (F.silu(gate) * up).to(x.dtype)

@@ -16,7 +16,7 @@ ranks of the node can read (PyTorch symmetric memory, over NVLink), and each pro
 
 The caller must not overwrite a rank's buffer until every peer has read it: buffers alternate, and
 the barrier of the next call (or any collective in between) proves the peers are past this one
-(see flatout.worker.symm_reduce). Pointers arrive as int64 tensors of addresses, one per rank.
+(see flatout.distributed.symm_reduce). Pointers arrive as int64 tensors of addresses, one per rank.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from flatout.kernels._utils import next_pow2
-from flatout.kernels.norm import _normalise, fused_add_rms_norm_ref
+from flatout.kernels.norm import _normalise
 
 MAX_PROGRAMS = 128  # flags per rank: MAX_PROGRAMS * world; at most one program per SM or so
 
@@ -106,13 +106,3 @@ def one_shot_add_rms_norm(
             num_warps=min(16, max(1, block // 512)),
         )  # fmt: skip
     return out.view(residual.shape), r_out.view(residual.shape)
-
-
-def one_shot_add_rms_norm_ref(
-    partials: list[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same result from the ranks' partials, in PyTorch."""
-    total = partials[0].float()
-    for p in partials[1:]:  # in rank order, as the kernel adds them
-        total = total + p.float()
-    return fused_add_rms_norm_ref(total.to(residual.dtype), residual, weight, eps)

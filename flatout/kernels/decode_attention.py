@@ -199,32 +199,3 @@ def paged_decode_attention(
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=next_pow2(num_splits), num_warps=4,
         )  # fmt: skip
     return out
-
-
-def paged_decode_attention_ref(
-    q: torch.Tensor,  # [B, H, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,  # [B, max_blocks]
-    seq_lens: torch.Tensor,  # [B]
-    scale: float,
-    out: torch.Tensor | None = None,
-    num_splits: int | None = None,  # accepted for the same signature; the math has no splits
-) -> torch.Tensor:  # [B, H, D]
-    """Plain PyTorch: gather each context, softmax in fp32. Syncs with the host."""
-    batch, num_heads, _ = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    if out is None:
-        out = torch.empty_like(q)
-    for i, seq_len in enumerate(seq_lens.tolist()):
-        if seq_len == 0:
-            out[i] = 0
-            continue
-        blocks = block_tables[i, : triton.cdiv(seq_len, block_size)].long()
-        k = k_cache[blocks].flatten(0, 1)[:seq_len].float()  # [S, KVH, D]
-        v = v_cache[blocks].flatten(0, 1)[:seq_len].float()
-        k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)  # [S, H, D]
-        v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
-        scores = torch.einsum("hd,shd->hs", q[i].float(), k) * scale  # [H, S]
-        out[i] = torch.einsum("hs,shd->hd", scores.softmax(-1), v).to(out.dtype)
-    return out

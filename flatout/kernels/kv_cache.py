@@ -58,18 +58,3 @@ def write_kv_cache(
         BLOCK_H=block_h, BLOCK_D=block_d, PAGE_SIZE=k_cache.shape[1],
         num_warps=max(1, min(8, block_h * block_d // 256)),
     )  # fmt: skip
-
-
-def write_kv_cache_ref(
-    k: torch.Tensor,  # [T, KVH, D]
-    v: torch.Tensor,
-    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,  # [T]
-) -> None:
-    """Plain PyTorch, same contract (flatout.layers.attention has its own copy; the kernel
-    package does not import the layers, which will import it)."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)

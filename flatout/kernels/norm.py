@@ -1,13 +1,9 @@
 """RMSNorm, plain and fused with the residual add: y = w * (x / sqrt(mean(x^2) + eps)).
 
-Rounding follows flatout.layers.norm.RMSNorm exactly: the residual sum is rounded to the input
-dtype (it is the next residual), normalised in fp32, rounded to the input dtype, then multiplied
-by the weight and rounded again.
-
-Which one runs: these Triton kernels (one program per row, one read of x/residual, one write of
-each output). torch.compile fuses the same math into one persistent-reduction kernel and should be
-as fast at hidden 4096; we keep the hand-written one so the layer needs no compile step, and the
-lead's GPU benchmark decides."""
+Rounding follows flatout.kernels.reference.rms_norm exactly: the residual sum is rounded to the
+input dtype (it is the next residual), normalised in fp32, rounded to the input dtype, then
+multiplied by the weight and rounded again. One program per row: one read of x and the residual,
+one write of each output."""
 
 from __future__ import annotations
 
@@ -84,16 +80,3 @@ def fused_add_rms_norm(
     """Returns (rms_norm(x + residual), x + residual); the sum is the next layer's residual.
     x, residual: [..., hidden] of one dtype; new tensors are returned, the inputs are untouched."""
     return _launch(x, residual, weight, eps)
-
-
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return (weight * y).to(x.dtype)
-
-
-def fused_add_rms_norm_ref(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    summed = x + residual
-    return rms_norm_ref(summed, weight, eps), summed

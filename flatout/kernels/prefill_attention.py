@@ -136,35 +136,3 @@ def paged_prefill_attention(
         num_warps=8 if block_q * block_g >= 128 else 4, num_stages=2,
     )  # fmt: skip
     return out
-
-
-def paged_prefill_attention_ref(
-    q: torch.Tensor,  # [T, H, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
-    v_cache: torch.Tensor,
-    query_start_loc: torch.Tensor,  # [B+1]
-    seq_lens: torch.Tensor,  # [B]
-    block_tables: torch.Tensor,  # [B, max_blocks]
-    scale: float,
-    max_query_len: int,
-) -> torch.Tensor:  # [T, H, D]
-    """Plain PyTorch: gather each context, mask causally, softmax in fp32. Syncs with the host."""
-    num_heads = q.shape[1]
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    out = torch.zeros_like(q)
-    starts = query_start_loc.tolist()
-    for i, seq_len in enumerate(seq_lens.tolist()):
-        start, end = starts[i], starts[i + 1]
-        if end == start:
-            continue
-        blocks = block_tables[i, : triton.cdiv(seq_len, block_size)].long()
-        k = k_cache[blocks].flatten(0, 1)[:seq_len].float()  # [S, KVH, D]
-        v = v_cache[blocks].flatten(0, 1)[:seq_len].float()
-        k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)  # [S, H, D]
-        v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
-        q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)  # [n]
-        visible = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [n, S]
-        scores = torch.einsum("nhd,shd->hns", q[start:end].float(), k) * scale  # [H, n, S]
-        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-        out[start:end] = torch.einsum("hns,shd->nhd", probs, v).to(q.dtype)
-    return out

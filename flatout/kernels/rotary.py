@@ -7,10 +7,8 @@ the frequency of rotated pair i. Only the first rotary_dim dims of each head tur
 - half-split (NeoX; Llama, Qwen): pair i = dims (i, i + R/2)
 Dims past rotary_dim pass through. Math in fp32, rounded once to the input dtype.
 
-Which one runs: this Triton kernel, one program per token doing all q and k heads in place, so q
-and k (views into the fused qkv output) are read and written once with no copies. torch.compile
-of the eager rotation would fuse too but writes new tensors (then a copy back or a cat), so the
-hand-written kernel should be at least as fast; the lead's GPU benchmark decides.
+One program per token rotates all q and k heads in place, so q and k (views into the fused qkv
+output) are read and written once, with no copies.
 """
 
 from __future__ import annotations
@@ -96,29 +94,4 @@ def rotary_embedding(
             BLOCK_R=next_pow2(rotary_dim // 2), INTERLEAVED=interleaved,
             num_warps=4,
         )  # fmt: skip
-    return q, k
-
-
-def rotary_embedding_ref(
-    positions: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    head_dim: int,
-    interleaved: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch, in place, same contract as `rotary_embedding`."""
-    rotary_dim = cos_sin_cache.shape[1]
-    cos, sin = cos_sin_cache.index_select(0, positions.long()).float().chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, R/2]
-    for x in (q, k):
-        heads = x.view(x.shape[0], -1, head_dim)[..., :rotary_dim]  # [T, H, R] view
-        rot = heads.float()
-        if interleaved:
-            x1, x2 = rot[..., 0::2], rot[..., 1::2]
-            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        else:
-            x1, x2 = rot.chunk(2, dim=-1)
-            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        heads.copy_(out)
     return q, k

@@ -8,8 +8,8 @@ The per-forward metadata lives in an `AttentionMetadata` object that the model r
 the duration of one forward with `forward_context(meta)`; attention layers read it with
 `get_forward_context()`. The model code never sees it.
 
-This file holds the plain-PyTorch path: the CPU implementation and the reference that the Triton
-kernels are checked against.
+The KV write and the attention itself are flatout.kernels.ops, chosen for the device the layer is
+built on: the Triton kernels on CUDA, the PyTorch references elsewhere.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from flatout.kernels import reference
+from flatout.kernels.ops import ops_for
 
 
 @dataclass
@@ -32,7 +34,7 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [B+1] int32: prefix sums of new tokens per sequence
     seq_lens: torch.Tensor  # [B] int32: tokens in context after this step (cached + new)
     block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
-    # host copies, so the reference path loops without device syncs
+    # host copies, for forwards without a KV cache
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
     max_query_len: int
@@ -41,10 +43,6 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_cpu)
-
-    @property
-    def is_decode_only(self) -> bool:
-        return self.max_query_len == 1
 
     @classmethod
     def for_prefill_without_cache(
@@ -90,64 +88,6 @@ def get_forward_context() -> AttentionMetadata:
     return meta
 
 
-def write_kv_cache_ref(
-    k: torch.Tensor,  # [T, KVH, D]
-    v: torch.Tensor,  # [T, KVH, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,  # [T]; -1 = do not store (padding)
-) -> None:
-    """Store each new token's K/V at its slot."""
-    keep = slot_mapping >= 0
-    if not bool(keep.all()):
-        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
-
-
-def paged_attention_ref(
-    q: torch.Tensor,  # [T, H, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    scale: float,
-) -> torch.Tensor:  # [T, H, D]
-    """Each sequence's new queries attend to all of its context (already written to the cache),
-    causally: query j of a chunk of length n sits at position seq_len - n + j."""
-    block_size = k_cache.shape[1]
-    out = torch.empty_like(q)
-    qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
-    for i in range(meta.num_seqs):
-        start, end, seq_len = qsl[i], qsl[i + 1], lens[i]
-        if end == start:
-            continue
-        num_blocks = -(-seq_len // block_size)
-        blocks = meta.block_tables[i, :num_blocks].long()
-        k = k_cache[blocks].flatten(0, 1)[:seq_len]  # [S, KVH, D]
-        v = v_cache[blocks].flatten(0, 1)[:seq_len]
-        out[start:end] = _causal_attention(q[start:end], k, v, scale)
-    return out
-
-
-def _causal_attention(
-    q: torch.Tensor,  # [N, H, D] the last N positions of the context
-    k: torch.Tensor,  # [S, KVH, D]
-    v: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    n, num_heads, _ = q.shape
-    s, num_kv_heads, _ = k.shape
-    group = num_heads // num_kv_heads
-    qh = q.transpose(0, 1).float()  # [H, N, D]
-    kh = k.transpose(0, 1).float().repeat_interleave(group, dim=0)  # [H, S, D]
-    vh = v.transpose(0, 1).float().repeat_interleave(group, dim=0)
-    q_pos = torch.arange(s - n, s, device=q.device)[:, None]
-    k_pos = torch.arange(s, device=q.device)[None, :]
-    mask = k_pos <= q_pos  # [N, S]
-    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
-    return o.transpose(0, 1).to(q.dtype)
-
-
 class Attention(nn.Module):
     """Attention of one layer over the paged KV cache.
 
@@ -165,6 +105,7 @@ class Attention(nn.Module):
         self.scale = scale
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.ops = ops_for()
 
     def forward(
         self,
@@ -178,32 +119,22 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.k_cache is None or self.v_cache is None:
-            out = torch.empty_like(q)
-            qsl = meta.query_start_loc_cpu
-            for i in range(meta.num_seqs):
-                s, e = qsl[i], qsl[i + 1]
-                out[s:e] = _causal_attention(q[s:e], k[s:e], v[s:e], self.scale)
+            out = reference.varlen_causal_attention(q, k, v, meta.query_start_loc_cpu, self.scale)
             return out.view(t, -1)
-        if q.is_cuda:
-            return self._forward_triton(q, k, v, meta).view(t, -1)
-        write_kv_cache_ref(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        out = paged_attention_ref(q, self.k_cache, self.v_cache, meta, self.scale)
-        return out.view(t, -1)
+        return self._paged(q, k, v, meta, self.k_cache, self.v_cache).view(t, -1)
 
-    def _forward_triton(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    def _paged(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+        k_cache: torch.Tensor, v_cache: torch.Tensor,
     ) -> torch.Tensor:
-        """The GPU path: reads only device tensors of `meta` when every query is a decode,
-        so decode steps can be captured in CUDA graphs."""
-        from flatout import kernels
-
-        assert self.k_cache is not None and self.v_cache is not None
-        kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        """Writes the new K/V into the cache, then attends over it. A batch of decodes only reads
+        device tensors of `meta` on CUDA, so decode steps can be captured in CUDA graphs."""
+        self.ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.max_query_len == 1:  # q: [B, H, D], one query per sequence
-            return kernels.paged_decode_attention(
-                q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, self.scale
+            return self.ops.paged_decode_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale
             )
-        return kernels.paged_prefill_attention(
-            q, self.k_cache, self.v_cache, meta.query_start_loc, meta.seq_lens,
-            meta.block_tables, self.scale, meta.max_query_len,
-        )
+        return self.ops.paged_prefill_attention(
+            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+            self.scale, meta.max_query_len,
+        )  # fmt: skip

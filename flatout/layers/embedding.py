@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flatout import distributed
 from flatout.layers.linear import ShardId, copy_checked, new_parameter
-from flatout.worker import distributed
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -7,7 +7,8 @@ checkpoint tensors (q|k|v, gate|up) accept each part with its shard id, or the f
 rank r holds [q_r | k_r | v_r], never a contiguous slice of the fused rows.
 
 Column-parallel layers split output features across ranks and need no communication; a
-row-parallel layer splits input features and all-reduces its output.
+row-parallel layer splits input features and all-reduces its output, or leaves that reduce to
+the next norm as a `PendingReduce`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flatout.worker import distributed
+from flatout import distributed
+from flatout.distributed import PendingReduce
 
 ShardId = int | str
 
@@ -50,7 +52,8 @@ def _divide(total: int, parts: int, what: str) -> int:
 
 
 class LinearBase(nn.Module):
-    """y = x W^T (+ b) with W: [out_per_rank, in_per_rank]."""
+    """A linear layer's parameters, W: [out_per_rank, in_per_rank] and b; each subclass loads
+    and applies them."""
 
     def __init__(self, in_per_rank: int, out_per_rank: int, bias: bool) -> None:
         super().__init__()
@@ -68,27 +71,6 @@ class LinearBase(nn.Module):
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId | None = None
     ) -> None:
         raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-class ColumnParallelLinear(LinearBase):
-    """Output features split across ranks; the output stays sharded (no gather)."""
-
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
-        out_per_rank = _divide(output_size, distributed.get_tp_size(), "output size")
-        super().__init__(input_size, out_per_rank, bias)
-
-    def weight_loader(
-        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId | None = None
-    ) -> None:
-        if shard_id is not None:
-            raise ValueError(f"unsharded parameter got shard id {shard_id!r}")
-        rows = param.shape[0]
-        if loaded.shape[0] != rows * self.tp_size:
-            raise ValueError(f"expected {rows * self.tp_size} rows, got {loaded.shape[0]}")
-        copy_checked(param.data, loaded.narrow(0, self.tp_rank * rows, rows))
 
 
 @dataclass(frozen=True)
@@ -117,6 +99,9 @@ class FusedColumnParallelLinear(LinearBase):
         self.weight.shard_ids = tuple(self.parts)
         if self.bias is not None:
             self.bias.shard_ids = tuple(self.parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
 
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId | None = None
@@ -192,9 +177,9 @@ class RowParallelLinear(LinearBase):
     """Input features split across ranks; partial outputs are summed with an all-reduce.
 
     The bias is replicated and added once, after the reduction. With `reduce_results=False` the
-    layer returns this rank's partial sum, written where the fused all-reduce + add + RMSNorm
-    reads it when the group has one (distributed.partial_buffer); the next norm must then be
-    called with `partial=True`."""
+    layer returns a `PendingReduce` of this rank's partial sum, for the next norm to reduce; the
+    partial is written into the group's symmetric buffer when it has one that fits, where the
+    one-shot all-reduce + add + RMSNorm kernel reads it."""
 
     def __init__(
         self, input_size: int, output_size: int, bias: bool = False, reduce_results: bool = True
@@ -218,15 +203,19 @@ class RowParallelLinear(LinearBase):
             raise ValueError(f"expected {cols * self.tp_size} columns, got {tuple(loaded.shape)}")
         copy_checked(param.data, loaded.narrow(1, self.tp_rank * cols, cols))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | PendingReduce:
+        if not self.reduce_results:
+            return self._partial(x)
         if self.tp_size == 1:
             return F.linear(x, self.weight, self.bias)
-        if not self.reduce_results:
-            out = None
-            if x.dim() == 2:
-                out = distributed.partial_buffer(x.shape[0], self.weight.shape[0], x.dtype)
-            if out is None:
-                return F.linear(x, self.weight)
-            return torch.mm(x, self.weight.t(), out=out)
         y = distributed.all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
+
+    def _partial(self, x: torch.Tensor) -> PendingReduce:
+        target = None
+        if x.dim() == 2:
+            target = distributed.symmetric_partial(x.shape[0], self.weight.shape[0], x.dtype)
+        if target is None:
+            return PendingReduce(F.linear(x, self.weight))
+        torch.mm(x, self.weight.t(), out=target.partial)
+        return PendingReduce(target.partial, target)

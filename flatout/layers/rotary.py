@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from flatout.kernels.ops import ops_for
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -64,7 +66,7 @@ class RotaryEmbedding(nn.Module):
     """Applies rotary embedding to q and k of a flattened batch, given each token's position.
 
     cos/sin are precomputed in float32 for positions [0, max_position); the rotation is done in
-    float32 and cast back to the input dtype."""
+    float32 and cast back to the input dtype, in place in q and k (flatout.kernels.ops)."""
 
     def __init__(
         self,
@@ -85,7 +87,9 @@ class RotaryEmbedding(nn.Module):
         pos = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq.to(pos.device))  # [P, R/2]
         cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [P, R]: cos | sin
+        self.cos_sin_cache: torch.Tensor
         self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self.ops = ops_for()
 
     def forward(
         self,
@@ -93,30 +97,10 @@ class RotaryEmbedding(nn.Module):
         q: torch.Tensor,  # [T, H*D]
         k: torch.Tensor,  # [T, KVH*D]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if q.is_cuda:  # rotates q and k in place, both in one kernel
-            from flatout.kernels import rotary_embedding
-
-            return rotary_embedding(
-                positions, q, k, self.cos_sin_cache, self.head_dim, self.interleaved
-            )
-        cos, sin = self.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)  # [T, R/2]
-        cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        t = x.shape[0]
-        x = x.view(t, -1, self.head_dim)  # [T, H, D]
-        rot = x[..., : self.rotary_dim].float()
-        if self.interleaved:
-            x1, x2 = rot[..., 0::2], rot[..., 1::2]
-            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        else:
-            x1, x2 = rot.chunk(2, dim=-1)
-            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        out = out.to(x.dtype)
-        if self.rotary_dim < self.head_dim:
-            out = torch.cat((out, x[..., self.rotary_dim :]), dim=-1)
-        return out.reshape(t, -1)
+        """Rotates q and k in place and returns them."""
+        return self.ops.rotary_embedding(
+            positions, q, k, self.cos_sin_cache, self.head_dim, self.interleaved
+        )
 
     def extra_repr(self) -> str:
         style = "interleaved" if self.interleaved else "half-split"

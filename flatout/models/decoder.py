@@ -7,6 +7,8 @@ onto the parameter names here (HF-style: `model.layers.N.self_attn.qkv_proj.weig
 
 Layers pass the residual stream alongside the hidden states so each norm can fuse the add:
     h, r = norm(h + r)  ==  r = h + r; h = norm(r)
+Where `fuses_reduce(cfg)` (decided once, in CausalLM) the o/down projections return a
+`PendingReduce` and that norm also does their all-reduce.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from flatout.config import ModelConfig
+from flatout.distributed import PendingReduce
 from flatout.layers.activation import SiluAndMul
 from flatout.layers.attention import Attention
 from flatout.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -31,7 +34,7 @@ def fuses_reduce(cfg: ModelConfig) -> bool:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, rotary_emb: RotaryEmbedding, defer_reduce: bool) -> None:
         super().__init__()
         d = cfg.head_dim
         self.head_dim = d
@@ -41,7 +44,7 @@ class SelfAttention(nn.Module):
         )
         self.o_proj = RowParallelLinear(
             cfg.num_attention_heads * d, cfg.hidden_size, bias=cfg.o_proj_bias,
-            reduce_results=not fuses_reduce(cfg),
+            reduce_results=not defer_reduce,
         )
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         # Qwen3: RMSNorm over each head of q and k, before the rotation
@@ -50,7 +53,7 @@ class SelfAttention(nn.Module):
         self.rotary_emb = rotary_emb  # shared by all layers
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, d, d**-0.5)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor | PendingReduce:
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (H + 2 KVH) * D] for this rank's heads
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -62,56 +65,58 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, defer_reduce: bool) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
             cfg.hidden_size, [cfg.intermediate_size] * 2, bias=False
         )
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=False,
-                                           reduce_results=not fuses_reduce(cfg))
+                                           reduce_results=not defer_reduce)
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
+    def forward(self, x: torch.Tensor) -> torch.Tensor | PendingReduce:  # [T, hidden]
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary_emb: RotaryEmbedding) -> None:
+    """Returns the MLP's output, a `PendingReduce` when the layer defers its reduces, and the
+    residual stream."""
+
+    def __init__(self, cfg: ModelConfig, rotary_emb: RotaryEmbedding, defer_reduce: bool) -> None:
         super().__init__()
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
-        self.self_attn = SelfAttention(cfg, rotary_emb)
-        self.mlp = MLP(cfg)
+        self.self_attn = SelfAttention(cfg, rotary_emb, defer_reduce)
+        self.mlp = MLP(cfg, defer_reduce)
         self.input_layernorm = RMSNorm(h, eps)
         self.post_attention_layernorm = RMSNorm(h, eps)  # despite the name: the pre-MLP norm
         # GLM-4-0414 "sandwich": extra norms on the attention and MLP outputs, before the add
         self.post_self_attn_layernorm = RMSNorm(h, eps) if cfg.sandwich_norm else None
         self.post_mlp_layernorm = RMSNorm(h, eps) if cfg.sandwich_norm else None
-        self.partial = fuses_reduce(cfg)  # outputs of o_proj and down_proj are partial sums
 
     def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor | PendingReduce,
+        residual: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | PendingReduce, torch.Tensor]:
         if residual is None:
+            assert isinstance(hidden, torch.Tensor), "the first layer takes the embeddings"
             residual = hidden
-            hidden = self.input_layernorm(hidden)
+            x = self.input_layernorm(hidden)
         else:
-            hidden, residual = self.input_layernorm.forward_with_residual(
-                hidden, residual, partial=self.partial
-            )
-        hidden = self.self_attn(positions, hidden)
-        if self.post_self_attn_layernorm is not None:
-            hidden = self.post_self_attn_layernorm(hidden)
-        hidden, residual = self.post_attention_layernorm.forward_with_residual(
-            hidden, residual, partial=self.partial
-        )
-        hidden = self.mlp(hidden)
+            x, residual = self.input_layernorm.forward_with_residual(hidden, residual)
+        out = self.self_attn(positions, x)
+        if self.post_self_attn_layernorm is not None:  # never deferred: see fuses_reduce
+            out = self.post_self_attn_layernorm(out)
+        x, residual = self.post_attention_layernorm.forward_with_residual(out, residual)
+        out = self.mlp(x)
         if self.post_mlp_layernorm is not None:
-            hidden = self.post_mlp_layernorm(hidden)
-        return hidden, residual
+            out = self.post_mlp_layernorm(out)
+        return out, residual
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, defer_reduce: bool) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         rotary_emb = RotaryEmbedding(
@@ -119,19 +124,19 @@ class DecoderModel(nn.Module):
             interleaved=cfg.rope_interleaved, rope_scaling=cfg.rope_scaling,
         )
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, rotary_emb) for _ in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, rotary_emb, defer_reduce) for _ in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.partial = fuses_reduce(cfg)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        embeddings: torch.Tensor = self.embed_tokens(input_ids)  # [T, hidden]
+        hidden: torch.Tensor | PendingReduce = embeddings
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
         if residual is None:  # no layers
-            return self.norm(hidden)
-        return self.norm.forward_with_residual(hidden, residual, partial=self.partial)[0]
+            return self.norm(embeddings)
+        return self.norm.forward_with_residual(hidden, residual)[0]
 
 
 class CausalLM(nn.Module):
@@ -144,7 +149,8 @@ class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.model = DecoderModel(cfg)
+        self.fuses_reduce = fuses_reduce(cfg)  # the runner sets up the fused reduce for it
+        self.model = DecoderModel(cfg, self.fuses_reduce)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from flatout.config import ModelConfig
 from flatout.models.decoder import CausalLM
@@ -142,7 +141,7 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def load_model(cfg: ModelConfig, device: torch.device) -> nn.Module:
+def load_model(cfg: ModelConfig, device: torch.device) -> CausalLM:
     """Build the model for `cfg` on `device` in cfg.dtype and fill its weights (eval mode)."""
     with _default_dtype(TORCH_DTYPES[cfg.dtype]), torch.device(device):
         model = CausalLM(cfg)
@@ -152,7 +151,8 @@ def load_model(cfg: ModelConfig, device: torch.device) -> nn.Module:
         load_safetensors_weights(
             model, cfg.model, weight_names_for(cfg.architecture), cfg.tie_word_embeddings
         )
-    return model.eval()
+    model.eval()
+    return model
 
 
 def model_info_lines(cfg: ModelConfig) -> list[str]:

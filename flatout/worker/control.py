@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from flatout.worker.distributed import control_group
+from flatout.distributed import control_group
 
 # one broadcast carries a message up to this size; larger ones (long prefills) take a second
 _BUFFER = 1 << 14

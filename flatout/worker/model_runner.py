@@ -13,17 +13,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
+from flatout import distributed
 from flatout.config import EngineArgs, ModelConfig
 from flatout.engine.request import Sequence
 from flatout.engine.scheduler import SchedulerOutput
 from flatout.layers.attention import Attention, AttentionMetadata, forward_context
 from flatout.layers.sampler import Sampler, SamplingBatch, SamplingRow
-from flatout.models.decoder import fuses_reduce
 from flatout.models.registry import TORCH_DTYPES, load_model
 from flatout.monitor.step_clock import StepClock, StepCost, measure_peak
-from flatout.worker import distributed
 from flatout.worker.control import ControlChannel, DriverState, SeqWork, StepMessage
 from flatout.worker.cuda_graph import DecodeGraphs
 from flatout.worker.kv_cache import (
@@ -71,10 +69,10 @@ class ModelRunner:
         self.dtype = TORCH_DTYPES[config.dtype]
         self.block_size = args.block_size
         self.tp_rank, self.tp_size = distributed.get_tp_rank(), distributed.get_tp_size()
-        self.model: nn.Module = load_model(config, device)
+        self.model = load_model(config, device)
         self.memory = MemoryUse()
         if (self.tp_size > 1 and device.type == "cuda" and not args.disable_custom_all_reduce
-                and fuses_reduce(config)):
+                and self.model.fuses_reduce):
             # before sizing the KV cache, which counts its buffers as runtime memory
             distributed.init_symmetric_reduce(
                 args.max_num_seqs, config.hidden_size, self.dtype, device,

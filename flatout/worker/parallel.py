@@ -18,11 +18,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
+from flatout import distributed
 from flatout.config import EngineArgs, ModelConfig
-from flatout.worker import distributed
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class TensorParallelGroup:
             self._spawn(args, rank, tp, rank, addr, port) for rank in range(1, self.local)
         ]
         self.stopped = False
-        self.runner: object | None = None  # rank 0's runner, once built: it sends the stop
+        # tells the other ranks to stop (rank 0's runner sends them the message), once it exists
+        self.stop_workers: Callable[[], None] | None = None
         atexit.register(self.shutdown)
         try:
             self.device = rank_device(device, 0)
@@ -135,19 +137,19 @@ class TensorParallelGroup:
         return spawn_worker(args, rank, world, local_rank, addr, port, os.getpid())
 
     def shutdown(self) -> None:
-        """Tell the workers to stop (through rank 0's runner), reap them, leave the group."""
+        """Tell the workers to stop (`stop_workers`), reap them, leave the group."""
         if self.stopped:
             return
         self.stopped = True
-        runner = self.runner
-        if runner is not None:
+        stop = self.stop_workers
+        if stop is not None:
             try:
-                runner.shutdown()  # type: ignore[attr-defined]
+                stop()
             except Exception:  # noqa: BLE001 - the workers may be gone already
                 log.warning("could not tell the workers to stop", exc_info=True)
         for p in self.procs:
             try:
-                p.wait(timeout=30 if runner is not None else 1)
+                p.wait(timeout=30 if stop is not None else 1)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()

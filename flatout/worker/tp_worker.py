@@ -36,8 +36,8 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def run_rank(args: EngineArgs) -> None:
+    from flatout import distributed
     from flatout.engine.engine_core import resolve_device, resolve_model
-    from flatout.worker import distributed
     from flatout.worker.control import ControlChannel, WorkerState
     from flatout.worker.model_runner import ModelRunner
     from flatout.worker.parallel import rank_device

@@ -15,22 +15,13 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
                 allow_module_level=True)  # fmt: skip
 pytest.importorskip("triton")
 
-from flatout.kernels import (  # noqa: E402
-    fused_add_rms_norm,
-    fused_add_rms_norm_ref,
-    paged_decode_attention,
-    paged_decode_attention_ref,
-    paged_prefill_attention,
-    paged_prefill_attention_ref,
-    rms_norm,
-    rms_norm_ref,
-    rotary_embedding,
-    rotary_embedding_ref,
-    silu_and_mul,
-    silu_and_mul_ref,
-    write_kv_cache,
-    write_kv_cache_ref,
-)
+from flatout.kernels import reference  # noqa: E402
+from flatout.kernels.activation import silu_and_mul  # noqa: E402
+from flatout.kernels.decode_attention import paged_decode_attention  # noqa: E402
+from flatout.kernels.kv_cache import write_kv_cache  # noqa: E402
+from flatout.kernels.norm import fused_add_rms_norm, rms_norm  # noqa: E402
+from flatout.kernels.prefill_attention import paged_prefill_attention  # noqa: E402
+from flatout.kernels.rotary import rotary_embedding  # noqa: E402
 from flatout.layers.rotary import RotaryEmbedding  # noqa: E402
 from tests.kernels.paged_batch import make_paged_batch  # noqa: E402
 
@@ -65,7 +56,7 @@ def test_decode(dtype, name, num_splits):
     q = torch.randn(len(lens), heads, head_dim, device="cuda").to(dtype)
     args = [q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.scale]
     out = paged_decode_attention(*args, num_splits=num_splits)
-    ref = paged_decode_attention_ref(*upcast(args))
+    ref = reference.paged_decode_attention(*upcast(args))
     assert torch.isfinite(out).all() and (out[0] == 0).all()
     torch.testing.assert_close(out.float(), ref, **tol(dtype))
 
@@ -81,7 +72,7 @@ def test_prefill(dtype, name):
             batch.block_tables, batch.scale, batch.meta.max_query_len]  # fmt: skip
     n = batch.num_real_tokens
     out = paged_prefill_attention(*args)[:n]
-    ref = paged_prefill_attention_ref(*upcast(args))[:n]
+    ref = reference.paged_prefill_attention(*upcast(args))[:n]
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, **tol(dtype))
 
@@ -106,7 +97,7 @@ def test_decode_replays_in_a_cuda_graph():
     first.seq_lens.copy_(second.seq_lens)
     q.copy_(torch.randn_like(q))
     graph.replay()
-    ref = paged_decode_attention_ref(*upcast(static))
+    ref = reference.paged_decode_attention(*upcast(static))
     torch.testing.assert_close(out.float(), ref, **tol(torch.bfloat16))
 
 
@@ -119,7 +110,7 @@ def test_write_kv_cache(dtype):
     k, v = qkv[:, 4096:4352].view(t, 2, 128), qkv[:, 4352:].view(t, 2, 128)
     k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
     write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
-    write_kv_cache_ref(k, v, batch.k_cache, batch.v_cache, batch.slot_mapping)
+    reference.write_kv_cache(k, v, batch.k_cache, batch.v_cache, batch.slot_mapping)
     assert torch.equal(k_cache, batch.k_cache) and torch.equal(v_cache, batch.v_cache)
 
 
@@ -129,9 +120,9 @@ def test_rms_norms(dtype, hidden):
     x = torch.randn(37, hidden, device="cuda").to(dtype) * 4
     residual = torch.randn_like(x)
     w = (torch.randn(hidden, device="cuda") * 0.1 + 1).to(dtype)
-    torch.testing.assert_close(rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5), **tol(dtype))
+    torch.testing.assert_close(rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5), **tol(dtype))
     normed, summed = fused_add_rms_norm(x, residual, w, 1e-5)
-    normed_ref, summed_ref = fused_add_rms_norm_ref(x, residual, w, 1e-5)
+    normed_ref, summed_ref = reference.fused_add_rms_norm(x, residual, w, 1e-5)
     assert torch.equal(summed, summed_ref)
     torch.testing.assert_close(normed, normed_ref, **tol(dtype))
 
@@ -153,7 +144,7 @@ def test_rotary(dtype, name):
     q_end, k_end = heads * head_dim, (heads + kv_heads) * head_dim
     rotary_embedding(positions, qkv[:, :q_end], qkv[:, q_end:k_end], rope.cos_sin_cache,
                      head_dim, interleaved)  # fmt: skip
-    rotary_embedding_ref(positions, qkv_ref[:, :q_end], qkv_ref[:, q_end:k_end],
+    reference.rotary_embedding(positions, qkv_ref[:, :q_end], qkv_ref[:, q_end:k_end],
                          rope.cos_sin_cache, head_dim, interleaved)  # fmt: skip
     torch.testing.assert_close(qkv, qkv_ref, **tol(dtype))
 
@@ -162,4 +153,4 @@ def test_rotary(dtype, name):
 @pytest.mark.parametrize("inter", [13696, 14336, 1000])
 def test_silu_and_mul(dtype, inter):
     x = torch.randn(37, 2 * inter, device="cuda").to(dtype) * 4
-    torch.testing.assert_close(silu_and_mul(x), silu_and_mul_ref(x), **tol(dtype))
+    torch.testing.assert_close(silu_and_mul(x), reference.silu_and_mul(x), **tol(dtype))

@@ -27,8 +27,8 @@ def _check_fused(rank: int, world: int, dev: torch.device, dtype: torch.dtype,
                  hidden: int) -> None:  # fmt: skip
     import torch.distributed as dist
 
-    from flatout.kernels import fused_add_rms_norm
-    from flatout.worker.symm_reduce import SymmetricReduce
+    from flatout.distributed.symm_reduce import SymmetricReduce
+    from flatout.kernels.norm import fused_add_rms_norm
 
     sym = SymmetricReduce(256, hidden, dtype, dev)
     weight = torch.randn(hidden, dtype=dtype, device=dev,  # replicated: the same on every rank
@@ -67,11 +67,11 @@ def _check_fused(rank: int, world: int, dev: torch.device, dtype: torch.dtype,
     # eager, through both buffers, at every size a decode graph uses and beyond 128 rows
     for seed, rows in enumerate([1, 2, 3, 8, 32, 127, 128, 129, 200, 256, 1, 5]):
         part, res = inputs(rows, seed)
-        buf = sym.partial_buffer(rows, hidden, dtype)
-        assert buf is not None
-        buf.copy_(part)
-        check(sym.add_rms_norm(buf, res, weight, 1e-6), want(part, res), f"eager {rows}")
-    assert sym.partial_buffer(257, hidden, dtype) is None  # too many rows: NCCL
+        slot = sym.next_partial(rows, hidden, dtype)
+        assert slot is not None
+        slot.partial.copy_(part)
+        check(slot.add_rms_norm(res, weight, 1e-6), want(part, res), f"eager {rows}")
+    assert sym.next_partial(257, hidden, dtype) is None  # too many rows: NCCL
 
     # a CUDA graph of many back-to-back calls, replayed with new data each time
     rows, calls = 24, 40
@@ -84,9 +84,10 @@ def _check_fused(rank: int, world: int, dev: torch.device, dtype: torch.dtype,
     with torch.cuda.graph(graph):
         r = res
         for k in range(calls):
-            buf = sym.partial_buffer(rows, hidden, dtype)
-            buf.copy_(srcs[k])
-            y, r = sym.add_rms_norm(buf, r, weight, 1e-6)
+            slot = sym.next_partial(rows, hidden, dtype)
+            assert slot is not None
+            slot.partial.copy_(srcs[k])
+            y, r = slot.add_rms_norm(r, weight, 1e-6)
             outs.append(y)
     for replay in range(3):
         for k in range(calls):
@@ -121,7 +122,7 @@ def _fused_rank(rank: int, world: int, port: int, errors: mp.Queue) -> None:
 def test_fused_all_reduce_matches_nccl(world: int) -> None:
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} CUDA devices")
-    from flatout.worker.distributed import free_port
+    from flatout.distributed import free_port
 
     ctx = mp.get_context("spawn")
     errors: mp.Queue = ctx.Queue()
@@ -150,11 +151,11 @@ ENGINE = {"max_model_len": 512, "max_num_batched_tokens": 1024, "dtype": "float3
 
 def _engine_rank0(path: str, tp: int, engine: dict, results: mp.Queue) -> None:
     try:
-        from flatout.worker import distributed
+        from flatout import distributed
 
         llm = LLM(path, tensor_parallel_size=tp, **{**ENGINE, **engine})
         outs = [o.outputs[0] for o in llm.generate(PROMPTS, GREEDY)]
-        fused = distributed._state.symmetric is not None
+        fused = distributed.symmetric_reduce() is not None
         llm.engine.core.shutdown()
         results.put(([o.token_ids for o in outs],
                      [[lp.logprob for lp in o.logprobs] for o in outs], fused))  # fmt: skip

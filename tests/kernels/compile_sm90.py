@@ -59,7 +59,13 @@ def _install() -> None:
 
 
 def _launch_all(dtype: torch.dtype) -> None:
-    import flatout.kernels as K
+    from flatout.kernels.activation import silu_and_mul
+    from flatout.kernels.allreduce import one_shot_add_rms_norm
+    from flatout.kernels.decode_attention import paged_decode_attention
+    from flatout.kernels.kv_cache import write_kv_cache
+    from flatout.kernels.norm import fused_add_rms_norm, rms_norm
+    from flatout.kernels.prefill_attention import paged_prefill_attention
+    from flatout.kernels.rotary import rotary_embedding
     from tests.kernels.paged_batch import make_paged_batch
 
     # GLM-4-9B attention (G = 16, D = 128) and an awkward one (G = 3, D = 80)
@@ -67,22 +73,22 @@ def _launch_all(dtype: torch.dtype) -> None:
         b = make_paged_batch([(1, 40), (3, 50)], heads, kv_heads, head_dim, block_size,
                              dtype=dtype)  # fmt: skip
         decode_args = (b.q[:2], b.k_cache, b.v_cache, b.block_tables, b.seq_lens, 0.1)
-        K.paged_decode_attention(*decode_args, num_splits=4)
-        K.paged_decode_attention(*decode_args, num_splits=1)
-        K.paged_prefill_attention(b.q, b.k_cache, b.v_cache, b.query_start_loc, b.seq_lens,
+        paged_decode_attention(*decode_args, num_splits=4)
+        paged_decode_attention(*decode_args, num_splits=1)
+        paged_prefill_attention(b.q, b.k_cache, b.v_cache, b.query_start_loc, b.seq_lens,
                                   b.block_tables, 0.1, 3)  # fmt: skip
-        K.write_kv_cache(b.q[:, :kv_heads], b.q[:, :kv_heads], b.k_cache, b.v_cache,
+        write_kv_cache(b.q[:, :kv_heads], b.q[:, :kv_heads], b.k_cache, b.v_cache,
                          b.slot_mapping)  # fmt: skip
     x = torch.zeros(4, 4096, dtype=dtype)
-    K.rms_norm(x, x[0], 1e-5)
-    K.fused_add_rms_norm(x, x, x[0], 1e-5)
-    K.silu_and_mul(x)
+    rms_norm(x, x[0], 1e-5)
+    fused_add_rms_norm(x, x, x[0], 1e-5)
+    silu_and_mul(x)
     ptrs = torch.zeros(2, dtype=torch.int64)  # two ranks' buffers and flags (never read here)
-    K.one_shot_add_rms_norm(ptrs, ptrs, 1, x, x[0], 1e-5)
-    K.one_shot_add_rms_norm(ptrs, ptrs, 0, torch.zeros(200, 4096, dtype=dtype), x[0], 1e-5)
+    one_shot_add_rms_norm(ptrs, ptrs, 1, x, x[0], 1e-5)
+    one_shot_add_rms_norm(ptrs, ptrs, 0, torch.zeros(200, 4096, dtype=dtype), x[0], 1e-5)
     positions = torch.zeros(4, dtype=torch.int64)
-    K.rotary_embedding(positions, x, x[:, :256], torch.zeros(8, 64), 128, True)
-    K.rotary_embedding(positions, x, x[:, :1024], torch.zeros(8, 128), 128, False)
+    rotary_embedding(positions, x, x[:, :256], torch.zeros(8, 64), 128, True)
+    rotary_embedding(positions, x, x[:, :1024], torch.zeros(8, 128), 128, False)
 
 
 def _ptxas_report(ptx: str) -> dict:

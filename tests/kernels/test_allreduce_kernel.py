@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flatout.kernels import fused_add_rms_norm_ref, one_shot_add_rms_norm, one_shot_add_rms_norm_ref
-from flatout.kernels.allreduce import MAX_PROGRAMS
+from flatout.kernels import reference
+from flatout.kernels.allreduce import MAX_PROGRAMS, one_shot_add_rms_norm
 
 
 def _ptrs(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -30,11 +30,11 @@ def test_sums_partials_adds_residual_and_normalises(world, rank, rows, hidden):
             flags[rank].view(MAX_PROGRAMS, world)[:programs, p] = 1
     out, summed = one_shot_add_rms_norm(_ptrs(parts), _ptrs(flags), rank, residual, weight, 1e-5)
 
-    want_out, want_sum = one_shot_add_rms_norm_ref(parts, residual, weight, 1e-5)
+    want_out, want_sum = reference.one_shot_add_rms_norm(parts, residual, weight, 1e-5)
     torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(summed, want_sum, atol=1e-6, rtol=1e-6)
     # the same as an all-reduce followed by the fused add + norm
-    ref_out, ref_sum = fused_add_rms_norm_ref(sum(parts), residual, weight, 1e-5)
+    ref_out, ref_sum = reference.fused_add_rms_norm(sum(parts), residual, weight, 1e-5)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     # this rank consumed its peers' flags and raised its own in each peer's array
     assert int(flags[rank].sum()) == 0

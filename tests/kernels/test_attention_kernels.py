@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from flatout.kernels import (
-    decode_num_splits,
-    paged_decode_attention,
-    paged_decode_attention_ref,
-    paged_prefill_attention,
-    paged_prefill_attention_ref,
-    write_kv_cache,
-    write_kv_cache_ref,
-)
+from flatout.kernels import reference
+from flatout.kernels.decode_attention import decode_num_splits, paged_decode_attention
+from flatout.kernels.kv_cache import write_kv_cache
+from flatout.kernels.prefill_attention import paged_prefill_attention
 from flatout.layers import attention
 from tests.kernels.paged_batch import make_paged_batch
 
@@ -46,15 +43,16 @@ def test_decode_matches_references(shape, num_splits):
     batch, q = _decode_batch(DECODE_LENS, shape)
     args = (q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.scale)
     out = paged_decode_attention(*args, num_splits=num_splits)
-    ref = paged_decode_attention_ref(*args)
+    ref = reference.paged_decode_attention(*args)
     torch.testing.assert_close(out, ref, **_tol(False))
     assert not out.isnan().any()
     assert (out[1] == 0).all(), "padding row (seq_len 0) must come out as zeros"
     real = [i for i, n in enumerate(DECODE_LENS) if n]
-    lead = attention.paged_attention_ref(
-        q[real], batch.k_cache, batch.v_cache, batch.meta, batch.scale
-    )
-    torch.testing.assert_close(ref[real], lead, atol=1e-5, rtol=1e-5)
+    as_prefill = reference.paged_prefill_attention(
+        q[real], batch.k_cache, batch.v_cache, batch.query_start_loc, batch.seq_lens,
+        batch.block_tables, batch.scale, 1,
+    )  # fmt: skip
+    torch.testing.assert_close(ref[real], as_prefill, atol=1e-5, rtol=1e-5)
 
 
 def test_decode_bf16_storage_and_strided_q_into_given_out():
@@ -66,7 +64,7 @@ def test_decode_bf16_storage_and_strided_q_into_given_out():
     args = (batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.scale)
     result = paged_decode_attention(q_view, *args, out=out, num_splits=2)
     assert result is out
-    ref = paged_decode_attention_ref(
+    ref = reference.paged_decode_attention(
         q.float(), batch.k_cache.float(), batch.v_cache.float(), *args[2:]
     )
     torch.testing.assert_close(out.float(), ref, **_tol(True))
@@ -113,13 +111,17 @@ def test_prefill_matches_references(shape, dtype):
     out = paged_prefill_attention(*args)[:n]
     assert not out.float().isnan().any()
     upcast = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
-    ref = paged_prefill_attention_ref(*upcast)[:n]
+    ref = reference.paged_prefill_attention(*upcast)[:n]
     torch.testing.assert_close(out.float(), ref, **_tol(dtype == torch.bfloat16))
-    if dtype == torch.float32:
-        lead = attention.paged_attention_ref(
-            batch.q, batch.k_cache, batch.v_cache, batch.meta, batch.scale
-        )
-        torch.testing.assert_close(ref, lead[:n], atol=1e-5, rtol=1e-5)
+    if dtype == torch.float32:  # the CPU layer runs the reference, K/V write included
+        layer = attention.Attention(num_heads, num_kv_heads, head_dim, batch.scale)
+        layer.k_cache, layer.v_cache = batch.k_cache.clone(), batch.v_cache.clone()
+        slots = batch.slot_mapping[:n]
+        k = batch.k_cache.flatten(0, 1)[slots].flatten(1)  # the K/V already in the cache
+        v = batch.v_cache.flatten(0, 1)[slots].flatten(1)
+        with attention.forward_context(dataclasses.replace(batch.meta, slot_mapping=slots)):
+            got = layer(batch.q[:n].flatten(1), k, v)
+        torch.testing.assert_close(ref, got.view(ref.shape), atol=1e-5, rtol=1e-5)
 
 
 def test_prefill_with_more_query_tiles_than_one_chunk_needs():
@@ -128,7 +130,7 @@ def test_prefill_with_more_query_tiles_than_one_chunk_needs():
     args = (batch.q, batch.k_cache, batch.v_cache, batch.query_start_loc, batch.seq_lens,
             batch.block_tables, batch.scale)  # fmt: skip
     torch.testing.assert_close(
-        paged_prefill_attention(*args, 200), paged_prefill_attention_ref(*args, 3)
+        paged_prefill_attention(*args, 200), reference.paged_prefill_attention(*args, 3)
     )
 
 
@@ -146,11 +148,8 @@ def test_write_kv_cache_matches_reference(dtype):
     k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
     write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
     k_ref, v_ref = batch.k_cache.clone(), batch.v_cache.clone()
-    write_kv_cache_ref(k, v, k_ref, v_ref, batch.slot_mapping)
+    reference.write_kv_cache(k, v, k_ref, v_ref, batch.slot_mapping)
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
-    k_lead, v_lead = batch.k_cache.clone(), batch.v_cache.clone()
-    attention.write_kv_cache_ref(k, v, k_lead, v_lead, batch.slot_mapping)
-    assert torch.equal(k_ref, k_lead) and torch.equal(v_ref, v_lead)
     assert not torch.equal(k_cache, batch.k_cache)  # something was written
     # padding tokens (slot -1) wrote nothing: only the real tokens' slots changed
     changed = (k_cache != batch.k_cache).flatten(2).any(-1).flatten()

@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from flatout.distributed import PendingReduce, init_tensor_parallel
 from flatout.layers.embedding import VocabParallelEmbedding
 from flatout.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from flatout.models.loader import CheckpointError
 from flatout.models.registry import load_model, resolve_model_config
 from flatout.models.weight_names import CHATGLM_WEIGHT_NAMES, HF_WEIGHT_NAMES, Target
-from flatout.worker.distributed import init_tensor_parallel
 from tests.helpers.logits import flatout_logits, hf_logits, max_abs_diff, random_prompts
 from tests.helpers.tiny_checkpoints import load_hf_reference, make_tiny_checkpoint
 
@@ -231,9 +231,9 @@ def test_dummy_load_of_a_scaled_down_preset() -> None:
 def test_row_parallel_partial_output_is_reduced_by_the_next_norm(
     tensor_parallel: Callable[[int, int], None],
 ) -> None:
-    """reduce_results=False returns this rank's partial sum (no symmetric buffers on the CPU:
-    an ordinary tensor); the norm called with partial=True reduces it before the add + norm, so
-    summing the ranks' partials and normalising gives the full layer's result."""
+    """reduce_results=False returns this rank's partial sum as a PendingReduce (no symmetric
+    buffers on the CPU: an ordinary tensor); the norm given a PendingReduce reduces it before the
+    add + norm, so summing the ranks' partials and normalising gives the full layer's result."""
     from flatout.layers.norm import RMSNorm
 
     hidden, inter, tp = 6, 10, 2
@@ -244,10 +244,12 @@ def test_row_parallel_partial_output_is_reduced_by_the_next_norm(
         tensor_parallel(rank, tp)
         row = RowParallelLinear(inter, hidden, reduce_results=False)
         row.weight_loader(row.weight, down)
-        partials.append(row(x[:, rank * inter // tp:(rank + 1) * inter // tp]))
+        pending = row(x[:, rank * inter // tp:(rank + 1) * inter // tp])
+        assert isinstance(pending, PendingReduce) and pending.symmetric is None
+        partials.append(pending.partial)
         with pytest.raises(ValueError, match="bias"):
             RowParallelLinear(inter, hidden, bias=True, reduce_results=False)
     tensor_parallel(0, 1)  # a group of one: the norm's all-reduce is the identity
-    got, got_sum = norm.forward_with_residual(partials[0] + partials[1], residual, partial=True)
+    got, got_sum = norm.forward_with_residual(PendingReduce(partials[0] + partials[1]), residual)
     torch.testing.assert_close(got_sum, x @ down.T + residual)
     torch.testing.assert_close(got, norm(x @ down.T + residual))

@@ -40,8 +40,8 @@ def test_shards_add_up_to_the_model() -> None:
 @pytest.mark.parametrize("tp", [2, 4])
 def test_plan_matches_the_real_shard_sizes(tmp_path: Path, tp: int) -> None:
     """The plan's per-rank weights equal the parameters each rank's model really holds."""
+    from flatout.distributed import init_tensor_parallel
     from flatout.models.registry import load_model
-    from flatout.worker.distributed import init_tensor_parallel
 
     path = make_tiny_checkpoint("GlmForCausalLM", tmp_path / "g", num_key_value_heads=1,
                                 vocab_size=300)

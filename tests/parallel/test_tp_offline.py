@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from flatout import LLM, SamplingParams
+from flatout import LLM, SamplingParams, distributed
 from flatout.models.registry import resolve_model_config
-from flatout.worker import distributed
 from flatout.worker.parallel import WORKER_LOST_EXIT_CODE, check_tensor_parallel
 from tests.helpers.tiny_checkpoints import ARCHITECTURES, make_tiny_checkpoint
 

@@ -1,10 +1,10 @@
-"""Tensor-parallel state, process-group setup, and the collectives that parallel layers call.
+"""Tensor-parallel group state and process-group setup.
 
 Until tensor parallelism is initialised every process is rank 0 of a group of 1 and the
 collectives are identities, so single-GPU and CPU runs never touch torch.distributed. With
 tensor parallelism every rank joins one default process group (NCCL on GPUs, gloo on CPU) through
-torch.distributed's env:// style rendezvous (MASTER_ADDR / MASTER_PORT, RANK, WORLD_SIZE), plus a
-gloo group for the driver's small control messages (see control.py).
+a TCP rendezvous (MASTER_ADDR / MASTER_PORT, RANK, WORLD_SIZE), plus a gloo group for the
+driver's small control messages (flatout.worker.control).
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from flatout.worker.symm_reduce import SymmetricReduce
+    from flatout.distributed.symm_reduce import SymmetricReduce
 
 
 @dataclass
@@ -54,10 +53,20 @@ def get_tp_size() -> int:
     return _state.size
 
 
+def symmetric_reduce() -> SymmetricReduce | None:
+    """The fused all-reduce's buffers, if `init_symmetric_reduce` turned it on."""
+    return _state.symmetric
+
+
+def set_symmetric_reduce(sym: SymmetricReduce | None) -> None:
+    _state.symmetric = sym
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def init_distributed(
@@ -96,69 +105,3 @@ def env_rendezvous() -> tuple[str, int | None]:
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = os.environ.get("MASTER_PORT")
     return addr, int(port) if port else None
-
-
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum `x` over the tensor-parallel group (in place); identity for a group of 1."""
-    if _state.size == 1:
-        return x
-    dist.all_reduce(x)
-    return x
-
-
-def init_symmetric_reduce(max_rows: int, hidden: int, dtype: torch.dtype,
-                          device: torch.device, local_world: int) -> bool:
-    """Set up the all-reduce fused with add + RMSNorm (symm_reduce.py) if every rank can; all
-    ranks call this and agree. Returns whether it is on."""
-    from flatout.worker import symm_reduce
-
-    if _state.size == 1:
-        return False
-    ok = local_world == _state.size and symm_reduce.peers_reachable(device, local_world)
-    if not min_over_ranks(int(ok), device):
-        return False
-    _state.symmetric = symm_reduce.SymmetricReduce(min(max_rows, symm_reduce.MAX_ROWS), hidden,
-                                                   dtype, device)  # fmt: skip
-    return True
-
-
-def partial_buffer(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """Where a row-parallel linear writes a partial sum that the next norm reduces (None: any
-    tensor, reduced over NCCL)."""
-    sym = _state.symmetric
-    return None if sym is None else sym.partial_buffer(rows, cols, dtype)
-
-
-def all_reduce_add_rms_norm(
-    partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The fused all-reduce + add + RMSNorm of a partial from `partial_buffer`, or None when
-    the caller must all-reduce and normalise itself."""
-    sym = _state.symmetric
-    return None if sym is None else sym.add_rms_norm(partial, residual, weight, eps)
-
-
-def broadcast_from_driver(x: torch.Tensor) -> torch.Tensor:
-    """Rank 0's `x` on every rank (in place); identity for a group of 1."""
-    if _state.size == 1:
-        return x
-    dist.broadcast(x, src=0)
-    return x
-
-
-def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Concatenate every rank's `x` along `dim` in rank order; identity for a group of 1."""
-    if _state.size == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(_state.size)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=dim)
-
-
-def min_over_ranks(value: int, device: torch.device) -> int:
-    """The smallest `value` any rank holds (every rank calls it); `value` for a group of 1."""
-    if _state.size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())

@@ -3,9 +3,10 @@
 At decode sizes an all-reduce moves a few kilobytes, and what it costs is latency: NCCL's ring
 kernel, then the add + norm kernel, then the gaps between them, twice per layer. With
 `SymmetricReduce` a row-parallel linear writes its partial output straight into a buffer of
-PyTorch symmetric memory (mapped into every rank's address space over NVLink), and the next norm
-runs `flatout.kernels.one_shot_add_rms_norm`, which meets the peers, sums their partials, adds
-the residual and normalises in one kernel.
+PyTorch symmetric memory (mapped into every rank's address space over NVLink) and hands the next
+norm a `PendingReduce` naming that buffer (a `SymmetricPartial`); the norm runs
+`flatout.kernels.allreduce.one_shot_add_rms_norm`, which meets the peers, sums their partials,
+adds the residual and normalises in one kernel.
 
 Two buffers alternate, in the order the layers ask for them (every rank asks in the same
 order). A rank writes into a buffer again only two requests later; in between, the fused call on
@@ -19,6 +20,7 @@ Only for ranks of one node whose GPUs can map each other's memory; off with
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -28,6 +30,24 @@ from flatout.kernels.allreduce import MAX_PROGRAMS, one_shot_add_rms_norm
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 512  # 4 rows per program at most; larger batches are bandwidth-bound: NCCL
+
+
+@dataclass(frozen=True)
+class SymmetricPartial:
+    """A [rows, hidden] view of one symmetric buffer, with the peers' addresses of that buffer
+    and of its barrier flags: what the one-shot kernel needs to reduce it."""
+
+    partial: torch.Tensor
+    buffer_ptrs: torch.Tensor  # int64 [world] on the device
+    flag_ptrs: torch.Tensor  # int64 [world] on the device
+    rank: int
+
+    def add_rms_norm(
+        self, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(all_reduce(partial) + residual), all_reduce(partial) + residual)."""
+        return one_shot_add_rms_norm(self.buffer_ptrs, self.flag_ptrs, self.rank, residual,
+                                     weight, eps)  # fmt: skip
 
 
 def peers_reachable(device: torch.device, local_world: int) -> bool:
@@ -75,22 +95,12 @@ class SymmetricReduce:
         log.info("fused all-reduce: 2 x %d rows x %d over symmetric memory (rank %d of %d)",
                  max_rows, hidden, self.rank, self.world)
 
-    def partial_buffer(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """Where a row-parallel linear should write its [rows, cols] partial output, or None
-        when it does not fit (then the caller reduces with NCCL)."""
+    def next_partial(self, rows: int, cols: int, dtype: torch.dtype) -> SymmetricPartial | None:
+        """The next buffer, where a row-parallel linear writes its [rows, cols] partial output,
+        or None when it does not fit (then the caller reduces with NCCL)."""
         if rows > self.max_rows or cols != self.hidden or dtype != self.dtype or rows == 0:
             return None
-        buf = self.buffers[self.next]
+        i = self.next
         self.next ^= 1
-        return buf[: rows * cols].view(rows, cols)
-
-    def add_rms_norm(
-        self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rms_norm(all_reduce(partial) + residual), all_reduce(partial) + residual) in one
-        kernel if `partial` came from `partial_buffer`; None otherwise."""
-        for i, buf in enumerate(self.buffers):
-            if partial.data_ptr() == buf.data_ptr() and partial.shape == residual.shape:
-                return one_shot_add_rms_norm(self.buffer_ptrs[i], self.flag_ptrs[i], self.rank,
-                                             residual, weight, eps)  # fmt: skip
-        return None
+        return SymmetricPartial(self.buffers[i][: rows * cols].view(rows, cols),
+                                self.buffer_ptrs[i], self.flag_ptrs[i], self.rank)  # fmt: skip

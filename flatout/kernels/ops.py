@@ -1,0 +1,75 @@
+"""The one place that picks an implementation for every op the layers run.
+
+`ops_for(device)` returns the Triton kernels for a CUDA device and the PyTorch references
+(reference.py) for any other; a layer calls it once, when it is built, and keeps what it got, so
+no forward decides again and a CPU process never imports triton. Both sets have the same
+signatures (those of the Triton launchers).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from flatout.kernels import reference
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Ops:
+    rms_norm: Callable[[Tensor, Tensor, float], Tensor]
+    fused_add_rms_norm: Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
+    # (positions, q, k, cos_sin_cache, head_dim, interleaved): rotates q and k in place
+    rotary_embedding: Callable[[Tensor, Tensor, Tensor, Tensor, int, bool], tuple[Tensor, Tensor]]
+    silu_and_mul: Callable[[Tensor], Tensor]
+    # (k, v, k_cache, v_cache, slot_mapping)
+    write_kv_cache: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]
+    # (q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len)
+    paged_prefill_attention: Callable[
+        [Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float, int], Tensor
+    ]
+    # (q, k_cache, v_cache, block_tables, seq_lens, scale)
+    paged_decode_attention: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], Tensor]
+
+
+REFERENCE_OPS = Ops(
+    rms_norm=reference.rms_norm,
+    fused_add_rms_norm=reference.fused_add_rms_norm,
+    rotary_embedding=reference.rotary_embedding,
+    silu_and_mul=reference.silu_and_mul,
+    write_kv_cache=reference.write_kv_cache,
+    paged_prefill_attention=reference.paged_prefill_attention,
+    paged_decode_attention=reference.paged_decode_attention,
+)
+
+
+@functools.cache
+def triton_ops() -> Ops:
+    """The Triton kernels (imports triton)."""
+    from flatout.kernels.activation import silu_and_mul
+    from flatout.kernels.decode_attention import paged_decode_attention
+    from flatout.kernels.kv_cache import write_kv_cache
+    from flatout.kernels.norm import fused_add_rms_norm, rms_norm
+    from flatout.kernels.prefill_attention import paged_prefill_attention
+    from flatout.kernels.rotary import rotary_embedding
+
+    return Ops(
+        rms_norm=rms_norm,
+        fused_add_rms_norm=fused_add_rms_norm,
+        rotary_embedding=rotary_embedding,
+        silu_and_mul=silu_and_mul,
+        write_kv_cache=write_kv_cache,
+        paged_prefill_attention=paged_prefill_attention,
+        paged_decode_attention=paged_decode_attention,
+    )
+
+
+def ops_for(device: torch.device | str | None = None) -> Ops:
+    """The ops for tensors on `device` (default: torch's current default device, i.e. where a
+    layer built now puts its parameters)."""
+    dev = torch.get_default_device() if device is None else torch.device(device)
+    return triton_ops() if dev.type == "cuda" else REFERENCE_OPS

@@ -1,0 +1,182 @@
+"""One pure-PyTorch implementation of every op flatout's layers run: the CPU path (chosen by
+flatout.kernels.ops) and the oracle the Triton kernels are tested against.
+
+Each function has the signature and rounding of the Triton kernel of the same name (norm.py,
+rotary.py, activation.py, kv_cache.py, prefill_attention.py, decode_attention.py, allreduce.py),
+so the two are interchangeable. This module does not import triton. The attention functions read
+their tensors' values on the host (sequence lengths, chunk boundaries), so on a GPU they sync and
+cannot be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """w * x / sqrt(mean(x^2) + eps) over the last dim, normalised in fp32 and rounded to x's
+    dtype before the product with the weight (as transformers rounds), then again after it."""
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (weight * y).to(x.dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): the sum, in x's dtype, is the next residual."""
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
+def one_shot_add_rms_norm(
+    partials: list[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused all-reduce + add + RMSNorm from the ranks' partials: summed in rank order in
+    fp32 and rounded to the residual's dtype, as the kernel sums them."""
+    total = partials[0].float()
+    for p in partials[1:]:
+        total = total + p.float()
+    return fused_add_rms_norm(total.to(residual.dtype), residual, weight, eps)
+
+
+def rotary_embedding(
+    positions: torch.Tensor,  # [T] int
+    q: torch.Tensor,  # [T, H*D], rows may be strided (a view into qkv)
+    k: torch.Tensor,  # [T, KVH*D]
+    cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim]: cos | sin
+    head_dim: int,
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates the first rotary_dim dims of each head of q and k in place and returns them.
+
+    interleaved (GPT-J; GLM, ChatGLM): pair i = dims (2i, 2i+1); otherwise (NeoX; Llama, Qwen)
+    pair i = dims (i, i + R/2). Math in fp32, rounded once to the input dtype."""
+    rotary_dim = cos_sin_cache.shape[1]
+    cos, sin = cos_sin_cache.index_select(0, positions.long()).float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, R/2]: broadcast over heads
+    for x in (q, k):
+        heads = x.view(x.shape[0], -1, head_dim)[..., :rotary_dim]  # [T, H, R] view
+        rot = heads.float()
+        if interleaved:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        else:
+            x1, x2 = rot.chunk(2, dim=-1)
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        heads.copy_(out)
+    return q, k
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # x: [T, 2I] -> [T, I]
+    """silu(x[:, :I]) * x[:, I:], computed in fp32, returned in x's dtype."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(x.dtype)
+
+
+def write_kv_cache(
+    k: torch.Tensor,  # [T, KVH, D]
+    v: torch.Tensor,  # [T, KVH, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T]; -1 = padding, not stored
+) -> None:
+    """Store each new token's K/V at its slot (block slot // block_size, offset
+    slot % block_size), in place."""
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    slots = slot_mapping.long()
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def causal_attention(
+    q: torch.Tensor,  # [N, H, D]: the queries at the last N positions of the context
+    k: torch.Tensor,  # [S, KVH, D]: the whole context
+    v: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:  # [N, H, D]
+    """Attention of one sequence's last N positions over its context, causally, in fp32."""
+    n, num_heads, _ = q.shape
+    s, num_kv_heads, _ = k.shape
+    group = num_heads // num_kv_heads
+    qh = q.transpose(0, 1).float()  # [H, N, D]
+    kh = k.transpose(0, 1).float().repeat_interleave(group, dim=0)  # [H, S, D]
+    vh = v.transpose(0, 1).float().repeat_interleave(group, dim=0)
+    q_pos = torch.arange(s - n, s, device=q.device)[:, None]
+    k_pos = torch.arange(s, device=q.device)[None, :]
+    mask = k_pos <= q_pos  # [N, S]
+    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    return o.transpose(0, 1).to(q.dtype)
+
+
+def varlen_causal_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, KVH, D]
+    v: torch.Tensor,
+    query_start_loc: list[int],  # [B+1] boundaries of the sequences in the batch
+    scale: float,
+) -> torch.Tensor:  # [T, H, D]
+    """Each sequence of a flattened batch attends causally to its own tokens only (no cache)."""
+    out = torch.empty_like(q)
+    for i in range(len(query_start_loc) - 1):
+        s, e = query_start_loc[i], query_start_loc[i + 1]
+        out[s:e] = causal_attention(q[s:e], k[s:e], v[s:e], scale)
+    return out
+
+
+def _context(
+    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> torch.Tensor:  # [S, KVH, D]
+    """One sequence's first `seq_len` cached tokens, gathered through its block table."""
+    num_blocks = -(-seq_len // cache.shape[1])
+    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:seq_len]
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,  # [B+1]
+    seq_lens: torch.Tensor,  # [B], context length including the chunk
+    block_tables: torch.Tensor,  # [B, max_blocks]
+    scale: float,
+    max_query_len: int,  # accepted for the kernel's signature
+) -> torch.Tensor:  # [T, H, D]
+    """Causal attention of each sequence's new chunk over its whole paged context: query j of a
+    chunk of n sits at position seq_len - n + j. Tokens past query_start_loc[-1] come out 0."""
+    out = torch.zeros_like(q)
+    starts = query_start_loc.tolist()
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        start, end = starts[i], starts[i + 1]
+        if end == start:
+            continue
+        k = _context(k_cache, block_tables[i], seq_len)
+        v = _context(v_cache, block_tables[i], seq_len)
+        out[start:end] = causal_attention(q[start:end], k, v, scale)
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [B, H, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks]
+    seq_lens: torch.Tensor,  # [B], context length including the new token
+    scale: float,
+    out: torch.Tensor | None = None,  # [B, H, D]
+) -> torch.Tensor:  # [B, H, D]
+    """Attention of each sequence's one new query over its whole cached context; rows with
+    seq_len 0 (batch padding) come out 0."""
+    if out is None:
+        out = torch.empty_like(q)
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        if seq_len == 0:
+            out[i] = 0
+            continue
+        k = _context(k_cache, block_tables[i], seq_len)
+        v = _context(v_cache, block_tables[i], seq_len)
+        out[i : i + 1] = causal_attention(q[i : i + 1], k, v, scale)
+    return out
