@@ -38,7 +38,7 @@ def _watch_parent(parent_pid: int) -> None:
 def run_rank(args: EngineArgs) -> None:
     from flatout.engine.engine_core import resolve_device, resolve_model
     from flatout.worker import distributed
-    from flatout.worker.control import ControlChannel, WorkerState
+    from flatout.worker.control import ControlChannel
     from flatout.worker.model_runner import ModelRunner
     from flatout.worker.parallel import rank_device
 
@@ -58,15 +58,14 @@ def run_rank(args: EngineArgs) -> None:
     addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
     distributed.init_distributed(rank, world, backend, addr, port)
     runner = ModelRunner(cfg, args, device)
-    channel, state = ControlChannel(), WorkerState()
+    channel = ControlChannel()
     with torch.inference_mode():
         while True:
             msg = channel.recv()
             if msg.stop:
                 break
-            work = state.apply(msg)
-            if work:
-                runner.forward(work)
+            if msg.batch is not None and msg.batch.seqs:
+                runner.forward(msg.batch)
     distributed.destroy_distributed()
 
 
