@@ -10,6 +10,7 @@ the small dataclasses below.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -17,15 +18,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flatout.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
+from flatout.config import EngineArgs
 from flatout.engine.batch import BlockTableSync, SamplingInfo, ScheduledSeq, SchedulerOutput
 from flatout.engine.block_manager import BlockManager
 from flatout.engine.request import FinishReason, Sequence, TokenLogprobs
 from flatout.engine.scheduler import Schedule, Scheduler
-from flatout.models.registry import resolve_model_config
+from flatout.models.registry import resolve_model
 from flatout.sampling_params import SamplingParams
 from flatout.worker.model_runner import LaunchedStep, ModelRunner
-from flatout.worker.parallel import TensorParallelGroup
+from flatout.worker.parallel import TensorParallelGroup, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -60,30 +61,6 @@ class EngineStats:
     num_prefill_tokens: int = 0  # prompt (and recomputed) tokens actually computed
     num_decode_tokens: int = 0
     num_generated_tokens: int = 0
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but no CUDA device is available")
-    return torch.device(device)
-
-
-def resolve_model(args: EngineArgs, device: torch.device) -> ModelConfig:
-    model = args.model
-    if model is None:
-        from flatout.demo import demo_model_path
-
-        model = demo_model_path()
-    return resolve_model_config(
-        model,
-        dtype=args.dtype,
-        device_type=device.type,
-        max_model_len=args.max_model_len,
-        load_format=args.load_format,
-        tokenizer=args.tokenizer,
-    )
 
 
 def scheduler_output(sched: Schedule, block_tables: BlockTableSync) -> SchedulerOutput:
@@ -140,7 +117,8 @@ class EngineCore:
         self.args = args
         self.device = resolve_device(args.device)
         torch.manual_seed(args.seed)
-        self.model_config = resolve_model(args, self.device)
+        self.model_config = resolve_model(args, self.device.type)
+        config = args.resolve(self.model_config)  # every component's, before anything loads
         if self.device.type == "cuda":  # refuse what cannot fit before loading anything
             from flatout.plan import check_fits
 
@@ -150,11 +128,11 @@ class EngineCore:
         # tensor parallel: this process is rank 0; the group starts the other ranks first, and
         # the layers read their rank when the runner builds the model
         self.tp_group: TensorParallelGroup | None = None
-        if args.tensor_parallel_size > 1:
-            self.tp_group = TensorParallelGroup(args, self.model_config, self.device)
+        if config.parallel.tensor_parallel_size > 1:
+            self.tp_group = TensorParallelGroup(config, self.device)
             self.device = self.tp_group.device
         try:
-            self.runner = ModelRunner(self.model_config, args, self.device)
+            self.runner = ModelRunner(config, self.device)
         except BaseException:
             if self.tp_group is not None:
                 self.tp_group.shutdown()
@@ -162,18 +140,11 @@ class EngineCore:
         if self.tp_group is not None:
             self.tp_group.runner = self.runner
         self.load_seconds = time.monotonic() - start
-        self.cache_config = CacheConfig(
-            block_size=args.block_size,
-            num_blocks=self.runner.num_blocks,
-            enable_prefix_caching=args.enable_prefix_caching,
-        )
-        self.scheduler_config = SchedulerConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=self.model_config.max_model_len,
-        )
+        # the cache as planned by the runner
+        self.cache_config = dataclasses.replace(config.cache, num_blocks=self.runner.num_blocks)
+        self.scheduler_config = config.scheduler
         self.block_manager = BlockManager(
-            self.cache_config.num_blocks, args.block_size, args.enable_prefix_caching
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.block_tables = BlockTableSync()  # what the runner holds of each block table

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from flatout.config import EngineArgs, ModelConfig
+from flatout.config import EngineConfig
 from flatout.engine.batch import SamplingInfo, SchedulerOutput
 from flatout.layers.attention import Attention, AttentionMetadata, forward_context
 from flatout.layers.sampler import Sampler, SamplingBatch, SamplingRow
@@ -63,19 +63,20 @@ class ModelRunner:
     (control.py), runs the forward and samples; the other ranks run the same forward from the
     message (tp_worker.py) and drop the logits."""
 
-    def __init__(self, config: ModelConfig, args: EngineArgs, device: torch.device) -> None:
+    def __init__(self, engine: EngineConfig, device: torch.device) -> None:
+        config, cache, sched = engine.model, engine.cache, engine.scheduler
         self.config = config
         self.device = device
         self.dtype = TORCH_DTYPES[config.dtype]
-        self.block_size = args.block_size
+        self.block_size = cache.block_size
         self.tp_rank, self.tp_size = distributed.get_tp_rank(), distributed.get_tp_size()
         self.model: nn.Module = load_model(config, device)
         self.memory = MemoryUse()
-        if (self.tp_size > 1 and device.type == "cuda" and not args.disable_custom_all_reduce
-                and fuses_reduce(config)):
+        if (self.tp_size > 1 and device.type == "cuda"
+                and not engine.parallel.disable_custom_all_reduce and fuses_reduce(config)):
             # before sizing the KV cache, which counts its buffers as runtime memory
             distributed.init_symmetric_reduce(
-                args.max_num_seqs, config.hidden_size, self.dtype, device,
+                sched.max_num_seqs, config.hidden_size, self.dtype, device,
                 local_world=self.tp_size // num_nodes(),
             )
         if device.type == "cuda":
@@ -90,30 +91,32 @@ class ModelRunner:
         self.block_tables = BlockTables()  # every rank's copy, from each step's deltas
         # each step's device time and work (busy fraction, MBU/MFU); the peaks are measured
         # before the KV cache takes the free memory
-        peak = measure_peak(device, self.dtype, args.peak_memory_bandwidth, args.peak_flops,
-                            num_devices=args.tensor_parallel_size)
+        run = engine.runner
+        peak = measure_peak(device, self.dtype, run.peak_memory_bandwidth, run.peak_flops,
+                            num_devices=engine.parallel.tensor_parallel_size)
         self.step_clock = StepClock(StepCost.of(config), device, peak)
         self._busy_base = 0.0  # step seconds at the last reset_busy_time()
         # every rank must hold as many blocks as the others: the scheduler plans for all of them
         self.num_blocks = distributed.min_over_ranks(
-            plan_num_blocks(self.model, self.attn_layers, args, device, self.dtype, self.memory),
+            plan_num_blocks(self.model, self.attn_layers, cache, sched, device, self.dtype,
+                            self.memory),
             device,
         )
         # rank 0 of several: broadcasts each step to the others (control.py)
         self.channel: ControlChannel | None = None
         if self.tp_size > 1 and self.tp_rank == 0:
             self.channel = ControlChannel()
-        allocate_kv_cache(self.attn_layers, self.num_blocks, args.block_size, self.dtype, device)
+        allocate_kv_cache(self.attn_layers, self.num_blocks, self.block_size, self.dtype, device)
         self.memory.kv_cache = self.num_blocks * kv_block_bytes(self.attn_layers,
-                                                                args.block_size, self.dtype)
+                                                                self.block_size, self.dtype)
         self.memory.kv_tokens = self.num_blocks * self.block_size
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not args.enforce_eager:
+        if self.device.type == "cuda" and not run.enforce_eager:
             self.graphs = DecodeGraphs(
                 self.model,
                 hidden_size=config.hidden_size,
                 dtype=self.dtype,
-                max_num_seqs=args.max_num_seqs,
+                max_num_seqs=sched.max_num_seqs,
                 max_blocks_per_seq=-(-config.max_model_len // self.block_size),
                 block_size=self.block_size,
                 device=self.device,

@@ -1,4 +1,5 @@
-"""What rank 0 sends the other tensor-parallel ranks: each step's `SchedulerOutput`, pickled.
+"""What rank 0 sends the other tensor-parallel ranks: the resolved configs at start, then each
+step's `SchedulerOutput`, pickled.
 
 Driven by the real scheduler and block manager (with preemptions and prefix hits) and the
 engine core's overlap bookkeeping: the pickled step round-trips, the block tables a worker
@@ -6,21 +7,25 @@ rebuilds from the deltas are the driver's, and its flattened inputs are the driv
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flatout.config import SchedulerConfig
+from flatout.config import EngineArgs, SchedulerConfig
 from flatout.engine.batch import BlockTableSync, SchedulerOutput
 from flatout.engine.block_manager import BlockManager
 from flatout.engine.engine_core import sampling_info, scheduler_output
 from flatout.engine.request import FinishReason, Sequence
 from flatout.engine.scheduler import Scheduler
+from flatout.models.registry import resolve_model
 from flatout.sampling_params import SamplingParams
 from flatout.worker.control import StepMessage
 from flatout.worker.input_batch import BlockTables, InputBatch
+from flatout.worker.parallel import decode_config, encode_config
 
 _ids = iter(range(10**9))
 
@@ -138,3 +143,17 @@ def test_min_tokens_ban_counts_the_pending_token() -> None:
     assert sampling_info(seq).banned_token_ids == [3]
     seq.pending.launched(0)  # a second, still on the device
     assert sampling_info(seq).banned_token_ids == []
+
+
+def test_workers_get_the_resolved_configs() -> None:
+    """Rank 0 resolves every component's config once; its workers get them as they are."""
+    args = EngineArgs(model="glm-4-9b", load_format="dummy", max_num_seqs=7, block_size=8,
+                      num_kv_blocks=100, tensor_parallel_size=2, enforce_eager=True)
+    config = args.resolve(resolve_model(args, "cpu"))
+    assert config.scheduler.max_num_seqs == 7
+    assert config.scheduler.max_model_len == config.model.max_model_len
+    assert (config.cache.block_size, config.cache.num_blocks) == (8, 100)
+    assert config.parallel.tensor_parallel_size == 2 and config.runner.enforce_eager
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.cache.block_size = 4  # type: ignore[misc]
+    assert decode_config(encode_config(config)) == config
