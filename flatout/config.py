@@ -1,5 +1,6 @@
 """Frozen configuration objects. `EngineArgs` is what users pass (LLM(...) keywords, CLI flags);
-`EngineArgs.create_configs()` resolves it into the per-component configs below."""
+`EngineArgs.resolve(model_config)` turns it into one frozen config per component (`EngineConfig`),
+built before anything is loaded; each component receives only its own."""
 
 from __future__ import annotations
 
@@ -79,13 +80,21 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
+    """The paged KV cache (model runner, block manager)."""
+
     block_size: int
-    num_blocks: int
     enable_prefix_caching: bool
+    # blocks per rank: fixed by the user, else None until the runner plans it from memory (the
+    # engine core then holds the planned count)
+    num_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory: int | None = None  # bytes for the KV cache (CPU default: 1 GiB)
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    """The batch limits (scheduler; the runner sizes its CUDA graphs and profiling by them)."""
+
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
@@ -94,6 +103,29 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    disable_custom_all_reduce: bool = False  # NCCL instead of the fused all-reduce kernel
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """How a rank runs: its device, seed, CUDA graphs and the peaks for MBU/MFU."""
+
+    device: str = "auto"
+    seed: int = 0
+    enforce_eager: bool = False
+    peak_memory_bandwidth: float | None = None
+    peak_flops: float | None = None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every component's config, resolved once (by rank 0; pickled to the other ranks)."""
+
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    runner: RunnerConfig
 
 
 @dataclass(frozen=True)
@@ -147,6 +179,27 @@ class EngineArgs:
                 raise bad(name, "must be > 0")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise bad("load_format", "must be auto, safetensors or dummy")
+
+    def resolve(self, model: ModelConfig) -> EngineConfig:
+        """The components' configs, given the model's (resolved from the checkpoint)."""
+        return EngineConfig(
+            model=model,
+            cache=CacheConfig(
+                block_size=self.block_size,
+                enable_prefix_caching=self.enable_prefix_caching,
+                num_blocks=self.num_kv_blocks,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                kv_cache_memory=self.kv_cache_memory,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=self.max_num_batched_tokens,
+                max_model_len=model.max_model_len,
+            ),
+            parallel=ParallelConfig(self.tensor_parallel_size, self.disable_custom_all_reduce),
+            runner=RunnerConfig(self.device, self.seed, self.enforce_eager,
+                                self.peak_memory_bandwidth, self.peak_flops),
+        )
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -10,6 +10,7 @@ the small dataclasses below.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -17,14 +18,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flatout.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
+from flatout.config import EngineArgs
+from flatout.engine.batch import BlockTableSync, SamplingInfo, ScheduledSeq, SchedulerOutput
 from flatout.engine.block_manager import BlockManager
 from flatout.engine.request import FinishReason, Sequence, TokenLogprobs
-from flatout.engine.scheduler import Scheduler, SchedulerOutput
-from flatout.models.registry import resolve_model_config
+from flatout.engine.scheduler import Schedule, Scheduler
+from flatout.models.registry import resolve_model
 from flatout.sampling_params import SamplingParams
 from flatout.worker.model_runner import LaunchedStep, ModelRunner
-from flatout.worker.parallel import TensorParallelGroup
+from flatout.worker.parallel import TensorParallelGroup, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -61,28 +63,53 @@ class EngineStats:
     num_generated_tokens: int = 0
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but no CUDA device is available")
-    return torch.device(device)
+def scheduler_output(sched: Schedule, block_tables: BlockTableSync) -> SchedulerOutput:
+    """The runner's view of a step: each sequence's inputs, block-table delta and sampling."""
+    rows = []
+    for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
+        start = seq.num_computed_tokens
+        known = seq.token_ids[start : start + n]
+        pending_row = seq.pending.row if len(known) < n else None
+        is_new, blocks = block_tables.delta(seq.seq_id, seq.block_table)
+        sample = start + n == seq.num_tokens + seq.num_pending_tokens
+        rows.append(ScheduledSeq(seq.seq_id, start, known, pending_row, is_new, blocks, sample,
+                                 sampling_info(seq) if sample else None))
+    return SchedulerOutput(rows, block_tables.take_finished())
 
 
-def resolve_model(args: EngineArgs, device: torch.device) -> ModelConfig:
-    model = args.model
-    if model is None:
-        from flatout.demo import demo_model_path
-
-        model = demo_model_path()
-    return resolve_model_config(
-        model,
-        dtype=args.dtype,
-        device_type=device.type,
-        max_model_len=args.max_model_len,
-        load_format=args.load_format,
-        tokenizer=args.tokenizer,
+# -- the token-level stop rules ---------------------------------------------------------------
+def sampling_info(seq: Sequence) -> SamplingInfo:
+    """How to sample the sequence's next token; under min_tokens its stop ids are banned (the
+    ban `check_stop` relies on: it lets a stop id end the output only from min_tokens on)."""
+    p = seq.params
+    banned: list[int] = []
+    if seq.num_generated_tokens < p.min_tokens:  # counts the pending token
+        banned = list(p.stop_token_ids or [])
+        if not p.ignore_eos:
+            banned += seq.eos_token_ids
+    return SamplingInfo(
+        params=p,
+        prompt_token_ids=seq.prompt_token_ids,
+        output_token_ids=seq.output_token_ids,
+        banned_token_ids=banned,
+        seed=None if p.seed is None else p.seed + seq.index,
     )
+
+
+def check_stop(seq: Sequence, token: int, max_model_len: int) -> FinishReason | None:
+    """The reason `token`, just appended to `seq`, ends it (None: it goes on)."""
+    p = seq.params
+    if seq.num_output_tokens >= p.min_tokens:
+        if token in p.stop_token_ids:  # type: ignore[operator]
+            seq.stop_reason = token
+            return FinishReason.STOP
+        if not p.ignore_eos and token in seq.eos_token_ids:
+            return FinishReason.STOP
+    if seq.num_output_tokens >= seq.max_tokens:
+        return FinishReason.LENGTH
+    if seq.num_tokens >= max_model_len:
+        return FinishReason.LENGTH
+    return None
 
 
 class EngineCore:
@@ -90,7 +117,8 @@ class EngineCore:
         self.args = args
         self.device = resolve_device(args.device)
         torch.manual_seed(args.seed)
-        self.model_config = resolve_model(args, self.device)
+        self.model_config = resolve_model(args, self.device.type)
+        config = args.resolve(self.model_config)  # every component's, before anything loads
         if self.device.type == "cuda":  # refuse what cannot fit before loading anything
             from flatout.plan import check_fits
 
@@ -100,11 +128,11 @@ class EngineCore:
         # tensor parallel: this process is rank 0; the group starts the other ranks first, and
         # the layers read their rank when the runner builds the model
         self.tp_group: TensorParallelGroup | None = None
-        if args.tensor_parallel_size > 1:
-            self.tp_group = TensorParallelGroup(args, self.model_config, self.device)
+        if config.parallel.tensor_parallel_size > 1:
+            self.tp_group = TensorParallelGroup(config, self.device)
             self.device = self.tp_group.device
         try:
-            self.runner = ModelRunner(self.model_config, args, self.device)
+            self.runner = ModelRunner(config, self.device)
         except BaseException:
             if self.tp_group is not None:
                 self.tp_group.shutdown()
@@ -112,24 +140,19 @@ class EngineCore:
         if self.tp_group is not None:
             self.tp_group.stop_workers = self.runner.shutdown
         self.load_seconds = time.monotonic() - start
-        self.cache_config = CacheConfig(
-            block_size=args.block_size,
-            num_blocks=self.runner.num_blocks,
-            enable_prefix_caching=args.enable_prefix_caching,
-        )
-        self.scheduler_config = SchedulerConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=self.model_config.max_model_len,
-        )
+        # the cache as planned by the runner
+        self.cache_config = dataclasses.replace(config.cache, num_blocks=self.runner.num_blocks)
+        self.scheduler_config = config.scheduler
         self.block_manager = BlockManager(
-            self.cache_config.num_blocks, args.block_size, args.enable_prefix_caching
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        self.block_tables = BlockTableSync()  # what the runner holds of each block table
         self.seqs: dict[str, list[Sequence]] = {}  # request id -> its sequences
         self.stats = EngineStats()
         self._seq_ids = itertools.count()
-        self._in_flight: LaunchedStep | None = None  # launched, its tokens not read back yet
+        # launched, its tokens not read back yet, and the sequences of its sampled rows
+        self._in_flight: tuple[LaunchedStep, list[Sequence]] | None = None
 
     def shutdown(self) -> None:
         """Stop the other tensor-parallel ranks, if any (idempotent; also runs at exit)."""
@@ -180,20 +203,26 @@ class EngineCore:
         that stops at step N has also run in step N+1; that token is dropped. The outputs
         returned are those of the step before the one launched."""
         sched = self.scheduler.schedule()
+        for seq in sched.preempted:
+            self.block_tables.reset(seq.seq_id)
         launched = None
         if not sched.is_empty:
-            launched = self.runner.launch(sched)
+            batch = scheduler_output(sched, self.block_tables)
+            step = self.runner.launch(batch)
             self.scheduler.update_computed(sched)
             self._count(sched)
-            if launched is not None:
-                for seq in launched.seqs:
-                    seq.num_pending_tokens += 1
+            if step is not None:
+                sampled = [seq for seq, row in zip(sched.seqs, batch.seqs, strict=True)
+                           if row.sample]
+                for i, seq in enumerate(sampled):
+                    seq.pending.launched(i)
+                launched = step, sampled
         previous, self._in_flight = self._in_flight, launched
         if previous is None:
             return []
-        return self._collect(previous)
+        return self._collect(*previous)
 
-    def _count(self, sched: SchedulerOutput) -> None:
+    def _count(self, sched: Schedule) -> None:
         st = self.stats
         st.num_steps += 1
         for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
@@ -202,13 +231,12 @@ class EngineCore:
             else:
                 st.num_prefill_tokens += n
 
-    def _collect(self, launched: LaunchedStep) -> list[EngineCoreOutput]:
+    def _collect(self, launched: LaunchedStep, seqs: list[Sequence]) -> list[EngineCoreOutput]:
         outputs = []
         st = self.stats
         now = time.monotonic()
-        for tok in self.runner.collect(launched):
-            seq = tok.seq
-            seq.num_pending_tokens -= 1
+        for seq, tok in zip(seqs, self.runner.collect(launched), strict=True):
+            seq.pending.collected()
             if seq.is_finished:  # stopped (or aborted) while this step ran: drop its token
                 continue
             seq.token_ids.append(tok.token_id)
@@ -223,7 +251,7 @@ class EngineCore:
                 out.queue_time = seq.first_scheduled_time - seq.arrival_time
             if tok.logprob is not None:
                 out.new_logprobs = [TokenLogprobs(tok.token_id, tok.logprob, tok.top or {})]
-            reason = self._check_stop(seq, tok.token_id)
+            reason = check_stop(seq, tok.token_id, self.model_config.max_model_len)
             if reason is not None:
                 self._finish(seq, reason)
                 out.finish_reason, out.stop_reason = reason, seq.stop_reason
@@ -232,23 +260,9 @@ class EngineCore:
             self._forget_if_done(rid)
         return outputs
 
-    def _check_stop(self, seq: Sequence, token: int) -> FinishReason | None:
-        p = seq.params
-        if seq.num_output_tokens >= p.min_tokens:
-            if token in p.stop_token_ids:  # type: ignore[operator]
-                seq.stop_reason = token
-                return FinishReason.STOP
-            if not p.ignore_eos and token in seq.eos_token_ids:
-                return FinishReason.STOP
-        if seq.num_output_tokens >= seq.max_tokens:
-            return FinishReason.LENGTH
-        if seq.num_tokens >= self.model_config.max_model_len:
-            return FinishReason.LENGTH
-        return None
-
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(seq, reason)
-        self.runner.release(seq)
+        self.block_tables.finish(seq.seq_id)
 
     def _forget_if_done(self, request_id: str) -> None:
         seqs = self.seqs.get(request_id)

@@ -33,6 +33,30 @@ class TokenLogprobs:
     text: str | None = None
 
 
+@dataclass
+class PendingToken:
+    """The overlap scheduling's pending token of one sequence, kept in one place.
+
+    The engine launches step N+1 before it reads step N's sampled tokens back (so the device
+    never waits for the host), so a sequence may have tokens sampled on the device that are not
+    in its `token_ids` yet. `count` says how many (at most one whenever the scheduler runs), and
+    `row` where the latest one is: its row among the sampled tokens of the step that sampled it,
+    which the next step reads on the device. The engine core calls `launched` when a step that
+    samples the sequence is queued and `collected` when that token is read back."""
+
+    count: int = 0
+    row: int | None = None
+
+    def launched(self, row: int) -> None:
+        self.count += 1
+        self.row = row
+
+    def collected(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self.row = None
+
+
 @dataclass(eq=False)
 class Sequence:
     """One generated continuation. A request with n > 1 owns n sequences.
@@ -40,11 +64,7 @@ class Sequence:
     Invariant: `num_computed_tokens <= num_tokens + num_pending_tokens`; tokens
     [0, num_computed_tokens) have their K/V in the blocks of `block_table` (or will have, once
     the step in flight finishes). A sequence needs to compute the rest before it samples.
-
-    Pending tokens: the engine launches step N+1 before it reads step N's sampled tokens back
-    (so the GPU never waits for the host), so a sequence may have a token that was sampled on
-    the device but is not in `token_ids` yet. Step N+1 reads it on the device; the engine
-    appends it when step N is collected. At most one is pending whenever the scheduler runs.
+    Tokens sampled but not read back yet are counted by `pending` (see `PendingToken`).
     """
 
     seq_id: int
@@ -58,7 +78,7 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
-    num_pending_tokens: int = 0  # sampled on the device, not yet in token_ids
+    pending: PendingToken = field(default_factory=PendingToken)  # sampled, not in token_ids
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache on admission
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks
@@ -87,6 +107,10 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_pending_tokens(self) -> int:
+        return self.pending.count
 
     @property
     def num_output_tokens(self) -> int:

@@ -22,8 +22,9 @@ from flatout.engine.request import FinishReason, Sequence, SequenceStatus
 
 
 @dataclass
-class SchedulerOutput:
-    """What to compute this step: for each sequence, how many of its uncomputed tokens."""
+class Schedule:
+    """What to compute this step: for each sequence, how many of its uncomputed tokens (the
+    engine core turns it into the runner's `SchedulerOutput`, engine/batch.py)."""
 
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
@@ -63,8 +64,8 @@ class Scheduler:
         return len(self.running)
 
     # -- one step ---------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+    def schedule(self) -> Schedule:
+        out = Schedule()
         budget = self.config.max_num_batched_tokens
         bm = self.block_manager
         scheduled: set[int] = set()
@@ -142,7 +143,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     # -- after the step ---------------------------------------------------------------------
-    def update_computed(self, out: SchedulerOutput) -> None:
+    def update_computed(self, out: Schedule) -> None:
         """Record that the scheduled tokens are computed (or being computed: the step is
         launched); cache newly full blocks whose tokens are all known."""
         for seq, n in zip(out.seqs, out.num_new_tokens, strict=True):

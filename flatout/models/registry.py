@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from flatout.config import ModelConfig
+from flatout.config import EngineArgs, ModelConfig
 from flatout.models.decoder import CausalLM
 from flatout.models.hf_config import CHATGLM_ARCHITECTURES, eos_list, parse_hf_config
 from flatout.models.loader import init_dummy_weights, load_safetensors_weights
@@ -28,6 +28,23 @@ _GREEDY_IGNORED = ("temperature", "top_p", "top_k", "min_p")
 
 def weight_names_for(architecture: str) -> WeightNameMap:
     return CHATGLM_WEIGHT_NAMES if architecture in CHATGLM_ARCHITECTURES else HF_WEIGHT_NAMES
+
+
+def resolve_model(args: EngineArgs, device_type: str) -> ModelConfig:
+    """The model config of the engine arguments' model (the demo model when none is named)."""
+    model = args.model
+    if model is None:
+        from flatout.demo import demo_model_path
+
+        model = demo_model_path()
+    return resolve_model_config(
+        model,
+        dtype=args.dtype,
+        device_type=device_type,
+        max_model_len=args.max_model_len,
+        load_format=args.load_format,
+        tokenizer=args.tokenizer,
+    )
 
 
 def resolve_model_config(

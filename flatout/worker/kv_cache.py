@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from flatout.config import EngineArgs
+from flatout.config import CacheConfig, SchedulerConfig
 from flatout.layers.attention import Attention, AttentionMetadata, forward_context
 
 CPU_DEFAULT_KV_CACHE_MEMORY = 1 << 30
@@ -45,29 +45,30 @@ def kv_block_bytes(attn_layers: list[Attention], block_size: int, dtype: torch.d
     return per_token * block_size
 
 
-def plan_num_blocks(model: nn.Module, attn_layers: list[Attention], args: EngineArgs,
-                    device: torch.device, dtype: torch.dtype, memory: MemoryUse) -> int:
+def plan_num_blocks(model: nn.Module, attn_layers: list[Attention], cache: CacheConfig,
+                    sched: SchedulerConfig, device: torch.device, dtype: torch.dtype,
+                    memory: MemoryUse) -> int:
     """Blocks this rank can hold; on a GPU records the activation peak and runtime memory."""
-    block_bytes = kv_block_bytes(attn_layers, args.block_size, dtype)
-    if args.num_kv_blocks is not None:
-        return args.num_kv_blocks
+    block_bytes = kv_block_bytes(attn_layers, cache.block_size, dtype)
+    if cache.num_blocks is not None:
+        return cache.num_blocks
     if device.type != "cuda":
-        budget = args.kv_cache_memory or CPU_DEFAULT_KV_CACHE_MEMORY
+        budget = cache.kv_cache_memory or CPU_DEFAULT_KV_CACHE_MEMORY
         return max(1, budget // block_bytes)
-    if args.kv_cache_memory is not None:
-        return max(1, args.kv_cache_memory // block_bytes)
-    peak = profile_peak_memory(model, args.max_num_batched_tokens, args.max_num_seqs, device)
+    if cache.kv_cache_memory is not None:
+        return max(1, cache.kv_cache_memory // block_bytes)
+    peak = profile_peak_memory(model, sched.max_num_batched_tokens, sched.max_num_seqs, device)
     free, total = torch.cuda.mem_get_info(device)
     not_torch = (total - free) - torch.cuda.memory_reserved(device)
     memory.activations = peak - memory.weights
     memory.runtime = not_torch
-    budget = int(total * args.gpu_memory_utilization) - peak - not_torch
+    budget = int(total * cache.gpu_memory_utilization) - peak - not_torch
     num_blocks = budget // block_bytes
     if num_blocks < 1:
         raise RuntimeError(
             f"no GPU memory left for the KV cache: weights and activations take "
-            f"{peak / 2**30:.2f} GiB of {total * args.gpu_memory_utilization / 2**30:.2f} GiB "
-            f"(gpu_memory_utilization={args.gpu_memory_utilization}); raise it or lower "
+            f"{peak / 2**30:.2f} GiB of {total * cache.gpu_memory_utilization / 2**30:.2f} GiB "
+            f"(gpu_memory_utilization={cache.gpu_memory_utilization}); raise it or lower "
             f"max_num_batched_tokens"
         )
     return num_blocks

@@ -10,10 +10,10 @@ torch.distributed: NCCL on GPUs, gloo on CPU.
 from __future__ import annotations
 
 import atexit
-import dataclasses
-import json
+import base64
 import logging
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 from flatout import distributed
-from flatout.config import EngineArgs, ModelConfig
+from flatout.config import EngineConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,15 @@ def num_nodes() -> int:
     return int(os.environ.get("FLATOUT_NNODES", "1"))
 
 
+def resolve_device(device: str) -> torch.device:
+    """The device an `EngineArgs.device` string names ("auto": CUDA when there is one)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but no CUDA device is available")
+    return torch.device(device)
+
+
 def rank_device(base: torch.device, local_rank: int) -> torch.device:
     if base.type == "cuda":
         torch.cuda.set_device(local_rank)
@@ -74,12 +83,24 @@ def rank_device(base: torch.device, local_rank: int) -> torch.device:
     return base
 
 
+def encode_config(config: EngineConfig) -> str:
+    """The resolved configs as one command-line argument (pickled; rank 0 to its workers)."""
+    return base64.b64encode(pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL)).decode()
+
+
+def decode_config(text: str) -> EngineConfig:
+    config = pickle.loads(base64.b64decode(text))
+    if not isinstance(config, EngineConfig):
+        raise TypeError(f"expected an EngineConfig, got {type(config).__name__}")
+    return config
+
+
 class TensorParallelGroup:
     """Rank 0's handle on the group: spawns this node's other ranks, joins, and stops them."""
 
-    def __init__(self, args: EngineArgs, cfg: ModelConfig, device: torch.device) -> None:
-        tp = args.tensor_parallel_size
-        check_tensor_parallel(cfg, tp)
+    def __init__(self, config: EngineConfig, device: torch.device) -> None:
+        tp = config.parallel.tensor_parallel_size
+        check_tensor_parallel(config.model, tp)
         nnodes = num_nodes()
         if tp % nnodes:
             raise ValueError(f"tensor_parallel_size {tp} is not a multiple of {nnodes} nodes")
@@ -99,7 +120,7 @@ class TensorParallelGroup:
         if device.type == "cpu":  # the ranks share this node's cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.local))
         self.procs = [
-            self._spawn(args, rank, tp, rank, addr, port) for rank in range(1, self.local)
+            self._spawn(config, rank, tp, rank, addr, port) for rank in range(1, self.local)
         ]
         self.stopped = False
         # tells the other ranks to stop (rank 0's runner sends them the message), once it exists
@@ -132,9 +153,9 @@ class TensorParallelGroup:
 
     @staticmethod
     def _spawn(
-        args: EngineArgs, rank: int, world: int, local_rank: int, addr: str, port: int
+        config: EngineConfig, rank: int, world: int, local_rank: int, addr: str, port: int
     ) -> subprocess.Popen:
-        return spawn_worker(args, rank, world, local_rank, addr, port, os.getpid())
+        return spawn_worker(config, rank, world, local_rank, addr, port, os.getpid())
 
     def shutdown(self) -> None:
         """Tell the workers to stop (`stop_workers`), reap them, leave the group."""
@@ -158,11 +179,10 @@ class TensorParallelGroup:
 
 
 def spawn_worker(
-    args: EngineArgs, rank: int, world: int, local_rank: int, addr: str, port: int,
+    config: EngineConfig, rank: int, world: int, local_rank: int, addr: str, port: int,
     parent_pid: int,
 ) -> subprocess.Popen:
     env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
                MASTER_ADDR=addr, MASTER_PORT=str(port), FLATOUT_PARENT_PID=str(parent_pid))
-    cmd = [sys.executable, "-m", "flatout.worker.tp_worker",
-           "--engine-args", json.dumps(dataclasses.asdict(args))]
+    cmd = [sys.executable, "-m", "flatout.worker.tp_worker", "--config", encode_config(config)]
     return subprocess.Popen(cmd, env=env)

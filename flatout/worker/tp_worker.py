@@ -1,19 +1,19 @@
 """A tensor-parallel worker: one rank other than 0, running the forwards rank 0 broadcasts.
 
-    python -m flatout.worker.tp_worker --engine-args JSON   # RANK, WORLD_SIZE, LOCAL_RANK,
-                                                            # MASTER_ADDR, MASTER_PORT set
+    python -m flatout.worker.tp_worker --config CONFIG     # RANK, WORLD_SIZE, LOCAL_RANK,
+                                                           # MASTER_ADDR, MASTER_PORT set
     python -m flatout.worker.tp_worker --model M --tensor-parallel-size 4 \\
         --nnodes 2 --node-rank 1 --master-addr HEAD --master-port 29500   # a whole node
 
-The first form is one rank (how rank 0 starts this node's other ranks, and what any launcher
-that sets torchrun's variables can run); the second starts every rank of one non-head node of a
-multi-node group and waits for them.
+The first form is one rank, given the resolved configs pickled (how rank 0 and a node's starter
+start a node's ranks); engine flags with torchrun's variables set are one rank too (what any
+such launcher can run). The second starts every rank of one non-head node of a multi-node group
+and waits for them.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from flatout.config import EngineArgs
+from flatout.config import EngineArgs, EngineConfig
 
 log = logging.getLogger("flatout.worker")
 
@@ -35,12 +35,19 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(0)
 
 
-def run_rank(args: EngineArgs) -> None:
+def resolve(args: EngineArgs) -> EngineConfig:
+    """The configs of engine flags given to this process (rank 0 sends its workers its own)."""
+    from flatout.models.registry import resolve_model
+    from flatout.worker.parallel import resolve_device
+
+    return args.resolve(resolve_model(args, resolve_device(args.device).type))
+
+
+def run_rank(config: EngineConfig) -> None:
     from flatout import distributed
-    from flatout.engine.engine_core import resolve_device, resolve_model
-    from flatout.worker.control import ControlChannel, WorkerState
+    from flatout.worker.control import ControlChannel
     from flatout.worker.model_runner import ModelRunner
-    from flatout.worker.parallel import rank_device
+    from flatout.worker.parallel import rank_device, resolve_device
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -48,38 +55,35 @@ def run_rank(args: EngineArgs) -> None:
     parent = os.environ.get("FLATOUT_PARENT_PID")
     if parent:
         threading.Thread(target=_watch_parent, args=(int(parent),), daemon=True).start()
-    base = resolve_device(args.device)
-    device = rank_device(base, local_rank)
+    device = rank_device(resolve_device(config.runner.device), local_rank)
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    torch.manual_seed(args.seed)
-    cfg = resolve_model(args, base)
+    torch.manual_seed(config.runner.seed)
     backend = "nccl" if device.type == "cuda" else "gloo"
     addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
     distributed.init_distributed(rank, world, backend, addr, port)
-    runner = ModelRunner(cfg, args, device)
-    channel, state = ControlChannel(), WorkerState()
+    runner = ModelRunner(config, device)
+    channel = ControlChannel()
     with torch.inference_mode():
         while True:
             msg = channel.recv()
             if msg.stop:
                 break
-            work = state.apply(msg)
-            if work:
-                runner.forward(work)
+            if msg.batch is not None and msg.batch.seqs:
+                runner.forward(msg.batch)
     distributed.destroy_distributed()
 
 
-def run_node(ns: argparse.Namespace, args: EngineArgs) -> int:
+def run_node(ns: argparse.Namespace, config: EngineConfig) -> int:
     """Start every rank of node `ns.node_rank` and wait for them."""
     from flatout.worker.parallel import spawn_worker
 
-    tp = args.tensor_parallel_size
+    tp = config.parallel.tensor_parallel_size
     if tp % ns.nnodes:
         raise ValueError(f"tensor_parallel_size {tp} is not a multiple of {ns.nnodes} nodes")
     local = tp // ns.nnodes
     procs = [
-        spawn_worker(args, ns.node_rank * local + i, tp, i, ns.master_addr, ns.master_port,
+        spawn_worker(config, ns.node_rank * local + i, tp, i, ns.master_addr, ns.master_port,
                      os.getpid())
         for i in range(local)
     ]
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from flatout.cli_args import add_engine_args, engine_args_from
 
     p = argparse.ArgumentParser(prog="python -m flatout.worker.tp_worker")
-    p.add_argument("--engine-args", default=None, help="EngineArgs as JSON (one rank)")
+    p.add_argument("--config", default=None, help="resolved configs, as rank 0 sends them")
     p.add_argument("--nnodes", type=int, default=int(os.environ.get("NNODES", "1")))
     p.add_argument("--node-rank", type=int, default=int(os.environ.get("NODE_RANK", "0")))
     p.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR", "127.0.0.1"))
@@ -98,16 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_args(p)
     ns = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if ns.engine_args is not None:
-        run_rank(EngineArgs(**json.loads(ns.engine_args)))
+    if ns.config is not None:
+        from flatout.worker.parallel import decode_config
+
+        run_rank(decode_config(ns.config))
         return 0
     args = engine_args_from(ns)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        run_rank(args)  # started by torchrun or a similar launcher: this process is one rank
+        run_rank(resolve(args))  # started by torchrun or a similar launcher: one rank
         return 0
     if ns.node_rank < 1:
         raise SystemExit("node rank 0 is the engine itself: run `flatout serve` there")
-    return run_node(ns, args)
+    return run_node(ns, resolve(args))
 
 
 if __name__ == "__main__":

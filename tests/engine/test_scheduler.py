@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from flatout.config import SchedulerConfig
 from flatout.engine.block_manager import BlockManager
 from flatout.engine.request import FinishReason, Sequence
-from flatout.engine.scheduler import Scheduler, SchedulerOutput
+from flatout.engine.scheduler import Schedule, Scheduler
 from flatout.sampling_params import SamplingParams
 
 _ids = iter(range(10**9))
@@ -29,7 +29,7 @@ def make(num_blocks: int, block_size: int, budget: int, max_seqs: int) -> Schedu
     return Scheduler(SchedulerConfig(max_seqs, budget, 10_000), bm)
 
 
-def run_step(s: Scheduler) -> SchedulerOutput:
+def run_step(s: Scheduler) -> Schedule:
     """Schedule, 'compute', and append a token to every sequence that completed."""
     out = s.schedule()
     s.update_computed(out)

@@ -1,0 +1,113 @@
+"""One step as the model runner gets it: the scheduler's decisions as typed, torch-free data.
+
+The engine core turns the scheduler's choice of sequences into a `SchedulerOutput`: for each
+scheduled sequence a `ScheduledSeq` row saying which tokens to compute at which positions, the
+block ids appended to its block table since the runner last saw it, whether the row samples and,
+if so, how. The runner decides nothing from it; it flattens the rows into tensors
+(worker/input_batch.py) and runs them. Rank 0 of a tensor-parallel group pickles the same
+dataclasses to the other ranks; a row's pickle leaves out its sampling details, which only rank 0
+uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flatout.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingInfo:
+    """How rank 0 samples a row's next token (never sent to the other ranks)."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # known outputs; a pending one is added on the device
+    # ids masked out this step: the stop and EOS ids while the output is under min_tokens
+    # (the engine core's stop rules decide; the runner only applies the ban)
+    banned_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None  # the row's own generator's seed (params.seed + output index)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.params.logprobs
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence in one step: compute positions [start, start + num_tokens)."""
+
+    seq_id: int
+    start: int  # position of the first token computed this step (tokens before are cached)
+    token_ids: list[int]  # the input ids of this step that the host knows
+    # the row's last input is the token the previous step sampled and the host has not read
+    # back yet (overlap scheduling): it sits at this row of that step's sampled tokens, on the
+    # device; None: every input id is in token_ids
+    pending_row: int | None
+    # the sequence's block table starts afresh (first step, or first after a preemption) and is
+    # new_block_ids; otherwise new_block_ids extend the table the runner holds
+    is_new: bool
+    new_block_ids: list[int]
+    sample: bool  # all its tokens are computed after this step: its next token is sampled
+    sampling: SamplingInfo | None = None  # rank 0, rows that sample; never pickled
+
+    def __reduce__(self) -> tuple[type[ScheduledSeq], tuple[object, ...]]:
+        """Pickled (to the other tensor-parallel ranks) as its values without `sampling`,
+        which only rank 0 reads: a few bytes per row."""
+        return ScheduledSeq, (self.seq_id, self.start, self.token_ids, self.pending_row,
+                              self.is_new, self.new_block_ids, self.sample)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids) + (self.pending_row is not None)
+
+    @property
+    def end(self) -> int:
+        """The context length after this step (tokens with K/V in the cache)."""
+        return self.start + self.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """Everything the runner needs for one step."""
+
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    # sequences finished since the last step: the runner forgets their tables and generators
+    finished_seq_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_new_tokens(self) -> list[int]:
+        return [s.num_tokens for s in self.seqs]
+
+    @property
+    def sampled(self) -> list[ScheduledSeq]:
+        return [s for s in self.seqs if s.sample]
+
+
+class BlockTableSync:
+    """The engine side's record of how much of each sequence's block table the runner holds,
+    so that each step sends only the blocks appended since."""
+
+    def __init__(self) -> None:
+        self.num_sent: dict[int, int] = {}  # seq id -> length of the table the runner holds
+        self.finished: list[int] = []
+
+    def delta(self, seq_id: int, table: list[int]) -> tuple[bool, list[int]]:
+        """(is_new, new block ids) for a sequence scheduled with block table `table`."""
+        sent = self.num_sent.get(seq_id)
+        self.num_sent[seq_id] = len(table)
+        if sent is None:
+            return True, list(table)
+        return False, table[sent:]
+
+    def reset(self, seq_id: int) -> None:
+        """Its blocks were freed (preempted): the next table it gets is a new one."""
+        self.num_sent.pop(seq_id, None)
+
+    def finish(self, seq_id: int) -> None:
+        self.num_sent.pop(seq_id, None)
+        self.finished.append(seq_id)
+
+    def take_finished(self) -> list[int]:
+        finished, self.finished = self.finished, []
+        return finished

@@ -1,0 +1,124 @@
+"""The flattening of a scheduled step into the forward's input tensors, in one place.
+
+Every rank keeps the block tables of the sequences it runs (`BlockTables`, updated from each
+step's deltas) and turns the step's rows into one flat batch (`InputBatch`): prefill chunks and
+decodes side by side, row i's tokens at [query_start_loc[i], query_start_loc[i + 1]).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flatout.engine.batch import SchedulerOutput
+
+
+class BlockTables:
+    """A rank's copy of the block table of every sequence it has run and not seen finish."""
+
+    def __init__(self) -> None:
+        self.tables: dict[int, list[int]] = {}
+
+    def apply(self, batch: SchedulerOutput) -> list[list[int]]:
+        """Apply the step's deltas; return the block table of each row."""
+        for sid in batch.finished_seq_ids:
+            self.tables.pop(sid, None)
+        tables = []
+        for s in batch.seqs:
+            if s.is_new:
+                table = self.tables[s.seq_id] = list(s.new_block_ids)
+            else:
+                table = self.tables[s.seq_id]
+                table.extend(s.new_block_ids)
+            tables.append(table)
+        return tables
+
+
+@dataclass
+class InputBatch:
+    """One step's inputs on the host, flat (int lists)."""
+
+    input_ids: list[int]  # a pending row's last id is 0, replaced on the device
+    positions: list[int]
+    slot_mapping: list[int]  # KV-cache slot of each token: block id * block size + offset
+    logits_rows: list[int]  # flat index of each sampled row's last token
+    pending_at: list[int]  # flat indices whose token is the previous step's sampled one ...
+    pending_rows: list[int]  # ... at this row of its sampled tokens
+    query_start_loc: list[int]  # [num rows + 1]
+    seq_lens: list[int]  # context length of each row after this step
+    block_tables: list[int]  # [num rows * max_blocks], each table padded with block 0
+    max_blocks: int
+
+    @classmethod
+    def build(cls, batch: SchedulerOutput, tables: list[list[int]], block_size: int
+              ) -> InputBatch:
+        """Flatten `batch`'s rows; `tables` is each row's block table (BlockTables.apply)."""
+        bs = block_size
+        flat = cls([], [], [], [], [], [], [0], [], [], max(len(t) for t in tables))
+        for s, table in zip(batch.seqs, tables, strict=True):
+            start, end = s.start, s.end
+            flat.input_ids.extend(s.token_ids)
+            if s.pending_row is not None:
+                flat.pending_at.append(len(flat.input_ids))
+                flat.pending_rows.append(s.pending_row)
+                flat.input_ids.append(0)
+            flat.positions.extend(range(start, end))
+            flat.slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            flat.query_start_loc.append(flat.query_start_loc[-1] + s.num_tokens)
+            flat.seq_lens.append(end)
+            flat.block_tables.extend(table)
+            flat.block_tables.extend([0] * (flat.max_blocks - len(table)))
+            if s.sample:
+                flat.logits_rows.append(flat.query_start_loc[-1] - 1)
+        return flat
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def max_query_len(self) -> int:
+        q = self.query_start_loc
+        return max(b - a for a, b in zip(q, q[1:], strict=False))
+
+    def to_device(self, device: torch.device) -> DeviceInputs:
+        """Every index tensor of the step in one host-to-device copy."""
+        ids, pos, slots, rows, pend_at, pend_rows, qsl, lens, tables = upload(
+            device, self.input_ids, self.positions, self.slot_mapping, self.logits_rows,
+            self.pending_at, self.pending_rows, self.query_start_loc, self.seq_lens,
+            self.block_tables,
+        )
+        return DeviceInputs(ids, pos, slots, rows, pend_at, pend_rows, qsl, lens,
+                            tables.view(self.num_rows, self.max_blocks))
+
+
+@dataclass
+class DeviceInputs:
+    """`InputBatch` as int64 tensors on the device."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    logits_rows: torch.Tensor
+    pending_at: torch.Tensor
+    pending_rows: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor  # [num rows, max_blocks]
+
+
+def upload(device: torch.device, *lists: list[int]) -> list[torch.Tensor]:
+    """int64 device tensors of `lists`, through one pinned buffer and one asynchronous copy
+    (a copy from pageable memory would make the host wait for the device's queue)."""
+    sizes = [len(x) for x in lists]
+    flat = np.fromiter(itertools.chain.from_iterable(lists), np.int64, sum(sizes))
+    if device.type == "cuda":
+        host = torch.empty(len(flat), dtype=torch.int64, pin_memory=True)
+        host.numpy()[:] = flat
+        dev = host.to(device, non_blocking=True)
+    else:
+        dev = torch.from_numpy(flat)
+    return list(dev.split(sizes))
