@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flatout.engine.request import TokenLogprobs
+from flatout.engine.messages import TokenLogprobs
 
 
 @dataclass

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flatout.engine.detokenizer import IncrementalDetokenizer
-from flatout.engine.engine_core import EngineCoreOutput
-from flatout.engine.request import FinishReason, TokenLogprobs
+from flatout.engine.messages import EngineCoreOutput, FinishReason, TokenLogprobs
 from flatout.outputs import CompletionOutput, RequestOutput
 from flatout.sampling_params import SamplingParams
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from flatout.engine.request import TokenLogprobs
+from flatout.engine.messages import TokenLogprobs
 from flatout.outputs import RequestOutput
 from flatout.server.admission import ClientDisconnected, Outcome, Ticket
 from flatout.server.errors import OpenAIError, to_openai_error

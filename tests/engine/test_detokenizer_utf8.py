@@ -11,9 +11,8 @@ import pytest
 
 from flatout.demo import ASSETS, ENDOFTEXT_ID
 from flatout.engine.detokenizer import IncrementalDetokenizer
-from flatout.engine.engine_core import EngineCoreOutput
+from flatout.engine.messages import EngineCoreOutput, FinishReason, TokenLogprobs
 from flatout.engine.output_processor import OutputProcessor
-from flatout.engine.request import FinishReason, TokenLogprobs
 from flatout.outputs import CompletionOutput
 from flatout.sampling_params import SamplingParams
 from flatout.tokenizers import load_tokenizer
