@@ -168,10 +168,10 @@ class AsyncEngineClient:
         self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
         deadline: float | None = None, on_started: Callable[[], None] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's output after every step that advanced it, the last one with
-        finished=True. Validation errors (RequestError) raise before anything is queued.
-        Closing or cancelling the consumer (a client that went away) aborts the request in the
-        core. `deadline` (event-loop time) raises RequestTimeoutError when passed;
+        """Yield the request's delta (flatout/outputs.py) after every step that advanced it,
+        the last one with finished=True. Validation errors (RequestError) raise before anything
+        is queued. Closing or cancelling the consumer (a client that went away) aborts the
+        request in the core. `deadline` (event-loop time) raises RequestTimeoutError when passed;
         `on_started` is called once: at the first output, or at the end if none came."""
         if self.dead is not None:
             raise EngineDeadError(self.dead)

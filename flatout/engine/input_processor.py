@@ -4,11 +4,21 @@ Runs beside the caller (the offline LLM, or the server's API process); imports n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from flatout.config import ModelConfig
 from flatout.engine.messages import RequestError
 from flatout.sampling_params import SamplingParams
+
+
+@dataclass
+class ProcessedPrompt:
+    """A prompt tokenized and checked, ready to queue."""
+
+    text: str | None  # as given, when it was text
+    token_ids: list[int]
+    max_tokens: int  # resolved: the request's, or what max_model_len leaves
 
 
 class InputProcessor:
@@ -36,6 +46,11 @@ class InputProcessor:
         ):
             raise RequestError("prompt must be a string or a list of token ids")
         return None, list(prompt)
+
+    def process(self, prompt: str | list[int], params: SamplingParams) -> ProcessedPrompt:
+        """Tokenize and validate one prompt (raises RequestError)."""
+        text, ids = self.encode(prompt)
+        return ProcessedPrompt(text, ids, self.validate(ids, params))
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Check a request can ever be served; return its resolved max_tokens."""

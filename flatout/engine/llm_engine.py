@@ -10,7 +10,7 @@ from typing import Any
 
 from flatout.config import EngineArgs
 from flatout.engine.engine_core import EngineCore
-from flatout.engine.input_processor import InputProcessor, load_tokenizer_for
+from flatout.engine.input_processor import InputProcessor, ProcessedPrompt, load_tokenizer_for
 from flatout.engine.messages import EngineCoreRequest, RequestError
 from flatout.engine.output_processor import OutputProcessor
 from flatout.outputs import RequestOutput
@@ -47,17 +47,23 @@ class LLMEngine:
         """SamplingParams with the checkpoint's generation_config.json defaults."""
         return SamplingParams.from_defaults(self.model_config.generation_defaults, **overrides)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        text, ids = self.inputs.encode(prompt)
-        max_tokens = self.inputs.validate(ids, params)
+    def add_request(
+        self, request_id: str, prompt: str | list[int] | ProcessedPrompt, params: SamplingParams
+    ) -> None:
+        """Queue a prompt; one already through `self.inputs.process` is not processed again."""
+        if not isinstance(prompt, ProcessedPrompt):
+            prompt = self.inputs.process(prompt, params)
         if request_id in self.outputs.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
+        ids = prompt.token_ids
         self.core.add_request(
-            EngineCoreRequest(request_id, ids, params, max_tokens, self.inputs.eos_token_ids)
+            EngineCoreRequest(request_id, ids, params, prompt.max_tokens,
+                              self.inputs.eos_token_ids)
         )
-        self.outputs.add_request(request_id, text, ids, params)
+        self.outputs.add_request(request_id, prompt.text, ids, params)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Abort a request; returns its last delta (None if it was not running)."""
         self.core.abort(request_id)
         return self.outputs.abort(request_id)
 
@@ -65,7 +71,8 @@ class LLMEngine:
         return bool(self.outputs.requests)
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; return outputs of the requests that progressed."""
+        """Run one scheduling step; return the deltas of the requests that progressed (see
+        flatout/outputs.py)."""
         results, to_abort = self.outputs.process(self.core.step())
         for request_id, index in to_abort:
             self.core.abort(request_id, index)
