@@ -16,7 +16,7 @@ the final output."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from flatout.engine.detokenizer import IncrementalDetokenizer
@@ -73,7 +73,8 @@ class _SampleState:
             piece = text[start : min(start + len(added), visible)]
             if len(piece) < len(added) and not done:
                 break  # held back: it may begin a stop string
-            new.append(replace(lp, text=piece))  # cut where a stop string ended it
+            # cut where a stop string ended it
+            new.append(TokenLogprobs(lp.token_id, lp.logprob, lp.top, piece))
             self.settled_chars += len(piece)
             self.num_settled += 1
         return new
