@@ -89,11 +89,6 @@ class OutputAccumulator:
         self._last = delta
 
     @property
-    def started(self) -> bool:
-        """Whether any delta has come."""
-        return self._last is not None
-
-    @property
     def finished(self) -> bool:
         return self._last is not None and self._last.finished
 

@@ -49,8 +49,8 @@ async def stream_events(
     gens = generators()  # nothing runs until the merge below iterates them
     progress = RequestProgress(state, len(gens), n, arrival)
     try:
-        for choice in opening or []:
-            yield sse({**base, "choices": [choice]})
+        for first in opening or []:
+            yield sse({**base, "choices": [first]})
         done: set[int] = set()
         async for i, delta in merge(gens):
             progress.add(i, delta)
