@@ -12,8 +12,9 @@ import httpx
 from tests.server.server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
-API_MODULES = ("flatout.server.app", "flatout.server.serve", "flatout.engine.async_client",
-               "flatout.engine.messages", "flatout.engine.output_processor")
+API_MODULES = ("flatout.server.app", "flatout.server.serve", "flatout.server.stream",
+               "flatout.engine.async_client", "flatout.engine.messages",
+               "flatout.engine.output_processor")
 
 
 def test_api_modules_import_without_torch() -> None:
