@@ -114,7 +114,7 @@ def sync() -> None:
 
 def run_flatout(model: str, quick: bool) -> dict:
     from flatout import LLM, SamplingParams
-    from flatout.engine.engine_core import EngineCoreRequest
+    from flatout.engine.messages import EngineCoreRequest
 
     t0 = time.monotonic()
     llm = LLM(model, load_format="dummy", max_model_len=2048 if quick else 8192, max_num_seqs=256,

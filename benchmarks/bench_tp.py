@@ -87,7 +87,7 @@ def measure_collectives(tp: int, cfg, batches: list[int], out: Path) -> dict:  #
 
 def run_tp(model: str, part: str, quick: bool, out: Path) -> dict:
     from flatout import LLM, SamplingParams
-    from flatout.engine.engine_core import EngineCoreRequest
+    from flatout.engine.messages import EngineCoreRequest
     from flatout.models.registry import resolve_model_config
 
     batches = [1, 8] if quick else [1, 32]

@@ -8,7 +8,7 @@ from typing import Any
 
 from flatout.config import EngineArgs
 from flatout.engine.llm_engine import LLMEngine, RequestError
-from flatout.outputs import RequestOutput
+from flatout.outputs import OutputAccumulator, RequestOutput
 from flatout.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -60,32 +60,34 @@ class LLM:
                     f"got {len(params_list)} sampling params for {len(prompts)} prompts"
                 )
         engine = self.engine
-        for prompt, params in zip(prompts, params_list, strict=True):
-            _, ids = engine.inputs.encode(prompt)
-            engine.inputs.validate(ids, params)
-        request_ids = []
+        processed = [engine.inputs.process(prompt, params)
+                     for prompt, params in zip(prompts, params_list, strict=True)]
+        accumulators: dict[str, OutputAccumulator] = {}
         try:
-            for prompt, params in zip(prompts, params_list, strict=True):
+            for prompt, params in zip(processed, params_list, strict=True):
                 rid = f"offline-{next(self._ids)}"
                 engine.add_request(rid, prompt, params)
-                request_ids.append(rid)
-            return self._run(request_ids)
+                accumulators[rid] = OutputAccumulator(params.n)
+            return self._run(accumulators)
         except BaseException:
-            for rid in request_ids:
+            for rid in accumulators:
                 engine.abort_request(rid)
             raise
 
-    def _run(self, request_ids: list[str]) -> list[RequestOutput]:
-        pending = set(request_ids)
-        finished: dict[str, RequestOutput] = {}
+    def _run(self, accumulators: dict[str, OutputAccumulator]) -> list[RequestOutput]:
+        """Step until every request in `accumulators` is finished, joining their deltas."""
+        pending = set(accumulators)
         while pending:
-            for out in self.engine.step():
-                if out.finished and out.request_id in pending:
-                    finished[out.request_id] = out
-                    pending.discard(out.request_id)
+            for delta in self.engine.step():
+                acc = accumulators.get(delta.request_id)
+                if acc is None:
+                    continue
+                acc.add(delta)
+                if delta.finished:
+                    pending.discard(delta.request_id)
             if pending and not self.engine.core.has_unfinished():
                 raise RuntimeError("engine idle with requests pending")  # scheduler invariant
-        return [finished[rid] for rid in request_ids]
+        return [acc.result() for acc in accumulators.values()]
 
     def chat(
         self,

@@ -1,10 +1,17 @@
-"""What generation returns: one RequestOutput per prompt, with one CompletionOutput per sample."""
+"""What generation returns: one RequestOutput per prompt, with one CompletionOutput per sample.
+
+The output processor emits them as deltas, one per step that advanced a request: each
+CompletionOutput then holds what that step added to one sample (its new token ids, new text and
+newly settled logprobs; `finish_reason` once it ends), and only the samples that advanced are
+listed. `OutputAccumulator` joins a request's deltas into its whole output, which is what
+`LLM.generate` returns and what non-streamed responses are built from.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flatout.engine.request import TokenLogprobs
+from flatout.engine.messages import TokenLogprobs
 
 
 @dataclass
@@ -15,7 +22,7 @@ class CompletionOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop token id or stop string, if one ended it
     logprobs: list[TokenLogprobs] | None = None
-    cumulative_logprob: float | None = None
+    cumulative_logprob: float | None = None  # over all the sample's tokens so far
 
     @property
     def finished(self) -> bool:
@@ -48,3 +55,74 @@ class RequestOutput:
     @property
     def stop_reason(self) -> int | str | None:
         return self.outputs[0].stop_reason
+
+
+@dataclass
+class _Sample:
+    texts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    cumulative_logprob: float | None = None
+
+
+class OutputAccumulator:
+    """Joins the deltas of one request with `n` samples into its whole RequestOutput. Each delta
+    costs what it holds; the text is joined once, in `result`."""
+
+    def __init__(self, n: int) -> None:
+        self._samples = [_Sample() for _ in range(n)]
+        self._last: RequestOutput | None = None  # the latest delta: request-level fields
+
+    def add(self, delta: RequestOutput) -> None:
+        for o in delta.outputs:
+            s = self._samples[o.index]
+            s.texts.append(o.text)
+            s.token_ids.extend(o.token_ids)
+            if o.logprobs is not None:
+                if s.logprobs is None:
+                    s.logprobs = []
+                s.logprobs.extend(o.logprobs)
+            s.finish_reason, s.stop_reason = o.finish_reason, o.stop_reason
+            s.cumulative_logprob = o.cumulative_logprob
+        self._last = delta
+
+    @property
+    def finished(self) -> bool:
+        return self._last is not None and self._last.finished
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self._last.prompt_token_ids) if self._last is not None else 0
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return self._last.num_cached_tokens if self._last is not None else 0
+
+    def num_tokens(self) -> list[int]:
+        """Generated tokens so far, per sample."""
+        return [len(s.token_ids) for s in self._samples]
+
+    def finish_reasons(self) -> list[str | None]:
+        """Per sample: how it ended, None while it runs (or if it never started)."""
+        return [s.finish_reason for s in self._samples]
+
+    def result(self) -> RequestOutput:
+        """The whole output so far (call once a delta has come)."""
+        last = self._last
+        assert last is not None, "no output yet"
+        outs = [
+            CompletionOutput(
+                index=i, text="".join(s.texts), token_ids=list(s.token_ids),
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+                logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                cumulative_logprob=s.cumulative_logprob,
+            )
+            for i, s in enumerate(self._samples)
+        ]
+        return RequestOutput(
+            request_id=last.request_id, prompt=last.prompt,
+            prompt_token_ids=last.prompt_token_ids, outputs=outs, finished=last.finished,
+            num_cached_tokens=last.num_cached_tokens, metrics=dict(last.metrics),
+        )

@@ -39,8 +39,16 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
 
+    # the accepted ranges, checked in `validate`; the API's request bodies declare the same
+    # (server/protocol.py), so /openapi.json states them
     MAX_N = 128
     MAX_LOGPROBS = 20
+    MAX_TEMPERATURE = 100.0
+    MAX_REPETITION_PENALTY = 10.0
+    MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY]
+    MIN_TOP_K = -1  # -1 or 0: no top-k
+    MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1  # the runner's generators take 64-bit seeds
+    MAX_TOKEN_ID = 2**63 - 1  # stop token ids go into an int64 tensor
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -66,26 +74,29 @@ class SamplingParams:
         if not 1 <= integer("n") <= self.MAX_N:
             raise SamplingParamsError("n", f"must be in [1, {self.MAX_N}], got {self.n}")
         t = num("temperature")
-        if not 0.0 <= t <= 100.0:
-            raise SamplingParamsError("temperature", f"must be in [0, 100], got {t}")
+        if not 0.0 <= t <= self.MAX_TEMPERATURE:
+            raise SamplingParamsError("temperature",
+                                      f"must be in [0, {self.MAX_TEMPERATURE:g}], got {t}")
         p = num("top_p")
         if not 0.0 < p <= 1.0:
             raise SamplingParamsError("top_p", f"must be in (0, 1], got {p}")
         k = integer("top_k")
-        if k < -1:
+        if k < self.MIN_TOP_K:
             raise SamplingParamsError("top_k", f"must be -1, 0 (disabled) or >= 1, got {k}")
         mp = num("min_p")
         if not 0.0 <= mp <= 1.0:
             raise SamplingParamsError("min_p", f"must be in [0, 1], got {mp}")
         rp = num("repetition_penalty")
-        if not 0.0 < rp <= 10.0:
-            raise SamplingParamsError("repetition_penalty", f"must be in (0, 10], got {rp}")
+        if not 0.0 < rp <= self.MAX_REPETITION_PENALTY:
+            raise SamplingParamsError(
+                "repetition_penalty", f"must be in (0, {self.MAX_REPETITION_PENALTY:g}], got {rp}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = num(name)
-            if not -2.0 <= v <= 2.0:
-                raise SamplingParamsError(name, f"must be in [-2, 2], got {v}")
+            if not -self.MAX_PENALTY <= v <= self.MAX_PENALTY:
+                raise SamplingParamsError(
+                    name, f"must be in [-{self.MAX_PENALTY:g}, {self.MAX_PENALTY:g}], got {v}")
         # the runner seeds a generator with seed + sample index, which torch takes in 64 bits
-        if self.seed is not None and not -(2**63) <= integer("seed") < 2**63:
+        if self.seed is not None and not self.MIN_SEED <= integer("seed") <= self.MAX_SEED:
             raise SamplingParamsError("seed", f"must fit in 64 bits (signed), got {self.seed}")
         if self.max_tokens is not None and integer("max_tokens") < 1:
             raise SamplingParamsError("max_tokens", f"must be >= 1, got {self.max_tokens}")
@@ -100,7 +111,8 @@ class SamplingParams:
                 raise SamplingParamsError("stop", f"must be non-empty strings, got {s!r}")
         for tid in self.stop_token_ids:
             # the sampler puts them in an int64 tensor (ids past the vocabulary are ignored)
-            if isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid < 2**63:
+            if (isinstance(tid, bool) or not isinstance(tid, int)
+                    or not 0 <= tid <= self.MAX_TOKEN_ID):
                 raise SamplingParamsError("stop_token_ids", f"must be token ids >= 0, got {tid!r}")
         if self.logprobs is not None:
             lp = integer("logprobs")

@@ -2,7 +2,7 @@
 
 The API process tokenizes and validates prompts (InputProcessor), detokenizes and applies stop
 strings (OutputProcessor), and routes each request's outputs to its own asyncio queue; the core
-process (core_process.py) runs the scheduler and the model. Messages: core_client.py.
+process (core_process.py) runs the scheduler and the model. Messages: messages.py.
 
 Failures: if the core process dies (or is stopped because it stopped answering), every request in
 flight gets `EngineDeadError` at once, and `restart` can replace the process. A request the core
@@ -23,21 +23,21 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from flatout.config import EngineArgs
-from flatout.engine.core_client import (
+from flatout.engine.core_process import run_engine_core
+from flatout.engine.input_processor import InputProcessor, load_tokenizer_for
+from flatout.engine.messages import (
     AbortRequest,
     CoreFailed,
     CoreOutputs,
     CoreReady,
     CoreRejected,
     CoreStats,
+    EngineCoreRequest,
     EngineDeadError,
     EngineRequestError,
     RequestTimeoutError,
     Shutdown,
 )
-from flatout.engine.core_process import run_engine_core
-from flatout.engine.engine_core import EngineCoreRequest
-from flatout.engine.llm_engine import InputProcessor, load_tokenizer_for
 from flatout.engine.output_processor import OutputProcessor
 from flatout.outputs import RequestOutput
 from flatout.sampling_params import SamplingParams
@@ -168,10 +168,10 @@ class AsyncEngineClient:
         self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
         deadline: float | None = None, on_started: Callable[[], None] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's output after every step that advanced it, the last one with
-        finished=True. Validation errors (RequestError) raise before anything is queued.
-        Closing or cancelling the consumer (a client that went away) aborts the request in the
-        core. `deadline` (event-loop time) raises RequestTimeoutError when passed;
+        """Yield the request's delta (flatout/outputs.py) after every step that advanced it,
+        the last one with finished=True. Validation errors (RequestError) raise before anything
+        is queued. Closing or cancelling the consumer (a client that went away) aborts the
+        request in the core. `deadline` (event-loop time) raises RequestTimeoutError when passed;
         `on_started` is called once: at the first output, or at the end if none came."""
         if self.dead is not None:
             raise EngineDeadError(self.dead)

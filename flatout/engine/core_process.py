@@ -1,4 +1,4 @@
-"""The engine core process: its entry point and loop (the client side is in core_client.py).
+"""The engine core process: its entry point and loop (the client side is in async_client.py).
 
 The loop takes new requests and aborts from its inbox, runs one step, and sends the step's token
 outputs back. A request the core cannot take (`add_request` raises) is rejected on its own; only
@@ -14,18 +14,22 @@ from __future__ import annotations
 import logging
 import signal
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 from flatout.config import EngineArgs
-from flatout.engine.core_client import (
+from flatout.engine.messages import (
     AbortRequest,
     CoreFailed,
     CoreOutputs,
     CoreReady,
     CoreRejected,
+    CoreStats,
+    EngineCoreRequest,
     Shutdown,
-    _stats,
 )
-from flatout.engine.engine_core import EngineCore, EngineCoreRequest
+
+if TYPE_CHECKING:  # the API process imports this module (for the entry point) without torch
+    from flatout.engine.engine_core import EngineCore
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,8 @@ def run_engine_core(args: EngineArgs, inbox: Connection, outbox: Connection) -> 
     """Entry point of the engine core process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from flatout.engine.engine_core import EngineCore
+
     try:
         core = EngineCore(args)
     except Exception as e:  # report startup failures (bad checkpoint, OOM) to the server
@@ -70,10 +76,32 @@ def _serve(core: EngineCore, inbox: Connection, outbox: Connection) -> None:
                 elif isinstance(msg, AbortRequest):
                     core.abort(msg.request_id, msg.index)
             if not core.has_unfinished():
-                outbox.send(CoreOutputs([], _stats(core, 0)))  # idle: the pool should be free
+                outbox.send(CoreOutputs([], core_stats(core, 0)))  # idle: the pool should be free
                 continue
         outputs = core.step()
-        outbox.send(CoreOutputs(outputs, _stats(core, len(outputs))))
+        outbox.send(CoreOutputs(outputs, core_stats(core, len(outputs))))
+
+
+def core_stats(core: EngineCore, batch_size: int) -> CoreStats:
+    """The snapshot of the core's state sent with every step's outputs."""
+    bm, sched, st = core.block_manager, core.scheduler, core.stats
+    clock = core.runner.step_clock
+    return CoreStats(
+        num_running=sched.num_running,
+        num_waiting=sched.num_waiting,
+        num_used_blocks=bm.num_used_blocks,
+        num_blocks=bm.num_blocks,
+        num_preemptions=sched.num_preemptions,
+        prefix_queried_tokens=bm.num_queried_tokens,
+        prefix_hit_tokens=bm.num_hit_tokens,
+        num_prefill_tokens=st.num_prefill_tokens,
+        num_decode_tokens=st.num_decode_tokens,
+        num_steps=st.num_steps,
+        step_batch_size=batch_size,
+        step_totals=clock.totals(),
+        peak_bandwidth=clock.peak.bandwidth,
+        peak_flops=clock.peak.flops,
+    )
 
 
 def _add(core: EngineCore, req: EngineCoreRequest, outbox: Connection) -> None:

@@ -118,8 +118,13 @@ class IncrementalDetokenizer:
             self.text = self.text[: i + len(s)] if self.include_stop else self.text[:i]
             self.stopped_by = s
 
+    def visible_length(self, finished: bool) -> int:
+        """How much of `text` is safe to show: all once finished, else all but the held-back
+        tail."""
+        if finished or self.hold_back == 0:
+            return len(self.text)
+        return max(0, len(self.text) - self.hold_back)
+
     def visible_text(self, finished: bool) -> str:
         """Text safe to show: everything once finished, else all but the held-back tail."""
-        if finished or self.hold_back == 0:
-            return self.text
-        return self.text[: max(0, len(self.text) - self.hold_back)]
+        return self.text[: self.visible_length(finished)]

@@ -4,8 +4,8 @@
 token-level stop rules (EOS, stop token ids, max_tokens, max_model_len). It knows nothing of text:
 tokenization, detokenization and stop strings happen outside it (in the output processor), so
 the loop that drives the GPU never waits on them. It runs in the caller's process (offline `LLM`)
-or in a process of its own behind the server (see core_client.py); the messages in and out are
-the small dataclasses below.
+or in a process of its own behind the server (see core_process.py); the messages in and out are
+in messages.py.
 """
 
 from __future__ import annotations
@@ -14,53 +14,26 @@ import dataclasses
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from flatout.config import EngineArgs
 from flatout.engine.batch import BlockTableSync, SamplingInfo, ScheduledSeq, SchedulerOutput
 from flatout.engine.block_manager import BlockManager
-from flatout.engine.request import FinishReason, Sequence, TokenLogprobs
+from flatout.engine.messages import (
+    EngineCoreOutput,
+    EngineCoreRequest,
+    EngineStats,
+    FinishReason,
+    TokenLogprobs,
+)
+from flatout.engine.request import Sequence
 from flatout.engine.scheduler import Schedule, Scheduler
 from flatout.models.registry import resolve_model
-from flatout.sampling_params import SamplingParams
 from flatout.worker.model_runner import LaunchedStep, ModelRunner
 from flatout.worker.parallel import TensorParallelGroup, resolve_device
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineCoreRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    max_tokens: int  # resolved by the caller's validation
-    eos_token_ids: tuple[int, ...] = ()  # from the config, generation config and tokenizer
-    arrival_time: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class EngineCoreOutput:
-    """What one sequence produced in one step (only sequences that produced a token)."""
-
-    request_id: str
-    index: int
-    new_token_ids: list[int]
-    new_logprobs: list[TokenLogprobs] | None = None
-    finish_reason: FinishReason | None = None
-    stop_reason: int | str | None = None
-    num_cached_tokens: int = 0
-    queue_time: float | None = None  # seconds from arrival to first scheduling, on the 1st token
-
-
-@dataclass
-class EngineStats:
-    num_steps: int = 0
-    num_prefill_tokens: int = 0  # prompt (and recomputed) tokens actually computed
-    num_decode_tokens: int = 0
-    num_generated_tokens: int = 0
 
 
 def scheduler_output(sched: Schedule, block_tables: BlockTableSync) -> SchedulerOutput:

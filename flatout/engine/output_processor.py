@@ -3,20 +3,24 @@ stop strings, and tells the caller which sequences to abort in the core because 
 ended them. Runs beside the caller (the offline LLM, or the server's API process), never in the
 loop that drives the GPU.
 
+Outputs are deltas (see flatout/outputs.py): after each step, one RequestOutput per request that
+advanced, holding for each sample that advanced only what the step added: the new token ids, the
+new visible text and the newly settled logprobs. A step's work is proportional to what it added,
+not to the length of the output so far.
+
 A finished sequence's text is the decode of its generated tokens: bytes of an incomplete
 character still held back at the end are flushed as U+FFFD. Each logprob carries the text its
 token added (`TokenLogprobs.text`), so the logprobs' texts join to the output's text; a logprob
-is reported once its text is settled (no longer held back), so every output of a stream agrees
-with the final one."""
+is reported once its text is settled (no longer held back), so the deltas of a stream join to
+the final output."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from flatout.engine.detokenizer import IncrementalDetokenizer
-from flatout.engine.engine_core import EngineCoreOutput
-from flatout.engine.request import FinishReason, TokenLogprobs
+from flatout.engine.messages import EngineCoreOutput, FinishReason, TokenLogprobs
 from flatout.outputs import CompletionOutput, RequestOutput
 from flatout.sampling_params import SamplingParams
 
@@ -24,9 +28,11 @@ from flatout.sampling_params import SamplingParams
 @dataclass
 class _SampleState:
     detok: IncrementalDetokenizer
-    token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] | None = None  # raw, one per token
-    settled: list[TokenLogprobs] = field(default_factory=list)  # reported, with their text
+    new_token_ids: list[int] = field(default_factory=list)  # since the last delta
+    changed: bool = False  # has news for the next delta
+    num_sent_chars: int = 0  # visible text already in a delta
+    num_settled: int = 0  # logprobs already in a delta
     settled_chars: int = 0  # length of the text the settled logprobs cover
     cumulative_logprob: float = 0.0
     finish_reason: FinishReason | None = None
@@ -40,24 +46,38 @@ class _SampleState:
             reason, stop_reason = FinishReason.STOP, self.detok.stopped_by
         self.finish_reason, self.stop_reason = reason, stop_reason
 
-    def reported_logprobs(self, text: str, done: bool) -> list[TokenLogprobs] | None:
-        """The logprobs whose token's text is settled in `text` (the visible text), each with
-        that text; all of them once the sequence is done."""
+    def new_text(self, done: bool) -> str:
+        """The visible text not yet in a delta."""
+        end = self.detok.visible_length(done)
+        text = self.detok.text[self.num_sent_chars : end]
+        self.num_sent_chars = max(end, self.num_sent_chars)
+        return text
+
+    def new_logprobs(self, done: bool) -> list[TokenLogprobs] | None:
+        """The logprobs whose token's text has settled in the visible text since the last delta,
+        each with that text; all the rest once the sequence is done."""
         if self.logprobs is None:
             return None
         if self.detok.tokenizer is None:
-            return list(self.logprobs)
+            new = self.logprobs[self.num_settled :]
+            self.num_settled = len(self.logprobs)
+            return new
+        text, visible = self.detok.text, self.detok.visible_length(done)
         end = len(self.logprobs) if done else len(self.logprobs) - self.detok.num_pending
         added_texts = self.detok.token_texts  # a stop token, never given to it, adds ''
-        while len(self.settled) < end:
-            i = len(self.settled)
+        new = []
+        while self.num_settled < end:
+            i = self.num_settled
             lp, added = self.logprobs[i], added_texts[i] if i < len(added_texts) else ""
-            piece = text[self.settled_chars : self.settled_chars + len(added)]
+            start = self.settled_chars
+            piece = text[start : min(start + len(added), visible)]
             if len(piece) < len(added) and not done:
                 break  # held back: it may begin a stop string
-            self.settled.append(replace(lp, text=piece))  # cut where a stop string ended it
+            # cut where a stop string ended it
+            new.append(TokenLogprobs(lp.token_id, lp.logprob, lp.top, piece))
             self.settled_chars += len(piece)
-        return list(self.settled)
+            self.num_settled += 1
+        return new
 
 
 @dataclass
@@ -102,7 +122,7 @@ class OutputProcessor:
     def process(
         self, outputs: list[EngineCoreOutput]
     ) -> tuple[list[RequestOutput], list[tuple[str, int]]]:
-        """Returns the outputs of requests that progressed, and the (request id, index) of
+        """Returns the deltas of requests that progressed, and the (request id, index) of
         sequences a stop string ended, which the caller must abort in the core."""
         touched: dict[str, _RequestState] = {}
         to_abort: list[tuple[str, int]] = []
@@ -122,14 +142,15 @@ class OutputProcessor:
                 to_abort.append((out.request_id, out.index))
         results = []
         for req in touched.values():
-            results.append(self._make_output(req))
+            results.append(self._make_delta(req))
             if req.finished:
                 del self.requests[req.request_id]
         return results, to_abort
 
     def _apply(self, s: _SampleState, out: EngineCoreOutput) -> None:
+        s.changed = True
         for i, token in enumerate(out.new_token_ids):
-            s.token_ids.append(token)
+            s.new_token_ids.append(token)
             if out.new_logprobs is not None and s.logprobs is not None:
                 lp = out.new_logprobs[i]
                 s.logprobs.append(lp)
@@ -148,31 +169,35 @@ class OutputProcessor:
             s.finish(out.finish_reason, out.stop_reason)
 
     def abort(self, request_id: str) -> RequestOutput | None:
+        """Drop a request; its last delta ends the samples still running with 'abort'."""
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
         for s in req.samples:
             if s.finish_reason is None:
                 s.finish(FinishReason.ABORT, None)
-        return self._make_output(req)
+                s.changed = True
+        return self._make_delta(req)
 
     @staticmethod
-    def _make_output(req: _RequestState) -> RequestOutput:
+    def _make_delta(req: _RequestState) -> RequestOutput:
         outs = []
         for i, s in enumerate(req.samples):
+            if not s.changed:
+                continue
             done = s.finish_reason is not None
-            text = s.detok.visible_text(done)
             outs.append(
                 CompletionOutput(
                     index=i,
-                    text=text,
-                    token_ids=list(s.token_ids),
+                    text=s.new_text(done),
+                    token_ids=s.new_token_ids,
                     finish_reason=str(s.finish_reason) if done else None,
                     stop_reason=s.stop_reason,
-                    logprobs=s.reported_logprobs(text, done),
+                    logprobs=s.new_logprobs(done),
                     cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
                 )
             )
+            s.new_token_ids, s.changed = [], False
         return RequestOutput(
             request_id=req.request_id,
             prompt=req.prompt,

@@ -5,32 +5,16 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from flatout.engine.messages import FinishReason, TokenLogprobs
 from flatout.sampling_params import SamplingParams
+
+__all__ = ["FinishReason", "Sequence", "SequenceStatus", "TokenLogprobs"]
 
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-class FinishReason(enum.StrEnum):
-    STOP = "stop"  # EOS, a stop token id or a stop string
-    LENGTH = "length"  # max_tokens or max_model_len
-    ABORT = "abort"  # cancelled by the caller
-
-
-@dataclass
-class TokenLogprobs:
-    """Logprob of one generated token and the top alternatives (raw model distribution)."""
-
-    token_id: int
-    logprob: float
-    top: dict[int, float]  # token id -> logprob, best first
-    # the text this token added to the output's text, set by the output processor: the whole of
-    # a character goes to the token that completes it ('' for the tokens before), a stop token
-    # adds ''. None without a tokenizer.
-    text: str | None = None
 
 
 @dataclass

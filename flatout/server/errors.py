@@ -16,8 +16,12 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from flatout.engine.core_client import EngineDeadError, EngineRequestError, RequestTimeoutError
-from flatout.engine.llm_engine import RequestError
+from flatout.engine.messages import (
+    EngineDeadError,
+    EngineRequestError,
+    RequestError,
+    RequestTimeoutError,
+)
 from flatout.sampling_params import SamplingParamsError
 
 log = logging.getLogger(__name__)

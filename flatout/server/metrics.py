@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from flatout.monitor.nvml import Nvml
 from flatout.monitor.utilization import UtilizationCollector
-from flatout.outputs import RequestOutput
+from flatout.outputs import OutputAccumulator, RequestOutput
 
 prom.disable_created_metrics()
 
@@ -85,7 +85,7 @@ class ServerMetrics:
 
 
 class RequestTracker:
-    """Observes one request's outputs as they arrive; `finish` once at the end."""
+    """Observes one request's deltas as they arrive; `finish` once at the end."""
 
     def __init__(self, metrics: ServerMetrics, arrival: float) -> None:
         self.m = metrics
@@ -93,44 +93,42 @@ class RequestTracker:
         self.first_token: float | None = None
         self.num_prompt_tokens = 0
         self.num_generated = 0
-        self.max_sample_tokens = 0
         self.finished = False
 
-    def observe(self, out: RequestOutput) -> None:
+    def observe(self, delta: RequestOutput) -> None:
         now = time.monotonic()
         if self.first_token is None and not self.num_prompt_tokens:
-            self.num_prompt_tokens = len(out.prompt_token_ids)
+            self.num_prompt_tokens = len(delta.prompt_token_ids)
             self.m.prompt_tokens.inc(self.num_prompt_tokens)
             self.m.request_prompt_tokens.observe(self.num_prompt_tokens)
-            queued = out.metrics.get("queue_time")
+            queued = delta.metrics.get("queue_time")
             if queued is not None:
                 self.m.queue_time.observe(queued)
-        total = sum(len(o.token_ids) for o in out.outputs)
-        if total > self.num_generated:
-            self.m.generation_tokens.inc(total - self.num_generated)
-            self.m.generation_tokens_seen += total - self.num_generated
-            self.num_generated = total
+        new = sum(len(o.token_ids) for o in delta.outputs)
+        if new > 0:
+            self.m.generation_tokens.inc(new)
+            self.m.generation_tokens_seen += new
+            self.num_generated += new
             if self.first_token is None:
                 self.first_token = now
                 self.m.ttft.observe(now - self.arrival)
-        self.max_sample_tokens = max((len(o.token_ids) for o in out.outputs), default=0)
 
-    def finish(self, last: RequestOutput | None, n: int) -> None:
-        """Record the end of the request from its last output (None: it never produced one);
-        samples without a finish reason were aborted."""
+    def finish(self, request: OutputAccumulator) -> None:
+        """Record the end of the request from its joined deltas (`request`); samples without a
+        finish reason (also those that never produced a token) were aborted."""
         if self.finished:
             return
         self.finished = True
         now = time.monotonic()
-        reasons = [o.finish_reason for o in last.outputs] if last is not None else [None] * n
-        for reason in reasons:
+        for reason in request.finish_reasons():
             self.m.request_success.labels(self.m.model_name, reason or "abort").inc()
         if self.first_token is None:
             return
         self.m.e2e.observe(now - self.arrival)
         self.m.request_generation_tokens.observe(self.num_generated)
-        if self.max_sample_tokens > 1:
-            self.m.tpot.observe((now - self.first_token) / (self.max_sample_tokens - 1))
+        max_sample_tokens = max(request.num_tokens(), default=0)
+        if max_sample_tokens > 1:
+            self.m.tpot.observe((now - self.first_token) / (max_sample_tokens - 1))
 
 
 class _EngineCollector:

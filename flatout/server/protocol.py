@@ -24,7 +24,8 @@ _ROLES: tuple[str, ...] = Role.__args__  # type: ignore[attr-defined]
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 TokenId = Annotated[int, Field(ge=0)]
-Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+SP = SamplingParams  # the ranges below are SamplingParams' own (validated there too)
+Seed = Annotated[int, Field(ge=SP.MIN_SEED, le=SP.MAX_SEED)]
 
 
 class _Body(BaseModel):
@@ -53,26 +54,26 @@ class _SamplingFields(_Body):
     """Fields both endpoints share: OpenAI's, plus the extras vLLM users send."""
 
     model: str | None = None
-    n: int = Field(1, ge=1, le=SamplingParams.MAX_N)
-    temperature: float | None = Field(None, ge=0.0, le=100.0)
+    n: int = Field(1, ge=1, le=SP.MAX_N)
+    temperature: float | None = Field(None, ge=0.0, le=SP.MAX_TEMPERATURE)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: Int64 | None = None
+    seed: Seed | None = None
     stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP)] | None = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-SP.MAX_PENALTY, le=SP.MAX_PENALTY)
+    frequency_penalty: float | None = Field(None, ge=-SP.MAX_PENALTY, le=SP.MAX_PENALTY)
     max_tokens: int | None = Field(None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM extras
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=SP.MIN_TOP_K)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=SP.MAX_REPETITION_PENALTY)
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
-    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, le=2**63 - 1)]],
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, le=SP.MAX_TOKEN_ID)]],
                               Field(max_length=MAX_STOP)] | None = None
     include_stop_str_in_output: bool | None = None
 
@@ -85,7 +86,7 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=SamplingParams.MAX_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0, le=SP.MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     # chat-template controls
@@ -113,7 +114,7 @@ PromptInput = Annotated[
 class CompletionRequest(_SamplingFields):
     prompt: PromptInput
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=SamplingParams.MAX_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0, le=SP.MAX_LOGPROBS)
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
 
@@ -145,9 +146,6 @@ def chat_sampling_fields(req: ChatCompletionRequest) -> dict[str, Any]:
         fields["max_tokens"] = req.max_completion_tokens
     if req.top_logprobs is not None and not req.logprobs:
         raise OpenAIError("top_logprobs requires logprobs to be true", param="top_logprobs")
-    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
-        raise OpenAIError(f"top_logprobs must be in [0, 20], got {req.top_logprobs}",
-                          param="top_logprobs", code="invalid_value")
     if req.logprobs:
         fields["logprobs"] = req.top_logprobs or 0
     return fields

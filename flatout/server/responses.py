@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from flatout.engine.request import TokenLogprobs
-from flatout.outputs import RequestOutput
+from flatout.engine.messages import TokenLogprobs
+from flatout.outputs import OutputAccumulator, RequestOutput
 from flatout.server.admission import ClientDisconnected, Outcome, Ticket
 from flatout.server.errors import OpenAIError, to_openai_error
 from flatout.server.state import ServerState
@@ -44,10 +44,10 @@ def sse_error(e: BaseException) -> str:
     return sse(to_openai_error(e).body())
 
 
-def usage(outputs: list[RequestOutput]) -> dict[str, Any]:
-    prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    cached = sum(o.num_cached_tokens for o in outputs)
+def usage(requests: list[OutputAccumulator]) -> dict[str, Any]:
+    prompt = sum(r.num_prompt_tokens for r in requests)
+    completion = sum(sum(r.num_tokens()) for r in requests)
+    cached = sum(r.num_cached_tokens for r in requests)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -166,10 +166,46 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientDisconnected
 
 
-def ensure_finished(out: RequestOutput | None) -> RequestOutput:
-    if out is None or not out.finished:
+class RequestProgress:
+    """The deltas of one API request's engine requests (`n` samples each) so far: joined per
+    engine request, and observed for the metrics; `finish` once at the end."""
+
+    def __init__(self, state: ServerState, num_requests: int, n: int, arrival: float) -> None:
+        self.requests = [OutputAccumulator(n) for _ in range(num_requests)]
+        self.trackers = [state.metrics.track(arrival) for _ in range(num_requests)]
+
+    def add(self, i: int, delta: RequestOutput) -> None:
+        self.trackers[i].observe(delta)
+        self.requests[i].add(delta)
+
+    def finish(self) -> None:
+        for tracker, request in zip(self.trackers, self.requests, strict=True):
+            tracker.finish(request)
+
+
+Generators = Callable[[], list[AsyncIterator[RequestOutput]]]
+
+
+async def collect(
+    state: ServerState, generators: Generators, n: int, arrival: float
+) -> list[OutputAccumulator]:
+    """Run a non-streamed request's engine requests (`generators()` starts them) to the end;
+    their joined outputs, each finished."""
+    gens = generators()
+    progress = RequestProgress(state, len(gens), n, arrival)
+    try:
+        async for i, delta in merge(gens):
+            progress.add(i, delta)
+    finally:
+        progress.finish()
+    return [ensure_finished(r) for r in progress.requests]
+
+
+def ensure_finished(request: OutputAccumulator) -> OutputAccumulator:
+    """`request` (an engine request's joined deltas); 500 if it did not finish."""
+    if not request.finished:
         raise OpenAIError("the engine ended the request without a result", status=500)
-    return out
+    return request
 
 
 class EventStream(StreamingResponse):

@@ -77,7 +77,7 @@ def _version() -> str:
 
 def run_serve(ns: argparse.Namespace) -> int:
     from flatout.engine.async_client import AsyncEngineClient
-    from flatout.engine.core_client import EngineDeadError
+    from flatout.engine.messages import EngineDeadError
 
     start = time.monotonic()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -11,26 +11,24 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from flatout.outputs import CompletionOutput, RequestOutput
+from flatout.outputs import CompletionOutput, OutputAccumulator
 from flatout.sampling_params import SamplingParams
-from flatout.server.admission import Outcome, Ticket
+from flatout.server.admission import Ticket
 from flatout.server.limits import check_prompt_chars
 from flatout.server.protocol import ChatCompletionRequest, chat_messages, chat_sampling_fields
 from flatout.server.reasoning import ReasoningStream
 from flatout.server.responses import (
-    SSE_DONE,
     EventStream,
+    Generators,
     chat_logprobs,
-    ensure_finished,
-    merge,
+    collect,
     new_id,
     now,
-    sse,
-    sse_error,
     unless_disconnected,
     usage,
 )
 from flatout.server.state import ServerState
+from flatout.server.stream import stream_events
 
 
 @dataclass
@@ -82,29 +80,17 @@ async def create_chat_completion(
         return EventStream(_stream(state, req, p, arrival, ticket), ticket)
 
     async def respond() -> Response:
-        final = await unless_disconnected(raw, _collect(state, p, arrival, ticket))
-        return JSONResponse(_response(state, req, p, final))
+        finals = await unless_disconnected(
+            raw, collect(state, _generators(state, p, ticket), p.params.n, arrival))
+        return JSONResponse(_response(state, req, p, finals[0]))
 
     return await ticket.settle(respond())
 
 
-def _generate(state: ServerState, p: _Prepared, ticket: Ticket) -> AsyncIterator[RequestOutput]:
-    return state.client.generate(p.request_id, p.prompt_token_ids, p.params,
-                                 deadline=ticket.deadline, on_started=ticket.on_started(p.params.n))
-
-
-async def _collect(
-    state: ServerState, p: _Prepared, arrival: float, ticket: Ticket
-) -> RequestOutput:
-    tracker = state.metrics.track(arrival)
-    last: RequestOutput | None = None
-    try:
-        async for _, out in merge([_generate(state, p, ticket)]):
-            tracker.observe(out)
-            last = out
-    finally:
-        tracker.finish(last, p.params.n)
-    return ensure_finished(last)
+def _generators(state: ServerState, p: _Prepared, ticket: Ticket) -> Generators:
+    return lambda: [state.client.generate(p.request_id, p.prompt_token_ids, p.params,
+                                          deadline=ticket.deadline,
+                                          on_started=ticket.on_started(p.params.n))]
 
 
 def _reasoning_stream(state: ServerState, p: _Prepared) -> ReasoningStream | None:
@@ -124,8 +110,9 @@ def _message(
 
 
 def _response(
-    state: ServerState, req: ChatCompletionRequest, p: _Prepared, out: RequestOutput
+    state: ServerState, req: ChatCompletionRequest, p: _Prepared, request: OutputAccumulator
 ) -> dict[str, Any]:
+    out = request.result()
     choices = []
     for o in out.outputs:
         choices.append({
@@ -142,73 +129,46 @@ def _response(
         "created": now(),
         "model": p.model,
         "choices": choices,
-        "usage": usage([out]),
+        "usage": usage([request]),
     }
 
 
-async def _stream(
+class _ChatChoices:
+    """A chat stream's choice fields: a `delta` message, the reasoning split out of the text."""
+
+    def __init__(self, state: ServerState, req: ChatCompletionRequest, p: _Prepared) -> None:
+        self.state, self.req, self.p = state, req, p
+        self.splitters = [_reasoning_stream(state, p) for _ in range(p.params.n)]
+
+    def render(self, k: int, o: CompletionOutput) -> tuple[dict[str, Any], bool]:
+        finished = o.finish_reason is not None
+        delta: dict[str, Any] = {}
+        reasoning, content = "", o.text
+        splitter = self.splitters[k]
+        if splitter is not None:
+            reasoning, content = splitter.feed(o.text)
+            if finished:
+                r, c = splitter.finish()
+                reasoning, content = reasoning + r, content + c
+        if reasoning and self.req.return_reasoning:
+            delta["reasoning_content"] = reasoning
+        if content:
+            delta["content"] = content
+        new_lps = o.logprobs or []
+        logprobs = (chat_logprobs(self.state, new_lps, self.p.top_logprobs)
+                    if self.req.logprobs else None)
+        return {"delta": delta, "logprobs": logprobs}, bool(delta) or bool(
+            self.req.logprobs and new_lps)
+
+
+def _stream(
     state: ServerState, req: ChatCompletionRequest, p: _Prepared, arrival: float, ticket: Ticket
 ) -> AsyncIterator[str]:
-    created = now()
-    n = p.params.n
-    base = {"id": p.request_id, "object": "chat.completion.chunk", "created": created,
+    base = {"id": p.request_id, "object": "chat.completion.chunk", "created": now(),
             "model": p.model}
-    if req.include_usage:
-        base["usage"] = None
-
-    def chunk(choice: dict[str, Any]) -> str:
-        return sse({**base, "choices": [choice]})
-
-    tracker = state.metrics.track(arrival)
-    splitters = [_reasoning_stream(state, p) for _ in range(n)]
-    sent_chars, sent_lps, done = [0] * n, [0] * n, [False] * n
-    last: RequestOutput | None = None
-    try:
-        for i in range(n):
-            yield chunk({"index": i, "delta": {"role": "assistant", "content": ""},
-                         "logprobs": None, "finish_reason": None})
-        async for _, out in merge([_generate(state, p, ticket)]):
-            tracker.observe(out)
-            last = out
-            for o in out.outputs:
-                i = o.index
-                if done[i]:
-                    continue
-                text, sent_chars[i] = o.text[sent_chars[i]:], len(o.text)
-                finished = o.finish_reason is not None
-                delta: dict[str, Any] = {}
-                reasoning, content = "", text
-                splitter = splitters[i]
-                if splitter is not None:
-                    reasoning, content = splitter.feed(text)
-                    if finished:
-                        r, c = splitter.finish()
-                        reasoning, content = reasoning + r, content + c
-                if reasoning and req.return_reasoning:
-                    delta["reasoning_content"] = reasoning
-                if content:
-                    delta["content"] = content
-                new_lps = (o.logprobs or [])[sent_lps[i]:]
-                sent_lps[i] += len(new_lps)
-                if not delta and not finished and not (req.logprobs and new_lps):
-                    continue
-                choice: dict[str, Any] = {
-                    "index": i, "delta": delta,
-                    "logprobs": chat_logprobs(state, new_lps, p.top_logprobs)
-                    if req.logprobs else None,
-                    "finish_reason": o.finish_reason if finished else None,
-                }
-                if finished:
-                    done[i] = True
-                    choice["stop_reason"] = o.stop_reason
-                yield chunk(choice)
-        if req.include_usage and last is not None:
-            yield sse({**base, "choices": [], "usage": usage([last])})
-        ticket.end(Outcome.COMPLETED)
-        yield SSE_DONE
-    except Exception as e:  # the engine died or refused the request, a timeout
-        ticket.end(Outcome.ERROR)
-        yield sse_error(e)
-        yield SSE_DONE
-    finally:
-        tracker.finish(last, p.params.n)
+    opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None} for i in range(p.params.n)]
+    return stream_events(state, _generators(state, p, ticket), p.params.n,
+                         _ChatChoices(state, req, p), base=base,
+                         include_usage=req.include_usage, ticket=ticket, arrival=arrival,
+                         opening=opening)

@@ -11,31 +11,28 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from flatout.outputs import RequestOutput
+from flatout.outputs import CompletionOutput, OutputAccumulator
 from flatout.sampling_params import SamplingParams
-from flatout.server.admission import Outcome, Ticket
+from flatout.server.admission import Ticket
 from flatout.server.errors import OpenAIError
 from flatout.server.limits import check_prompt_chars
-from flatout.server.metrics import RequestTracker
 from flatout.server.protocol import (
     CompletionRequest,
     completion_prompts,
     completion_sampling_fields,
 )
 from flatout.server.responses import (
-    SSE_DONE,
     EventStream,
+    Generators,
+    collect,
     completion_logprobs,
-    ensure_finished,
-    merge,
     new_id,
     now,
-    sse,
-    sse_error,
     unless_disconnected,
     usage,
 )
 from flatout.server.state import ServerState
+from flatout.server.stream import stream_events
 
 
 @dataclass
@@ -88,49 +85,29 @@ async def create_completion(
         return EventStream(_stream(state, req, p, arrival, ticket), ticket)
 
     async def respond() -> Response:
-        finals = await unless_disconnected(raw, _collect(state, p, arrival, ticket))
+        finals = await unless_disconnected(
+            raw, collect(state, _generators(state, p, ticket), n, arrival))
         return JSONResponse(_response(state, req, p, finals))
 
     return await ticket.settle(respond())
 
 
-def _generators(
-    state: ServerState, p: _Prepared, ticket: Ticket
-) -> list[AsyncIterator[RequestOutput]]:
+def _generators(state: ServerState, p: _Prepared, ticket: Ticket) -> Generators:
     n = p.params.n
-    return [
+    return lambda: [
         state.client.generate(p.engine_id(i), ids, p.params, deadline=ticket.deadline,
                               on_started=ticket.on_started(n))
         for i, ids in enumerate(p.prompts)
     ]
 
 
-def _finish(trackers: list[RequestTracker], last: list[RequestOutput | None], n: int) -> None:
-    for tracker, out in zip(trackers, last, strict=True):
-        tracker.finish(out, n)
-
-
-async def _collect(
-    state: ServerState, p: _Prepared, arrival: float, ticket: Ticket
-) -> list[RequestOutput]:
-    trackers = [state.metrics.track(arrival) for _ in p.prompts]
-    last: list[RequestOutput | None] = [None] * len(p.prompts)
-    try:
-        async for i, out in merge(_generators(state, p, ticket)):
-            trackers[i].observe(out)
-            last[i] = out
-    finally:
-        _finish(trackers, last, p.params.n)
-    return [ensure_finished(out) for out in last]
-
-
 def _response(
-    state: ServerState, req: CompletionRequest, p: _Prepared, finals: list[RequestOutput]
+    state: ServerState, req: CompletionRequest, p: _Prepared, finals: list[OutputAccumulator]
 ) -> dict[str, Any]:
     n = p.params.n
     top_n = req.logprobs or 0
     choices = []
-    for i, out in enumerate(finals):
+    for i, out in enumerate(r.result() for r in finals):
         for o in out.outputs:
             prefix = p.echo_texts[i]
             choices.append({
@@ -151,62 +128,38 @@ def _response(
     }
 
 
-async def _stream(
+class _CompletionChoices:
+    """A completion stream's choice fields: the new `text` (after the echoed prompt, on a
+    choice's first chunk) and its logprobs, with offsets running on from the text sent."""
+
+    def __init__(self, state: ServerState, req: CompletionRequest, p: _Prepared) -> None:
+        self.state, self.req, self.p = state, req, p
+        n = p.params.n
+        num = len(p.prompts) * n
+        self.echoed = [not p.echo_texts[k // n] for k in range(num)]
+        self.offsets = [len(p.echo_texts[k // n]) for k in range(num)]
+        # without a tokenizer the text stays empty: send a chunk per step of new tokens anyway,
+        # so that clients (and `flatout bench`) still see when each token arrived
+        self.textless = state.tokenizer is None
+
+    def render(self, k: int, o: CompletionOutput) -> tuple[dict[str, Any], bool]:
+        text = o.text
+        if not self.echoed[k]:
+            text, self.echoed[k] = self.p.echo_texts[k // self.p.params.n] + text, True
+        new_lps = o.logprobs or []
+        logprobs = None
+        if self.req.logprobs is not None:
+            logprobs = completion_logprobs(self.state, new_lps, self.req.logprobs,
+                                           self.offsets[k])
+            self.offsets[k] += sum(len(t) for t in logprobs["tokens"])
+        worth_sending = bool(text or new_lps or (self.textless and o.token_ids))
+        return {"text": text, "logprobs": logprobs}, worth_sending
+
+
+def _stream(
     state: ServerState, req: CompletionRequest, p: _Prepared, arrival: float, ticket: Ticket
 ) -> AsyncIterator[str]:
-    n = p.params.n
-    top_n = req.logprobs or 0
     base = {"id": p.request_id, "object": "text_completion", "created": now(), "model": p.model}
-    if req.include_usage:
-        base["usage"] = None
-    num = len(p.prompts) * n
-    sent_chars, sent_lps, done = [0] * num, [0] * num, [False] * num
-    sent_tokens = [0] * num
-    # without a tokenizer the text stays empty: send a chunk per step of new tokens anyway, so
-    # that clients (and `flatout bench`) still see when each token arrived
-    textless = state.tokenizer is None
-    echoed = [not p.echo_texts[k // n] for k in range(num)]
-    offsets = [len(p.echo_texts[k // n]) for k in range(num)]
-    trackers = [state.metrics.track(arrival) for _ in p.prompts]
-    last: list[RequestOutput | None] = [None] * len(p.prompts)
-    try:
-        async for i, out in merge(_generators(state, p, ticket)):
-            trackers[i].observe(out)
-            last[i] = out
-            for o in out.outputs:
-                k = i * n + o.index
-                if done[k]:
-                    continue
-                text = o.text[sent_chars[k]:]
-                if not echoed[k]:
-                    text, echoed[k] = p.echo_texts[i] + text, True
-                sent_chars[k] = len(o.text)
-                new_lps = (o.logprobs or [])[sent_lps[k]:]
-                sent_lps[k] += len(new_lps)
-                finished = o.finish_reason is not None
-                new_tokens = len(o.token_ids) - sent_tokens[k]
-                sent_tokens[k] = len(o.token_ids)
-                if not text and not finished and not new_lps and not (textless and new_tokens):
-                    continue
-                logprobs = None
-                if req.logprobs is not None:
-                    logprobs = completion_logprobs(state, new_lps, top_n, offsets[k])
-                    offsets[k] += sum(len(t) for t in logprobs["tokens"])
-                choice: dict[str, Any] = {
-                    "index": k, "text": text, "logprobs": logprobs,
-                    "finish_reason": o.finish_reason if finished else None,
-                }
-                if finished:
-                    done[k] = True
-                    choice["stop_reason"] = o.stop_reason
-                yield sse({**base, "choices": [choice]})
-        if req.include_usage:
-            yield sse({**base, "choices": [], "usage": usage([o for o in last if o])})
-        ticket.end(Outcome.COMPLETED)
-        yield SSE_DONE
-    except Exception as e:  # the engine died or refused the request, a timeout
-        ticket.end(Outcome.ERROR)
-        yield sse_error(e)
-        yield SSE_DONE
-    finally:
-        _finish(trackers, last, p.params.n)
+    return stream_events(state, _generators(state, p, ticket), p.params.n,
+                         _CompletionChoices(state, req, p), base=base,
+                         include_usage=req.include_usage, ticket=ticket, arrival=arrival)

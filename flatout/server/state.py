@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from flatout.engine.async_client import AsyncEngineClient
-from flatout.engine.core_client import CoreReady
+from flatout.engine.messages import CoreReady
 from flatout.server.admission import Admission
 from flatout.server.chat import ChatRenderer
 from flatout.server.errors import OpenAIError

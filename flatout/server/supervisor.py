@@ -23,7 +23,7 @@ from types import FrameType
 import prometheus_client as prom
 import uvicorn
 
-from flatout.engine.core_client import EngineDeadError
+from flatout.engine.messages import EngineDeadError
 from flatout.server.errors import OpenAIError
 from flatout.server.state import ServerState
 

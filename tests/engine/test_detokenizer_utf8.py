@@ -11,10 +11,9 @@ import pytest
 
 from flatout.demo import ASSETS, ENDOFTEXT_ID
 from flatout.engine.detokenizer import IncrementalDetokenizer
-from flatout.engine.engine_core import EngineCoreOutput
+from flatout.engine.messages import EngineCoreOutput, FinishReason, TokenLogprobs
 from flatout.engine.output_processor import OutputProcessor
-from flatout.engine.request import FinishReason, TokenLogprobs
-from flatout.outputs import CompletionOutput
+from flatout.outputs import CompletionOutput, OutputAccumulator
 from flatout.sampling_params import SamplingParams
 from flatout.tokenizers import load_tokenizer
 
@@ -89,8 +88,10 @@ def run_stream(
     stop_reason: int | str | None = None, chunks: list[int] | None = None,
 ) -> list[CompletionOutput]:
     """Feed `ids` through an OutputProcessor as the core would (`chunks`: tokens per step) and
-    return the sample's output after each step, up to the finished one."""
+    return the sample's output so far (its deltas joined) after each step, up to the finished
+    one."""
     proc = OutputProcessor(tok)
+    acc = OutputAccumulator(params.n)
     proc.add_request("r", PROMPT, tok.encode(PROMPT), params)
     sizes = chunks or [1] * len(ids)
     seen: list[CompletionOutput] = []
@@ -103,7 +104,8 @@ def run_stream(
                                finish_reason=finish if last else None,
                                stop_reason=stop_reason if last else None)
         results, _ = proc.process([out])
-        seen.append(results[0].outputs[0])
+        acc.add(results[0])
+        seen.append(acc.result().outputs[0])
         if seen[-1].finished:
             break
     assert seen[-1].finished and not proc.requests

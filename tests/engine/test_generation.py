@@ -152,3 +152,13 @@ def test_stop_string_across_tokens_is_held_back_while_streaming(llm: LLM) -> Non
             break
     assert detok.stopped_by == "gamma" and seen[-1] == "alpha beta "
     assert all("gam" not in s for s in seen)
+
+
+def test_generate_tokenizes_each_prompt_once(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    tok = llm.get_tokenizer()
+    calls = []
+    encode = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda *a, **kw: calls.append(a) or encode(*a, **kw))
+    outs = llm.generate([PROMPT, "x y z"], SamplingParams(temperature=0, max_tokens=2))
+    assert len(calls) == 2 and [o.prompt_token_ids for o in outs] == [encode(PROMPT),
+                                                                     encode("x y z")]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flatout import LLM, SamplingParams
-from flatout.engine.engine_core import EngineCoreRequest
+from flatout.engine.messages import EngineCoreRequest
 from tests.helpers.tiny_checkpoints import load_hf_reference, make_tiny_checkpoint
 
 

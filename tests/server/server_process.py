@@ -18,17 +18,18 @@ _STARTUP_TIMEOUT = 240.0
 
 class ServerProcess:
     """A running `flatout serve`; `url` is e.g. http://127.0.0.1:41234. With wait=False the
-    constructor returns at once (do other work while the server boots), then call wait()."""
+    constructor returns at once (do other work while the server boots), then call wait().
+    `module` is the entry point run with `python -m` (flatout's CLI unless a test wraps it)."""
 
     url: str
     model: str
 
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 wait: bool = True) -> None:
+                 wait: bool = True, module: str = "flatout.cli") -> None:
         self.log_path = log_path
         self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flatout.cli", "serve", "--port", "0", *args],
+            [sys.executable, "-m", module, "serve", "--port", "0", *args],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
             cwd=Path(__file__).resolve().parents[2],
         )

@@ -1,0 +1,64 @@
+"""The output processor's outputs are deltas: each holds only what its step added, for the
+samples that advanced, and the deltas join (OutputAccumulator) to the whole output."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from flatout.demo import ASSETS
+from flatout.engine.messages import EngineCoreOutput, FinishReason, TokenLogprobs
+from flatout.engine.output_processor import OutputProcessor
+from flatout.outputs import OutputAccumulator
+from flatout.sampling_params import SamplingParams
+from flatout.tokenizers import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok() -> Any:
+    return load_tokenizer(ASSETS)
+
+
+def _out(index: int, token: int, finish: FinishReason | None = None) -> EngineCoreOutput:
+    return EngineCoreOutput("r", index, [token], [TokenLogprobs(token, -1.0, {token: -1.0})],
+                            finish_reason=finish)
+
+
+def test_each_delta_holds_only_its_step(tok: Any) -> None:
+    ids = tok.encode("the model serves every batch so the tokens " * 20,
+                     add_special_tokens=False)
+    proc = OutputProcessor(tok)
+    proc.add_request("r", None, [1, 2], SamplingParams(max_tokens=len(ids), logprobs=0))
+    acc = OutputAccumulator(1)
+    for step, token in enumerate(ids):
+        last = step == len(ids) - 1
+        (delta,), _ = proc.process([_out(0, token, FinishReason.LENGTH if last else None)])
+        (o,) = delta.outputs
+        assert o.token_ids == [token] and len(o.logprobs or []) <= 1 + step
+        assert len(o.text) <= len(tok.decode([token])) + 8  # a step's text, not the output's
+        acc.add(delta)
+    whole = acc.result()
+    assert whole.finished and whole.text == tok.decode(ids)
+    assert whole.token_ids == ids and len(whole.outputs[0].logprobs or []) == len(ids)
+    assert "".join(lp.text or "" for lp in whole.outputs[0].logprobs or []) == whole.text
+
+
+def test_only_samples_that_advanced_are_listed(tok: Any) -> None:
+    a, b = tok.encode("alpha beta", add_special_tokens=False)[:2]
+    proc = OutputProcessor(tok)
+    proc.add_request("r", None, [1, 2], SamplingParams(n=2, max_tokens=4))
+    acc = OutputAccumulator(2)
+    (d,), _ = proc.process([_out(0, a), _out(1, a)])
+    assert [o.index for o in d.outputs] == [0, 1]
+    acc.add(d)
+    (d,), _ = proc.process([_out(1, b, FinishReason.LENGTH)])
+    assert [o.index for o in d.outputs] == [1] and d.outputs[0].finish_reason == "length"
+    assert not d.finished
+    acc.add(d)
+    d = proc.abort("r")
+    assert d is not None and [(o.index, o.finish_reason) for o in d.outputs] == [(0, "abort")]
+    acc.add(d)
+    whole = acc.result()
+    assert whole.finished and [o.token_ids for o in whole.outputs] == [[a], [a, b]]
+    assert acc.finish_reasons() == ["abort", "length"] and acc.num_tokens() == [1, 2]
