@@ -11,8 +11,7 @@ import prometheus_client as prom
 import pytest
 
 from flatout.engine.core_process import _add
-from flatout.engine.messages import EngineCoreRequest
-from flatout.engine.messages import CoreRejected, EngineRequestError
+from flatout.engine.messages import CoreRejected, EngineCoreRequest, EngineRequestError
 from flatout.sampling_params import SamplingParams
 from flatout.server.admission import Admission, ClientDisconnected, Outcome
 from flatout.server.errors import OpenAIError, to_openai_error
