@@ -29,7 +29,7 @@ from typing import Any
 from flatout.demo import ASSETS
 from flatout.engine.messages import EngineCoreOutput, TokenLogprobs
 from flatout.engine.output_processor import OutputProcessor
-from flatout.outputs import RequestOutput
+from flatout.engine.outputs import RequestOutput
 from flatout.sampling_params import SamplingParams
 from flatout.tokenizers import load_tokenizer
 

@@ -9,15 +9,15 @@ __all__ = ["LLM", "CompletionOutput", "EngineArgs", "RequestOutput", "SamplingPa
 if TYPE_CHECKING:
     __version__: str
     from flatout.config import EngineArgs
+    from flatout.engine.outputs import CompletionOutput, RequestOutput
     from flatout.llm import LLM
-    from flatout.outputs import CompletionOutput, RequestOutput
     from flatout.sampling_params import SamplingParams
 
 _WHERE = {
     "LLM": "flatout.llm",
     "EngineArgs": "flatout.config",
-    "CompletionOutput": "flatout.outputs",
-    "RequestOutput": "flatout.outputs",
+    "CompletionOutput": "flatout.engine.outputs",
+    "RequestOutput": "flatout.engine.outputs",
     "SamplingParams": "flatout.sampling_params",
 }
 

@@ -4,7 +4,10 @@ built before anything is loaded; each component receives only its own."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,3 +207,38 @@ class EngineArgs:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+
+# -- the engine flags on the command line (flatout generate / serve, the TP worker) ------------
+_HELP = {
+    "model": "checkpoint folder, or a preset name with --load-format dummy (default: demo model)",
+    "dtype": "auto, float32, bfloat16 or float16 (auto: bf16 on GPU, fp32 on CPU)",
+    "kv_cache_memory": "bytes for the KV cache (CPU default 1 GiB; GPU: sized from free memory)",
+    "num_kv_blocks": "fix the KV cache size in blocks",
+    "load_format": "auto (safetensors) or dummy (random weights, real shapes)",
+    "peak_memory_bandwidth": "device copy bandwidth in bytes/s for MBU (default: measured)",
+    "peak_flops": "device matmul FLOP/s in the model's dtype for MFU (default: measured)",
+    "disable_custom_all_reduce": "tensor parallel: all-reduce over NCCL only, not the fused "
+                                 "one-shot all-reduce + add + RMSNorm kernel over NVLink",
+}
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineArgs field, named as vLLM's (--max-num-seqs, ...)."""
+    hints = typing.get_type_hints(EngineArgs)
+    for f in dataclasses.fields(EngineArgs):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType):  # X | None
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if kind is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default,
+                help=_HELP.get(f.name),
+            )
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=_HELP.get(f.name))
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(**{name: getattr(ns, name) for name in EngineArgs.field_names()})

@@ -8,7 +8,7 @@ from typing import Any
 
 from flatout.config import EngineArgs
 from flatout.engine.llm_engine import LLMEngine, RequestError
-from flatout.outputs import OutputAccumulator, RequestOutput
+from flatout.engine.outputs import OutputAccumulator, RequestOutput
 from flatout.sampling_params import SamplingParams
 
 Prompt = str | list[int]

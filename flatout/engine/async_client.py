@@ -39,7 +39,7 @@ from flatout.engine.messages import (
     Shutdown,
 )
 from flatout.engine.output_processor import OutputProcessor
-from flatout.outputs import RequestOutput
+from flatout.engine.outputs import RequestOutput
 from flatout.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class AsyncEngineClient:
         self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
         deadline: float | None = None, on_started: Callable[[], None] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's delta (flatout/outputs.py) after every step that advanced it,
+        """Yield the request's delta (flatout/engine/outputs.py) after every step that advanced it,
         the last one with finished=True. Validation errors (RequestError) raise before anything
         is queued. Closing or cancelling the consumer (a client that went away) aborts the
         request in the core. `deadline` (event-loop time) raises RequestTimeoutError when passed;

@@ -13,7 +13,7 @@ from flatout.engine.engine_core import EngineCore
 from flatout.engine.input_processor import InputProcessor, ProcessedPrompt, load_tokenizer_for
 from flatout.engine.messages import EngineCoreRequest, RequestError
 from flatout.engine.output_processor import OutputProcessor
-from flatout.outputs import RequestOutput
+from flatout.engine.outputs import RequestOutput
 from flatout.sampling_params import SamplingParams
 
 __all__ = ["LLMEngine", "RequestError"]
@@ -72,7 +72,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; return the deltas of the requests that progressed (see
-        flatout/outputs.py)."""
+        flatout/engine/outputs.py)."""
         results, to_abort = self.outputs.process(self.core.step())
         for request_id, index in to_abort:
             self.core.abort(request_id, index)

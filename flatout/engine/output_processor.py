@@ -3,9 +3,9 @@ stop strings, and tells the caller which sequences to abort in the core because 
 ended them. Runs beside the caller (the offline LLM, or the server's API process), never in the
 loop that drives the GPU.
 
-Outputs are deltas (see flatout/outputs.py): after each step, one RequestOutput per request that
-advanced, holding for each sample that advanced only what the step added: the new token ids, the
-new visible text and the newly settled logprobs. A step's work is proportional to what it added,
+Outputs are deltas (see flatout/engine/outputs.py): after each step, one RequestOutput per request
+that advanced, holding for each sample that advanced only what the step added: the new token ids,
+the new visible text and the newly settled logprobs. A step's work is proportional to what it added,
 not to the length of the output so far.
 
 A finished sequence's text is the decode of its generated tokens: bytes of an incomplete
@@ -21,7 +21,7 @@ from typing import Any
 
 from flatout.engine.detokenizer import IncrementalDetokenizer
 from flatout.engine.messages import EngineCoreOutput, FinishReason, TokenLogprobs
-from flatout.outputs import CompletionOutput, RequestOutput
+from flatout.engine.outputs import CompletionOutput, RequestOutput
 from flatout.sampling_params import SamplingParams
 
 

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 import flatout
-from flatout.cli_args import DEFAULT_MAX_BODY_BYTES
+from flatout.server.defaults import DEFAULT_MAX_BODY_BYTES
 from flatout.server.errors import (
     OpenAIError,
     from_validation_error,

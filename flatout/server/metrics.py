@@ -15,9 +15,9 @@ from typing import Any, Literal
 import prometheus_client as prom
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from flatout.engine.outputs import OutputAccumulator, RequestOutput
 from flatout.monitor.nvml import Nvml
 from flatout.monitor.utilization import UtilizationCollector
-from flatout.outputs import OutputAccumulator, RequestOutput
 
 prom.disable_created_metrics()
 

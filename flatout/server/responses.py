@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from flatout.engine.messages import TokenLogprobs
-from flatout.outputs import OutputAccumulator, RequestOutput
+from flatout.engine.outputs import OutputAccumulator, RequestOutput
 from flatout.server.admission import ClientDisconnected, Outcome, Ticket
 from flatout.server.errors import OpenAIError, to_openai_error
 from flatout.server.state import ServerState

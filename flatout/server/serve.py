@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from flatout.cli_args import engine_args_from
+from flatout.config import engine_args_from
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

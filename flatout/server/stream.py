@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from flatout.outputs import CompletionOutput
+from flatout.engine.outputs import CompletionOutput
 from flatout.server.admission import Outcome, Ticket
 from flatout.server.responses import (
     SSE_DONE,

@@ -91,7 +91,7 @@ def run_node(ns: argparse.Namespace, config: EngineConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flatout.cli_args import add_engine_args, engine_args_from
+    from flatout.config import add_engine_args, engine_args_from
 
     p = argparse.ArgumentParser(prog="python -m flatout.worker.tp_worker")
     p.add_argument("--config", default=None, help="resolved configs, as rank 0 sends them")

@@ -13,7 +13,7 @@ from flatout.demo import ASSETS, ENDOFTEXT_ID
 from flatout.engine.detokenizer import IncrementalDetokenizer
 from flatout.engine.messages import EngineCoreOutput, FinishReason, TokenLogprobs
 from flatout.engine.output_processor import OutputProcessor
-from flatout.outputs import CompletionOutput, OutputAccumulator
+from flatout.engine.outputs import CompletionOutput, OutputAccumulator
 from flatout.sampling_params import SamplingParams
 from flatout.tokenizers import load_tokenizer
 

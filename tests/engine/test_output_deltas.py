@@ -10,7 +10,7 @@ import pytest
 from flatout.demo import ASSETS
 from flatout.engine.messages import EngineCoreOutput, FinishReason, TokenLogprobs
 from flatout.engine.output_processor import OutputProcessor
-from flatout.outputs import OutputAccumulator
+from flatout.engine.outputs import OutputAccumulator
 from flatout.sampling_params import SamplingParams
 from flatout.tokenizers import load_tokenizer
 

@@ -1,0 +1,4 @@
+"""Defaults of `flatout serve`'s own limits that the command line shows in its help: plain
+constants, so that building the parser imports none of the server's libraries."""
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # `--max-request-body-bytes`
