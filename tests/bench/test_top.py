@@ -22,6 +22,7 @@ class Traffic:
     def __init__(self, url: str) -> None:
         self.url = url
         self.stop = threading.Event()
+        self.completed = threading.Semaphore(0)  # released once per finished request
         self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(2)]
 
     def _loop(self) -> None:
@@ -32,11 +33,14 @@ class Traffic:
             with httpx.stream("POST", f"{self.url}/v1/completions", json=body, timeout=60) as r:
                 for _ in r.iter_lines():
                     pass
+            self.completed.release()
 
     def __enter__(self) -> Traffic:
         for t in self.threads:
             t.start()
-        time.sleep(1.0)
+        # the server is warm once requests finish (bounded wait, no fixed sleep)
+        for _ in range(2):
+            assert self.completed.acquire(timeout=60), "no request finished within 60 s"
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -53,7 +57,9 @@ def _value(text: str, label: str) -> float:
 
 def test_top_once_shows_a_live_server(bench_server: ServerProcess) -> None:
     with Traffic(bench_server.url):
-        proc = run_flatout("top", "--base-url", bench_server.url, "--once", "--interval", "1.5")
+        # --once compares two scrapes: the interval holds finished requests even on a loaded
+        # machine (each takes well under a second on an idle one)
+        proc = run_flatout("top", "--base-url", bench_server.url, "--once", "--interval", "3")
     assert proc.returncode == 0, proc.stderr
     screen = proc.stdout
     assert f"flatout top  {bench_server.url}" in screen
