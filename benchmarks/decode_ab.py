@@ -6,11 +6,15 @@ interleave the trees, so that both see the same GPU state):
     PYTHONPATH=NEW python benchmarks/decode_ab.py NEW after
 
 Prints `LABEL {batch: [[step ms, event-timed busy fraction], ...]}`."""
-import json, sys, time
+import json
+import sys
+
 sys.path.insert(0, sys.argv[1] + "/benchmarks")
 import torch
 from decode_timing import steady_decode
+
 from flatout import LLM, SamplingParams
+
 try:
     from flatout.engine.messages import EngineCoreRequest
 except ImportError:
@@ -24,7 +28,8 @@ for rep in range(3):
     for bs in (1, 32, 256):
         for i in range(bs):
             p = SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)
-            core.add_request(EngineCoreRequest(f"{rep}-{bs}-{i}", torch.randint(100, 150000, (512,), generator=g).tolist(), p, 80))
+            ids = torch.randint(100, 150000, (512,), generator=g).tolist()
+            core.add_request(EngineCoreRequest(f"{rep}-{bs}-{i}", ids, p, 80))
         t = steady_decode(core)
         out.setdefault(bs, []).append((round(t["step_ms"], 3), round(t["gpu_busy_events"], 3)))
 print(sys.argv[2], json.dumps(out))
