@@ -171,9 +171,9 @@ def completion_prompts(prompt: PromptInput) -> list[str | list[int]]:
     elif not prompt:
         raise OpenAIError("prompt must not be empty", param="prompt")
     elif isinstance(prompt[0], int):
-        prompts = [list(prompt)]  # type: ignore[arg-type]
+        prompts = [list(prompt)]
     else:
-        prompts = list(prompt)  # type: ignore[arg-type]
+        prompts = list(prompt)
     if len(prompts) > MAX_PROMPTS:
         raise OpenAIError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}",
                           param="prompt", code="invalid_value")
