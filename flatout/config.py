@@ -93,6 +93,13 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_memory: int | None = None  # bytes for the KV cache (CPU default: 1 GiB)
 
+    @property
+    def planned_num_blocks(self) -> int:
+        """`num_blocks` of a planned cache (the engine core's config, and the one it reports)."""
+        if self.num_blocks is None:
+            raise RuntimeError("the KV cache's number of blocks is not planned yet")
+        return self.num_blocks
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:

@@ -106,10 +106,10 @@ class SamplingParams:
             raise SamplingParamsError(
                 "min_tokens", f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"
             )
-        for s in self.stop:
+        for s in self.stop or ():
             if not isinstance(s, str) or not s:
                 raise SamplingParamsError("stop", f"must be non-empty strings, got {s!r}")
-        for tid in self.stop_token_ids:
+        for tid in self.stop_token_ids or ():
             # the sampler puts them in an int64 tensor (ids past the vocabulary are ignored)
             if (isinstance(tid, bool) or not isinstance(tid, int)
                     or not 0 <= tid <= self.MAX_TOKEN_ID):

@@ -94,7 +94,7 @@ def test_readme_sections_have_what_this_test_runs() -> None:
 
 def test_ci_runs_the_readme_test_command() -> None:
     assert readme_test_command(readme_blocks()) == (
-        'pip install torch==2.13.0 -e ".[test]" && ruff check . && lint-imports'
+        'pip install torch==2.13.0 -e ".[test]" && ruff check . && lint-imports && mypy'
         " && python -m pytest -q -x")
     assert "tests/readme_blocks.py test-command" in (ROOT / ".ci" / "run").read_text()
 

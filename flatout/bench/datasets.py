@@ -32,7 +32,9 @@ class LocalTokenizer:
         return list(self.tok.encode(text, add_special_tokens=False))
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids)
+        text = self.tok.decode(ids)
+        assert isinstance(text, str)  # one sequence of ids decodes to one string
+        return text
 
 
 class RemoteTokenizer:
@@ -110,9 +112,9 @@ def random_requests(num: int, input_len: int, output_len: int, ratio: float, see
     if tok is None:  # token ids: exact without a tokenizer (completions API)
         top = vocab_size or 1000
         pick = lambda k: [rng.randrange(min(100, top // 2), top) for _ in range(k)]  # noqa: E731
-        prefixes = [pick(prefix_len) for _ in range(num_prefixes)]
+        id_prefixes = [pick(prefix_len) for _ in range(num_prefixes)]
         for i in range(num):
-            ids = prefixes[i % num_prefixes] + pick(ins[i])
+            ids = id_prefixes[i % num_prefixes] + pick(ins[i])
             reqs.append(BenchRequest(i, ids, len(ids), outs[i]))
         return reqs
     pool = token_pool(tok, rng)

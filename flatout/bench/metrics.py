@@ -120,7 +120,7 @@ def summarize(records: list[RequestRecord], duration: float,
 def token_times(records: list[RequestRecord]) -> list[tuple[float, float]]:
     """(time since the run's start, tokens) at each chunk with text: a request's output tokens
     spread evenly over its chunks (for throughput over time)."""
-    out = []
+    out: list[tuple[float, float]] = []
     for r in records:
         if not r.success or r.output_tokens <= 0:
             continue

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 from rich.text import Text
 
@@ -138,9 +138,10 @@ def print_compare(paths: list[str], labels: list[str] | None, markdown: bool,
             console.print()
             continue
         t = Table(title=title, box=box.SIMPLE_HEAD)
-        for col, just in [("metric", "left"), (names[0], "right"), (names[1], "right"),
-                          ("change", "right")]:
-            t.add_column(col, justify=just)  # type: ignore[arg-type]
+        columns: list[tuple[str, JustifyMethod]] = [
+            ("metric", "left"), (names[0], "right"), (names[1], "right"), ("change", "right")]
+        for col, just in columns:
+            t.add_column(col, justify=just)
         for row in rows:
             t.add_row(*(Text(cell) for cell in row))
         console.print(t)

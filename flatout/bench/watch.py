@@ -122,11 +122,11 @@ class Watch:
                                          ("memory_used", "gpu_memory_used_bytes", 1.0),
                                          ("power", "gpu_power_watts", 1.0),
                                          ("sm_clock", "gpu_sm_clock_hz", 1e-6)]:
-                    for g, v in x.by_label(name, "gpu").items():
-                        per_gpu.setdefault(g, {}).setdefault(key, []).append(v * scale)
+                    for gpu, v in x.by_label(name, "gpu").items():
+                        per_gpu.setdefault(gpu, {}).setdefault(key, []).append(v * scale)
         out: dict[str, Any] = {"source": source, "gpus": {}}
-        for g, d in per_gpu.items():
-            out["gpus"][g] = {
+        for gpu, d in per_gpu.items():
+            out["gpus"][gpu] = {
                 "util_perc": _stats(d["util"]) if d.get("util") else None,
                 "memory_used_max": max(d["memory_used"]) if d.get("memory_used") else None,
                 "power_watts_mean": float(np.mean(d["power"])) if d.get("power") else None,

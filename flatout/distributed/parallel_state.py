@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 class _TensorParallelState:
     rank: int = 0
     size: int = 1
-    control_group: object | None = None
+    control_group: dist.ProcessGroup | None = None
     symmetric: SymmetricReduce | None = None  # the fused all-reduce's buffers, where enabled
 
 
@@ -85,7 +85,7 @@ def init_distributed(
     _state.control_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
 
 
-def control_group() -> object:
+def control_group() -> dist.ProcessGroup:
     assert _state.control_group is not None, "tensor parallelism is not initialised"
     return _state.control_group
 

@@ -69,10 +69,10 @@ class AsyncEngineClient:
         self.model_config = msg.model_config
         self.tokenizer = load_tokenizer_for(msg.model_config)
         cc = msg.cache_config
-        cache_tokens = cc.num_blocks * cc.block_size
+        cache_tokens = cc.planned_num_blocks * cc.block_size
         self.inputs = InputProcessor(msg.model_config, self.tokenizer, cache_tokens)
         self.outputs = OutputProcessor(self.tokenizer)
-        self.stats.num_blocks = cc.num_blocks
+        self.stats.num_blocks = cc.planned_num_blocks
         return msg
 
     def restart(self, timeout: float = 600.0) -> None:
@@ -82,7 +82,7 @@ class AsyncEngineClient:
             raise RuntimeError("restart() needs a dead engine core")
         self._stop_process()
         self._launch(timeout)
-        self.stats = CoreStats(num_blocks=self.ready.cache_config.num_blocks)
+        self.stats = CoreStats(num_blocks=self.ready.cache_config.planned_num_blocks)
 
     def _launch(self, timeout: float) -> CoreReady:
         ctx = mp.get_context("spawn")
@@ -257,9 +257,10 @@ class AsyncEngineClient:
             return
         if isinstance(msg, CoreRejected):
             self._in_core.discard(msg.request_id)
-            q = self.queues.get(msg.request_id)
-            if q is not None:
-                q.put_nowait(EngineRequestError(f"the engine refused the request: {msg.message}"))
+            rejected = self.queues.get(msg.request_id)
+            if rejected is not None:
+                rejected.put_nowait(
+                    EngineRequestError(f"the engine refused the request: {msg.message}"))
             return
         assert isinstance(msg, CoreOutputs)
         self.stats = msg.stats
@@ -274,9 +275,9 @@ class AsyncEngineClient:
         for out in results:
             if out.finished:
                 self._in_core.discard(out.request_id)
-            q = self.queues.get(out.request_id)
-            if q is not None:
-                q.put_nowait(out)
+            queue = self.queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
 
 
 def _exit_status(process: BaseProcess | None) -> str:

@@ -27,7 +27,7 @@ class LLMEngine:
         self.model_config = self.core.model_config
         self.tokenizer = load_tokenizer_for(self.model_config)
         cc = self.core.cache_config
-        cache_tokens = cc.num_blocks * cc.block_size
+        cache_tokens = cc.planned_num_blocks * cc.block_size
         self.inputs = InputProcessor(self.model_config, self.tokenizer, cache_tokens)
         self.outputs = OutputProcessor(self.tokenizer)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatout import distributed
-from flatout.layers.linear import ShardId, copy_checked, new_parameter
+from flatout.layers.linear import ShardId, copy_checked, new_parameter, set_weight_loader
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -25,7 +25,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = self.tp_rank * self.num_embeddings_per_rank
         self.vocab_end = min(self.vocab_start + self.num_embeddings_per_rank, num_embeddings)
         self.weight = new_parameter(self.num_embeddings_per_rank, embedding_dim)
-        self.weight.weight_loader = self.weight_loader
+        set_weight_loader(self.weight, self.weight_loader)
 
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId | None = None

@@ -14,6 +14,7 @@ the next norm as a `PendingReduce`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,39 @@ from flatout import distributed
 from flatout.distributed import PendingReduce
 
 ShardId = int | str
+
+
+class WeightLoader(Protocol):
+    """Copies a full checkpoint tensor (or one shard id's part of it) into a parameter."""
+
+    def __call__(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId | None = None
+    ) -> None: ...
+
+
+# attributes the layers set on their parameters, read by the checkpoint loader (models/loader.py)
+_WEIGHT_LOADER = "weight_loader"
+_SHARD_IDS = "shard_ids"
+
+
+def set_weight_loader(param: nn.Parameter, loader: WeightLoader) -> None:
+    setattr(param, _WEIGHT_LOADER, loader)
+
+
+def get_weight_loader(param: nn.Parameter) -> WeightLoader:
+    """The parameter's loader; `default_weight_loader` where its layer set none."""
+    loader: WeightLoader = getattr(param, _WEIGHT_LOADER, default_weight_loader)
+    return loader
+
+
+def set_shard_ids(param: nn.Parameter, shard_ids: tuple[ShardId, ...]) -> None:
+    setattr(param, _SHARD_IDS, shard_ids)
+
+
+def get_shard_ids(param: nn.Parameter) -> tuple[ShardId, ...]:
+    """The shard ids a fused parameter is filled from (empty: loaded whole)."""
+    shard_ids: tuple[ShardId, ...] = getattr(param, _SHARD_IDS, ())
+    return shard_ids
 
 
 def new_parameter(*shape: int) -> nn.Parameter:
@@ -60,10 +94,10 @@ class LinearBase(nn.Module):
         self.tp_rank = distributed.get_tp_rank()
         self.tp_size = distributed.get_tp_size()
         self.weight = new_parameter(out_per_rank, in_per_rank)
-        self.weight.weight_loader = self.weight_loader
+        set_weight_loader(self.weight, self.weight_loader)
         if bias:
             self.bias = new_parameter(out_per_rank)
-            self.bias.weight_loader = self.weight_loader
+            set_weight_loader(self.bias, self.weight_loader)
         else:
             self.register_parameter("bias", None)
 
@@ -96,9 +130,9 @@ class FusedColumnParallelLinear(LinearBase):
             self.parts[shard_id] = _Part(full_rows, rows, offset, index)
             offset += rows
         super().__init__(input_size, offset, bias)
-        self.weight.shard_ids = tuple(self.parts)
+        set_shard_ids(self.weight, tuple(self.parts))
         if self.bias is not None:
-            self.bias.shard_ids = tuple(self.parts)
+            set_shard_ids(self.bias, tuple(self.parts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)

@@ -7,7 +7,7 @@ from torch import nn
 
 from flatout.distributed import PendingReduce
 from flatout.kernels.ops import ops_for
-from flatout.layers.linear import default_weight_loader
+from flatout.layers.linear import default_weight_loader, set_weight_loader
 
 
 class RMSNorm(nn.Module):
@@ -21,7 +21,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
-        self.weight.weight_loader = default_weight_loader
+        set_weight_loader(self.weight, default_weight_loader)
         self.ops = ops_for()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., hidden]

@@ -42,11 +42,12 @@ def rope_inv_freq(
     check_rope_scaling(rope_scaling)
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
     inv_freq = 1.0 / (base**exponents)
-    rope_type = (rope_scaling or {}).get("rope_type", "default")
+    scaling = rope_scaling or {}
+    rope_type = scaling.get("rope_type", "default")
     if rope_type == "linear":  # positions divided by factor == frequencies divided by it
-        inv_freq = inv_freq / rope_scaling["factor"]
+        inv_freq = inv_freq / scaling["factor"]
     elif rope_type == "llama3":
-        inv_freq = _llama3_scaling(inv_freq, rope_scaling)
+        inv_freq = _llama3_scaling(inv_freq, scaling)
     return inv_freq
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from flatout.layers.linear import ShardId, default_weight_loader
+from flatout.layers.linear import ShardId, get_shard_ids, get_weight_loader
 from flatout.layers.norm import RMSNorm
 from flatout.models.weight_names import Target, WeightNameMap
 
@@ -90,7 +90,7 @@ def plan_weight_loading(
     missing = []
     for pname, param in params.items():
         got = filled.get(pname, set())
-        needed = set(getattr(param, "shard_ids", ()))
+        needed = set(get_shard_ids(param))
         if None not in got and not (needed and needed <= got):
             lacking = sorted(str(s) for s in needed - got) if needed and got else []
             missing.append(f"{pname} (shards {lacking})" if lacking else pname)
@@ -121,7 +121,7 @@ def load_safetensors_weights(
                 if target is None:
                     continue
                 param = params[target.param]
-                loader = getattr(param, "weight_loader", default_weight_loader)
+                loader = get_weight_loader(param)
                 try:
                     loader(param, f.get_tensor(name), target.shard_id)
                 except ValueError as e:

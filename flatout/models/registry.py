@@ -141,7 +141,7 @@ def _resolve_dtype(dtype: str, device_type: str, checkpoint_dtype: str | None) -
 
 
 def _sampling_defaults(generation: dict[str, Any]) -> dict[str, Any]:
-    keys = SAMPLING_KEYS
+    keys: tuple[str, ...] = SAMPLING_KEYS
     if generation.get("do_sample") is False:
         keys = tuple(k for k in keys if k not in _GREEDY_IGNORED)
     return {k: generation[k] for k in keys if generation.get(k) is not None}

@@ -52,7 +52,8 @@ class WeightNameMap:
             param = rule.param
             if "*" in param:
                 param = param.replace("*", m.group(1))
-            return Target(f"{param}.{m.group(m.lastindex)}", rule.shard_id)
+            # the last group is the tensor's (weight|bias)
+            return Target(f"{param}.{m.group(pattern.groups)}", rule.shard_id)
         return Target(name, None)
 
 

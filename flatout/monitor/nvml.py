@@ -55,7 +55,9 @@ class Nvml:
         """NVML over the visible GPUs, or None where there is no NVML or no GPU."""
         try:
             if lib is None:
-                import pynvml as lib  # nvidia-ml-py
+                import pynvml  # nvidia-ml-py
+
+                lib = pynvml
             lib.nvmlInit()
             indices = visible_indices(lib.nvmlDeviceGetCount(),
                                       os.environ.get("CUDA_VISIBLE_DEVICES"))

@@ -69,9 +69,11 @@ class TopState:
             now.value("device_peak_flops")
         for kind in STEP_TYPES:
             secs = _delta(now, base, "step_device_seconds_total", kind)
-            if secs and bw and peak:
-                val[f"mbu_{kind}"] = _delta(now, base, "step_bytes_total", kind) / secs / bw
-                val[f"mfu_{kind}"] = _delta(now, base, "step_flops_total", kind) / secs / peak
+            moved = _delta(now, base, "step_bytes_total", kind)
+            flops = _delta(now, base, "step_flops_total", kind)
+            if secs and bw and peak and moved is not None and flops is not None:
+                val[f"mbu_{kind}"] = moved / secs / bw
+                val[f"mfu_{kind}"] = flops / secs / peak
             else:  # nothing ran in our window: the server's own last-minute figures
                 val[f"mbu_{kind}"] = now.value("mbu", step_type=kind)
                 val[f"mfu_{kind}"] = now.value("mfu", step_type=kind)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import traceback
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,7 +45,8 @@ class OpenAIError(Exception):
 
     def __init__(
         self, message: str, *, status: int = 400, param: str | None = None,
-        code: str | None = None, type: str | None = None, headers: dict[str, str] | None = None,
+        code: str | None = None, type: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message

@@ -142,11 +142,12 @@ _ERRORS = {
     "504": "The request ran past --request-timeout.",
 }
 # (path, request body, 200 body, one event of the SSE stream sent with stream: true)
-_GENERATION = (
+_Model = type[BaseModel]
+_GENERATION: tuple[tuple[str, _Model, _Model, _Model], ...] = (
     ("/v1/chat/completions", ChatCompletionRequest, ChatCompletion, ChatCompletionChunk),
     ("/v1/completions", CompletionRequest, Completion, CompletionChunk),
 )
-_GETS = {"/v1/models": ModelList, "/health": Status, "/version": Version}
+_GETS: dict[str, _Model] = {"/v1/models": ModelList, "/health": Status, "/version": Version}
 
 
 def install_openapi(app: FastAPI, *, api_key_required: bool,

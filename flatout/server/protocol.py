@@ -8,7 +8,7 @@ fields are ignored, as OpenAI's clients expect: they send parameters a given ser
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
@@ -20,7 +20,7 @@ MAX_STOP = 64  # stop strings, and stop token ids, in one request
 MAX_PROMPTS = 2048  # prompts in one completions request
 
 Role = Literal["system", "user", "assistant", "tool", "observation", "developer"]
-_ROLES: tuple[str, ...] = Role.__args__  # type: ignore[attr-defined]
+_ROLES: tuple[str, ...] = get_args(Role)
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 TokenId = Annotated[int, Field(ge=0)]
@@ -171,9 +171,9 @@ def completion_prompts(prompt: PromptInput) -> list[str | list[int]]:
     elif not prompt:
         raise OpenAIError("prompt must not be empty", param="prompt")
     elif isinstance(prompt[0], int):
-        prompts = [list(prompt)]  # type: ignore[arg-type]
+        prompts = [list(prompt)]
     else:
-        prompts = list(prompt)  # type: ignore[arg-type]
+        prompts = list(prompt)
     if len(prompts) > MAX_PROMPTS:
         raise OpenAIError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}",
                           param="prompt", code="invalid_value")

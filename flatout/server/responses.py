@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
+from starlette.types import Receive
 
 from flatout.engine.messages import TokenLogprobs
 from flatout.engine.outputs import OutputAccumulator, RequestOutput
@@ -127,20 +128,20 @@ async def merge(gens: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
     try:
         remaining = len(tasks)
         while remaining:
-            i, item, err = await queue.get()
+            i, got, err = await queue.get()
             if err is not None:
                 raise err
-            if item is None:
+            if got is None:
                 remaining -= 1
                 continue
-            yield i, item
+            yield i, got
     finally:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _wait_for_disconnect(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+async def _wait_for_disconnect(receive: Receive) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":

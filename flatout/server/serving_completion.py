@@ -53,7 +53,8 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> _Prepared:
     prompts = completion_prompts(req.prompt)
     params = state.client.default_sampling_params(**completion_sampling_fields(req))
     tok = state.tokenizer
-    ids_list, echo = [], []
+    ids_list: list[list[int]] = []
+    echo: list[str] = []
     for prompt in prompts:
         if isinstance(prompt, str):
             if tok is None:
@@ -65,11 +66,12 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> _Prepared:
             ids = list(prompt)
         state.client.inputs.validate(ids, params)
         ids_list.append(ids)
-        if req.echo:
-            echo.append(prompt if isinstance(prompt, str) or tok is None
-                        else tok.decode(prompt, skip_special_tokens=False))
-        else:
+        if not req.echo:
             echo.append("")
+        elif isinstance(prompt, str):
+            echo.append(prompt)
+        else:  # token ids: without a tokenizer no text, as for the generated tokens
+            echo.append("" if tok is None else tok.decode(prompt, skip_special_tokens=False))
     return _Prepared(new_id("cmpl"), model, ids_list, echo, params)
 
 

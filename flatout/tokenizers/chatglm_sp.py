@@ -98,7 +98,8 @@ class ChatGLMSentencePieceTokenizer(PreTrainedTokenizer):
         return self.sp_model.id_to_piece(index)
 
     # -- encoding -------------------------------------------------------------------------------
-    def tokenize(self, text: str, **kwargs) -> list[str]:
+    # the signature of transformers' own PreTrainedTokenizer.tokenize, which narrows its base's
+    def tokenize(self, text: str, **kwargs) -> list[str]:  # type: ignore[override]
         split_special_tokens = kwargs.pop("split_special_tokens", self.split_special_tokens)
         text, kwargs = self.prepare_for_tokenization(text, **kwargs)
         if split_special_tokens:

@@ -13,10 +13,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from flatout.layers.attention import AttentionMetadata, forward_context
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,7 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.hidden = torch.zeros((n, hidden_size), dtype=dtype, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.pool: tuple[int, int] | None = None
+        self.pool: _POOL_HANDLE | None = None
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(

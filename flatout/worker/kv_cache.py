@@ -10,12 +10,15 @@ CPU it takes `kv_cache_memory` (1 GiB by default); `num_kv_blocks` fixes it anyw
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from flatout.config import CacheConfig, SchedulerConfig
 from flatout.layers.attention import Attention, AttentionMetadata, forward_context
+
+if TYPE_CHECKING:
+    from flatout.models.decoder import CausalLM
 
 CPU_DEFAULT_KV_CACHE_MEMORY = 1 << 30
 
@@ -45,7 +48,7 @@ def kv_block_bytes(attn_layers: list[Attention], block_size: int, dtype: torch.d
     return per_token * block_size
 
 
-def plan_num_blocks(model: nn.Module, attn_layers: list[Attention], cache: CacheConfig,
+def plan_num_blocks(model: CausalLM, attn_layers: list[Attention], cache: CacheConfig,
                     sched: SchedulerConfig, device: torch.device, dtype: torch.dtype,
                     memory: MemoryUse) -> int:
     """Blocks this rank can hold; on a GPU records the activation peak and runtime memory."""
@@ -75,7 +78,7 @@ def plan_num_blocks(model: nn.Module, attn_layers: list[Attention], cache: Cache
 
 
 @torch.inference_mode()
-def profile_peak_memory(model: nn.Module, num_tokens: int, num_seqs: int,
+def profile_peak_memory(model: CausalLM, num_tokens: int, num_seqs: int,
                         device: torch.device) -> int:
     """Peak bytes of a forward over the largest batch the scheduler can form, and of sampling
     its rows (every rank runs it: the forward's collectives pair up)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 
@@ -153,8 +154,10 @@ class ModelRunner:
         self._prev_tokens = out.token_ids
         step = LaunchedStep(
             [s.sampling.num_logprobs for s in sampled if s.sampling],
-            *(self._to_host(t) for t in (out.token_ids, out.logprobs, out.top_ids,
-                                          out.top_logprobs)),
+            token_ids=self._to_host(out.token_ids),
+            logprobs=self._to_host(out.logprobs),
+            top_ids=self._to_host(out.top_ids),
+            top_logprobs=self._to_host(out.top_logprobs),
         )
         if self.device.type == "cuda":
             step.done = torch.cuda.Event()
@@ -176,7 +179,11 @@ class ModelRunner:
             tok = SampledToken(token_ids[i])
             if k is not None and logprobs is not None:
                 tok.logprob = logprobs[i]
-                tok.top = dict(zip(top_ids[i][:k], top_lps[i][:k], strict=True)) if k else {}
+                if k:  # the sampler returns top ids and logprobs when any row asks for some
+                    assert top_ids is not None and top_lps is not None
+                    tok.top = dict(zip(top_ids[i][:k], top_lps[i][:k], strict=True))
+                else:
+                    tok.top = {}
             result.append(tok)
         return result
 
@@ -258,6 +265,12 @@ class ModelRunner:
             banned_token_ids=info.banned_token_ids,
         )
 
+    @overload
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor: ...
+    @overload
+    def _to_host(self, t: None) -> None: ...
+    @overload
+    def _to_host(self, t: torch.Tensor | None) -> torch.Tensor | None: ...
     def _to_host(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """Start copying `t` to (pinned) host memory; `collect` waits for it."""
         if t is None or self.device.type != "cuda":

@@ -14,6 +14,7 @@ from flatout.models.registry import resolve_model_config
 from flatout.monitor.nvml import Nvml, visible_indices
 from flatout.monitor.prom import Scrape, histogram_quantile, rate
 from flatout.monitor.step_clock import StepClock, StepCost, StepTotals, measure_peak, step_type
+from flatout.monitor.top import TopState
 from flatout.monitor.utilization import UtilizationCollector
 
 TEXT = """# TYPE flatout:lat_seconds histogram
@@ -50,6 +51,39 @@ def test_scrape_values_rates_and_quantiles() -> None:
     then_b = [(0.1, 10.0), (0.2, 20.0), (float("inf"), 30.0)]
     assert histogram_quantile(0.5, b, then_b) == pytest.approx(0.15)
     assert histogram_quantile(0.5, then_b, then_b) is None
+
+
+def _top_scrape(t: float, secs: float, flops: float | None) -> Scrape:
+    text = f"""# TYPE flatout:device_peak_bandwidth_bytes_per_second gauge
+flatout:device_peak_bandwidth_bytes_per_second 100
+# TYPE flatout:device_peak_flops gauge
+flatout:device_peak_flops 1000
+# TYPE flatout:step_device_seconds counter
+flatout:step_device_seconds_total{{step_type="decode"}} {secs}
+# TYPE flatout:step_bytes counter
+flatout:step_bytes_total{{step_type="decode"}} {secs * 50}
+"""
+    if flops is not None:
+        text += f"""# TYPE flatout:step_flops counter
+flatout:step_flops_total{{step_type="decode"}} {flops}
+"""
+    return Scrape.parse(text, t=t)
+
+
+def test_top_mbu_mfu_over_the_window_and_without_a_series() -> None:
+    state = TopState("http://x")
+    state.add(_top_scrape(0.0, 1.0, 100.0))
+    state.add(_top_scrape(1.0, 3.0, 1100.0))
+    view = state.view()
+    assert view.values["mbu_decode"] == pytest.approx(0.5)  # 100 bytes / 2 s / 100 B/s
+    assert view.values["mfu_decode"] == pytest.approx(0.5)  # 1000 flops / 2 s / 1000 FLOP/s
+    # a server that exports device seconds but not FLOPs: the server's own figures (none here),
+    # where the division used to fail on None
+    state = TopState("http://x")
+    state.add(_top_scrape(0.0, 1.0, None))
+    state.add(_top_scrape(1.0, 3.0, None))
+    view = state.view()
+    assert view.values["mfu_decode"] is None and view.values["mbu_decode"] is None
 
 
 def test_step_cost_of_glm4_9b_matches_the_design_figure() -> None:

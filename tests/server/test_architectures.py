@@ -50,6 +50,10 @@ def test_greedy_over_http_equals_offline(arch: str, tmp_path: Path) -> None:
                                          extra_body={"ignore_eos": True})
         chunks = [c for c in bare if c.choices]
         assert len(chunks) == 10 and all(c.choices[0].text == "" for c in chunks)
+        # echo of token ids without a tokenizer: no text either (it used to answer 500)
+        echoed = client.completions.create(model=arch.lower(), prompt=PROMPTS[1], max_tokens=2,
+                                           temperature=0, echo=True)
+        assert echoed.choices[0].text == ""
 
         with pytest.raises(openai.BadRequestError, match="chat template"):
             client.chat.completions.create(model=arch.lower(),
