@@ -99,33 +99,51 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "tests/readme_blocks.py test-command" in (ROOT / ".ci" / "run").read_text()
 
 
+def _start(server: Block, port: int, log: Path) -> subprocess.Popen[bytes] | None:
+    """`server` started on `port`, once its own startup banner names that address (another
+    server may answer on the port meanwhile); None when the port turned out to be taken."""
+    block = _on_port(server, port)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["bash", "-c", block.code], stdout=out, stderr=subprocess.STDOUT,
+                                env=_env(), cwd=ROOT, start_new_session=True)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while f"on http://127.0.0.1:{port} " not in (text := log.read_text()):
+        if proc.poll() is not None:
+            if f"cannot bind 127.0.0.1:{port}" in text:
+                return None
+            raise AssertionError(f"{block.code} exited:\n{text[-3000:]}")
+        if time.monotonic() > deadline:
+            _stop(proc)
+            raise AssertionError(f"no server after {STARTUP_TIMEOUT:.0f} s:\n{text[-3000:]}")
+        time.sleep(0.5)
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int:
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
 @pytest.mark.parametrize("server", _server_blocks(), ids=lambda b: b.code.split("#")[0].strip())
 def test_readme_examples_run_verbatim_against_the_demo(server: Block, tmp_path: Path) -> None:
-    port = PORT if _port_free(PORT) else _free_port()
-    server = _on_port(server, port)
     log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(["bash", "-c", server.code], stdout=out, stderr=subprocess.STDOUT,
-                                env=_env(), cwd=ROOT, start_new_session=True)
+    # the README's port, unless another server holds it (then, or if it is taken while this
+    # one installs and starts, a free one)
+    port = PORT if _port_free(PORT) else _free_port()
+    proc = _start(server, port, log)
+    if proc is None:
+        port = _free_port()
+        proc = _start(server, port, log)
+    assert proc is not None, log.read_text()[-3000:]
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            assert proc.poll() is None, f"{server.code} exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no server after {STARTUP_TIMEOUT:.0f} s"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
         for block in map(_on_port, _client_blocks(), [port] * len(_client_blocks())):
             answer = _answer(block, _run_client(block))
             assert answer, f"README block printed an empty answer:\n{block.code}"
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            code = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
+        code = _stop(proc)
     assert code == 0, log.read_text()[-3000:]
