@@ -34,6 +34,8 @@ class Ops:
     ]
     # (q, k_cache, v_cache, block_tables, seq_lens, scale)
     paged_decode_attention: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], Tensor]
+    # (x, weight, bias): x @ weight.T + bias
+    linear: Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
 REFERENCE_OPS = Ops(
@@ -44,6 +46,7 @@ REFERENCE_OPS = Ops(
     write_kv_cache=reference.write_kv_cache,
     paged_prefill_attention=reference.paged_prefill_attention,
     paged_decode_attention=reference.paged_decode_attention,
+    linear=reference.linear,
 )
 
 
@@ -52,6 +55,7 @@ def triton_ops() -> Ops:
     """The Triton kernels (imports triton)."""
     from flatout.kernels.activation import silu_and_mul
     from flatout.kernels.decode_attention import paged_decode_attention
+    from flatout.kernels.gemv import linear
     from flatout.kernels.kv_cache import write_kv_cache
     from flatout.kernels.norm import fused_add_rms_norm, rms_norm
     from flatout.kernels.prefill_attention import paged_prefill_attention
@@ -65,6 +69,7 @@ def triton_ops() -> Ops:
         write_kv_cache=write_kv_cache,
         paged_prefill_attention=paged_prefill_attention,
         paged_decode_attention=paged_decode_attention,
+        linear=linear,
     )
 
 

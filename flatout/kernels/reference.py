@@ -180,3 +180,10 @@ def paged_decode_attention(
         v = _context(v_cache, block_tables[i], seq_len)
         out[i : i + 1] = causal_attention(q[i : i + 1], k, v, scale)
     return out
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ weight.T + bias (the oracle of flatout.kernels.gemv)."""
+    return F.linear(x, weight, bias)

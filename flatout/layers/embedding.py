@@ -6,11 +6,14 @@ ceil(vocab / tp_size); rows past the real vocabulary are zero padding that never
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flatout import distributed
+from flatout.kernels.ops import ops_for
 from flatout.layers.linear import ShardId, copy_checked, new_parameter, set_weight_loader
 
 
@@ -53,8 +56,12 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states onto the vocabulary; may share its weight with the embedding."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ops = ops_for()
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] fp32
-        logits = F.linear(hidden, self.weight)  # [N, vocab_per_rank]
+        logits = self.ops.linear(hidden, self.weight, None)  # [N, vocab_per_rank]
         if self.tp_size > 1:
             logits = distributed.all_gather(logits, dim=-1)[:, : self.num_embeddings]
         return logits.float()

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flatout import distributed
 from flatout.distributed import PendingReduce
+from flatout.kernels.ops import ops_for
 
 ShardId = int | str
 
@@ -93,6 +93,7 @@ class LinearBase(nn.Module):
         super().__init__()
         self.tp_rank = distributed.get_tp_rank()
         self.tp_size = distributed.get_tp_size()
+        self.ops = ops_for()
         self.weight = new_parameter(out_per_rank, in_per_rank)
         set_weight_loader(self.weight, self.weight_loader)
         if bias:
@@ -135,7 +136,7 @@ class FusedColumnParallelLinear(LinearBase):
             set_shard_ids(self.bias, tuple(self.parts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.ops.linear(x, self.weight, self.bias)
 
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId | None = None
@@ -241,8 +242,8 @@ class RowParallelLinear(LinearBase):
         if not self.reduce_results:
             return self._partial(x)
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = distributed.all_reduce(F.linear(x, self.weight))
+            return self.ops.linear(x, self.weight, self.bias)
+        y = distributed.all_reduce(self.ops.linear(x, self.weight, None))
         return y if self.bias is None else y + self.bias
 
     def _partial(self, x: torch.Tensor) -> PendingReduce:
@@ -250,6 +251,6 @@ class RowParallelLinear(LinearBase):
         if x.dim() == 2:
             target = distributed.symmetric_partial(x.shape[0], self.weight.shape[0], x.dtype)
         if target is None:
-            return PendingReduce(F.linear(x, self.weight))
+            return PendingReduce(self.ops.linear(x, self.weight, None))
         torch.mm(x, self.weight.t(), out=target.partial)
         return PendingReduce(target.partial, target)

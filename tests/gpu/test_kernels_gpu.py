@@ -154,3 +154,19 @@ def test_rotary(dtype, name):
 def test_silu_and_mul(dtype, inter):
     x = torch.randn(37, 2 * inter, device="cuda").to(dtype) * 4
     torch.testing.assert_close(silu_and_mul(x), reference.silu_and_mul(x), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 8, 16])
+@pytest.mark.parametrize(
+    "n,k,bias",
+    [(4608, 4096, True), (4096, 13696, False), (27392, 4096, False), (1000, 333, True)],
+)
+def test_gemv(dtype: torch.dtype, rows: int, n: int, k: int, bias: bool) -> None:
+    from flatout.kernels.gemv import gemv
+
+    x = torch.randn(rows, k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
+    b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
+    expected = reference.linear(x.float(), w.float(), None if b is None else b.float())
+    torch.testing.assert_close(gemv(x, w, b).float(), expected, **tol(dtype))

@@ -1,0 +1,133 @@
+"""Skinny GEMM (GEMV) for decode: y[M, N] = x[M, K] @ W[N, K]^T (+ b) for M <= 16 rows.
+
+A decode step's linears read every weight byte once for a handful of rows, so the kernel's only
+job is to keep HBM busy: each program owns BLOCK_N output columns and streams their weight rows
+along K in BLOCK_K tiles (software-pipelined over `num_stages`), the few activation rows ride
+along in registers, products go through `tl.dot` (rows padded to 16) with fp32 accumulation, and
+the bias is added in the epilogue. No split-K, so no second reduce kernel; the tile shape is
+chosen per (N, K) from a table tuned on the GPU (benchmarks/tune_gemv.py), since the best BLOCK_N
+is the one whose program count fills the machine in whole waves.
+
+flatout.kernels.reference.linear (F.linear) is its oracle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from flatout.kernels._utils import INTERPRET, dot_dtype, dot_precision
+
+MAX_ROWS = 16
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# (N, K) -> tile shape, tuned on one H200 (benchmarks/results/gemv_h200.md); other shapes take
+# DEFAULT. The interpreter takes tiny tiles so CPU tests stay fast.
+TUNED: dict[tuple[int, int], GemvConfig] = {
+    (4608, 4096): GemvConfig(64, 256, 4, 4),  # GLM-4-9B qkv
+    (4096, 4096): GemvConfig(32, 512, 4, 4),  # o_proj
+    (27392, 4096): GemvConfig(64, 256, 4, 3),  # gate_up
+    (4096, 13696): GemvConfig(32, 512, 4, 4),  # down
+    (151552, 4096): GemvConfig(64, 256, 4, 3),  # LM head
+}
+# Up to this many rows the GEMV beats cuBLAS on every tuned shape (at 16 rows cuBLAS wins on
+# qkv and gate_up); more rows go to cuBLAS.
+GEMV_ROWS = 8
+DEFAULT = GemvConfig(block_n=32, block_k=256, num_warps=4, num_stages=4)
+INTERPRET_CONFIG = GemvConfig(block_n=16, block_k=32, num_warps=1, num_stages=1)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        # w: [BLOCK_N, BLOCK_K], contiguous along K
+        w = tl.load(
+            w_ptr + cols[:, None] * stride_wn + ks[None, :],
+            mask=col_mask[:, None] & k_mask[None, :], other=0.0,
+        )
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + ks[None, :],
+            mask=row_mask[:, None] & k_mask[None, :], other=0.0,
+        )
+        acc = tl.dot(
+            x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=PRECISION
+        )
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        y_ptr + rows[:, None] * stride_ym + cols[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & col_mask[None, :],
+    )
+
+
+def config_for(n: int, k: int) -> GemvConfig:
+    if INTERPRET:
+        return INTERPRET_CONFIG
+    return TUNED.get((n, k), DEFAULT)
+
+
+def gemv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:  # x: [M, K], weight: [N, K] -> [M, N]
+    """x @ weight.T + bias for at most MAX_ROWS rows, fp32 accumulation, x's dtype out."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"gemv needs x [M, K] and weight [N, K], got {x.shape}, {weight.shape}")
+    m, k = x.shape
+    n = weight.shape[0]
+    if m > MAX_ROWS:
+        raise ValueError(f"gemv takes at most {MAX_ROWS} rows, got {m}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    cfg = config or config_for(n, k)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    grid = (triton.cdiv(n, cfg.block_n),)
+    _gemv_kernel[grid](
+        x, weight, bias if bias is not None else weight, y, m, n, k,
+        x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        DOT_DTYPE=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return y
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """F.linear, through the GEMV for decode-sized 16-bit inputs and cuBLAS otherwise."""
+    if (
+        x.dim() == 2 and x.shape[0] <= GEMV_ROWS and x.dtype == weight.dtype
+        and x.dtype in (torch.bfloat16, torch.float16)
+    ):  # fmt: skip
+        return gemv(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+

@@ -1,0 +1,48 @@
+"""The decode GEMV against its reference (F.linear) under the Triton interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flatout.kernels import reference
+from flatout.kernels.gemv import GEMV_ROWS, MAX_ROWS, GemvConfig, gemv, linear
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=GEN).bfloat16().to(dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("n,k", [(16, 32), (40, 70), (33, 96)])  # ragged N and K are masked
+def test_gemv_matches_reference(rows: int, bias: bool, n: int, k: int) -> None:
+    x, w = randn(rows, k), randn(n, k)
+    b = randn(n) if bias else None
+    torch.testing.assert_close(gemv(x, w, b), reference.linear(x, w, b), atol=1e-4, rtol=1e-4)
+
+
+def test_gemv_bf16_and_strided_input() -> None:
+    x = randn(4, 128, dtype=torch.bfloat16)[:, ::2]  # non-contiguous K
+    w = randn(48, 64, dtype=torch.bfloat16)
+    got = gemv(x, w, None, config=GemvConfig(16, 32, 1, 1))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), reference.linear(x.float(), w.float()), atol=2e-2,
+                               rtol=2e-2)
+
+
+def test_linear_routes_rows_past_the_gemv_to_matmul() -> None:
+    w = randn(24, 32, dtype=torch.bfloat16)
+    for rows in (GEMV_ROWS, GEMV_ROWS + 1, 40):
+        x = randn(rows, 32, dtype=torch.bfloat16)
+        torch.testing.assert_close(linear(x, w).float(), reference.linear(x, w).float(),
+                                   atol=2e-2, rtol=2e-2)
+
+
+def test_gemv_refuses_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="at most"):
+        gemv(randn(MAX_ROWS + 1, 8), randn(16, 8))
+    with pytest.raises(ValueError, match="weight"):
+        gemv(randn(2, 8), randn(16, 9))
