@@ -18,7 +18,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from flatout.kernels.gemv import GemvConfig, gemv
+from flatout.kernels.gemv import GemvConfig, gemv, padded_rows
 
 COPY_BW = 4.10e12
 SHAPES = {  # name: (N, K, bias)
@@ -28,10 +28,10 @@ SHAPES = {  # name: (N, K, bias)
     "down": (4096, 13696, False),
     "lm_head": (151552, 4096, False),
 }
-ROWS = (1, 4, 8, 16)
+ROWS = (1, 8, 16, 24, 32, 48, 64)
 CANDIDATES = [
     GemvConfig(bn, bk, w, s)
-    for bn, bk, w, s in itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 4, 6))
+    for bn, bk, w, s in itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 4))
 ]
 
 
@@ -59,7 +59,7 @@ def main() -> None:
     torch.manual_seed(0)
     dev = torch.device("cuda")
     rows_out = []
-    tuned: dict[tuple[int, int], GemvConfig] = {}
+    tuned: dict[tuple[int, int, int], GemvConfig] = {}
     for name, (n, k, has_bias) in SHAPES.items():
         nbytes = n * k * 2
         copies = max(1, -(-512 * 2**20 // nbytes))  # >= 512 MiB of weights: far above L2
@@ -93,8 +93,8 @@ def main() -> None:
                     best = (t, cfg)
             assert best is not None
             t_ours, cfg = best
-            if m == 1:
-                tuned[(n, k)] = cfg
+            if m in (1, 32, 64):  # the tile for each padded row count: 16, 32, 64
+                tuned[(n, k, padded_rows(m))] = cfg
             rows_out.append((name, n, k, m, t_cublas, t_ours, nbytes, cfg, rel))
         del ws
         torch.cuda.empty_cache()
@@ -111,9 +111,9 @@ def main() -> None:
             f"{to * 1e6:.1f} | {nbytes / to / COPY_BW:.0%} | {tc / to:.2f} | "
             f"{cfg.block_n}, {cfg.block_k}, {cfg.num_warps}, {cfg.num_stages} | {rel:.1e} |"
         )
-    print("\nTuned at 1 row (for gemv.TUNED):\n\n```python")
-    for (n, k), cfg in tuned.items():
-        print(f"    ({n}, {k}): GemvConfig({cfg.block_n}, {cfg.block_k}, "
+    print("\nTuned at 1, 32 and 64 rows (for gemv.TUNED):\n\n```python")
+    for (n, k, bm), cfg in tuned.items():
+        print(f"    ({n}, {k}, {bm}): GemvConfig({cfg.block_n}, {cfg.block_k}, "
               f"{cfg.num_warps}, {cfg.num_stages}),")
     print("```")
 

@@ -1,12 +1,13 @@
-"""Skinny GEMM (GEMV) for decode: y[M, N] = x[M, K] @ W[N, K]^T (+ b) for M <= 16 rows.
+"""Skinny GEMM (GEMV) for decode: y[M, N] = x[M, K] @ W[N, K]^T (+ b) for M <= 64 rows.
 
 A decode step's linears read every weight byte once for a handful of rows, so the kernel's only
 job is to keep HBM busy: each program owns BLOCK_N output columns and streams their weight rows
 along K in BLOCK_K tiles (software-pipelined over `num_stages`), the few activation rows ride
-along in registers, products go through `tl.dot` (rows padded to 16) with fp32 accumulation, and
-the bias is added in the epilogue. No split-K, so no second reduce kernel; the tile shape is
-chosen per (N, K) from a table tuned on the GPU (benchmarks/tune_gemv.py), since the best BLOCK_N
-is the one whose program count fills the machine in whole waves.
+along in registers, products go through `tl.dot` (rows padded to 16, 32 or 64) with fp32
+accumulation, and the bias is added in the epilogue. No split-K, so no second reduce kernel;
+the tile shape is chosen per (N, K, padded rows) from a table tuned on the GPU
+(benchmarks/tune_gemv.py), since the best BLOCK_N is the one whose program count fills the
+machine in whole waves.
 
 flatout.kernels.reference.linear (F.linear) is its oracle.
 """
@@ -19,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from flatout.kernels._utils import INTERPRET, dot_dtype, dot_precision
+from flatout.kernels._utils import INTERPRET, dot_dtype, dot_precision, next_pow2
 
-MAX_ROWS = 16
+MAX_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -34,15 +35,32 @@ class GemvConfig:
 
 # (N, K) -> tile shape, tuned on one H200 (benchmarks/results/gemv_h200.md); other shapes take
 # DEFAULT. The interpreter takes tiny tiles so CPU tests stay fast.
-TUNED: dict[tuple[int, int], GemvConfig] = {
-    (4608, 4096): GemvConfig(64, 256, 4, 4),  # GLM-4-9B qkv
-    (4096, 4096): GemvConfig(32, 512, 4, 4),  # o_proj
-    (27392, 4096): GemvConfig(64, 256, 4, 3),  # gate_up
-    (4096, 13696): GemvConfig(32, 512, 4, 4),  # down
-    (151552, 4096): GemvConfig(64, 256, 4, 3),  # LM head
+TUNED: dict[tuple[int, int, int], GemvConfig] = {  # (N, K, padded rows)
+    (4608, 4096, 16): GemvConfig(64, 256, 4, 4),  # GLM-4-9B qkv
+    (4608, 4096, 32): GemvConfig(64, 256, 4, 4),
+    (4608, 4096, 64): GemvConfig(64, 128, 4, 4),
+    (4096, 4096, 16): GemvConfig(32, 512, 4, 4),  # o_proj
+    (4096, 4096, 32): GemvConfig(32, 256, 4, 4),
+    (4096, 4096, 64): GemvConfig(32, 256, 4, 4),
+    (27392, 4096, 16): GemvConfig(64, 256, 4, 3),  # gate_up
+    (27392, 4096, 32): GemvConfig(64, 256, 4, 3),
+    (27392, 4096, 64): GemvConfig(64, 128, 8, 3),
+    (4096, 13696, 16): GemvConfig(32, 512, 4, 4),  # down
+    (4096, 13696, 32): GemvConfig(32, 512, 4, 4),
+    (4096, 13696, 64): GemvConfig(32, 256, 4, 4),
+    (151552, 4096, 16): GemvConfig(64, 256, 4, 3),  # LM head
+    (151552, 4096, 32): GemvConfig(64, 128, 4, 4),
+    (151552, 4096, 64): GemvConfig(64, 128, 4, 3),
 }
-# Up to this many rows the GEMV beats cuBLAS on every tuned shape (at 16 rows cuBLAS wins on
-# qkv and gate_up); more rows go to cuBLAS.
+# (N, K) -> the most rows at which the GEMV still beats cuBLAS there (same table); shapes not
+# measured take GEMV_ROWS, below which it won on every measured shape.
+GEMV_WINS_UP_TO: dict[tuple[int, int], int] = {
+    (4608, 4096): 16,
+    (4096, 4096): 48,
+    (27392, 4096): 16,
+    (4096, 13696): 64,
+    (151552, 4096): 64,
+}
 GEMV_ROWS = 8
 DEFAULT = GemvConfig(block_n=32, block_k=256, num_warps=4, num_stages=4)
 INTERPRET_CONFIG = GemvConfig(block_n=16, block_k=32, num_warps=1, num_stages=1)
@@ -84,10 +102,14 @@ def _gemv_kernel(
     )
 
 
-def config_for(n: int, k: int) -> GemvConfig:
+def padded_rows(m: int) -> int:
+    return max(16, next_pow2(m))
+
+
+def config_for(n: int, k: int, m: int) -> GemvConfig:
     if INTERPRET:
         return INTERPRET_CONFIG
-    return TUNED.get((n, k), DEFAULT)
+    return TUNED.get((n, k, padded_rows(m)), DEFAULT)
 
 
 def gemv(
@@ -105,7 +127,7 @@ def gemv(
         x = x.contiguous()
     if weight.stride(1) != 1:
         weight = weight.contiguous()
-    cfg = config or config_for(n, k)
+    cfg = config or config_for(n, k, m)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
@@ -113,7 +135,7 @@ def gemv(
     _gemv_kernel[grid](
         x, weight, bias if bias is not None else weight, y, m, n, k,
         x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        HAS_BIAS=bias is not None, BLOCK_M=padded_rows(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         DOT_DTYPE=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -125,8 +147,8 @@ def linear(
 ) -> torch.Tensor:
     """F.linear, through the GEMV for decode-sized 16-bit inputs and cuBLAS otherwise."""
     if (
-        x.dim() == 2 and x.shape[0] <= GEMV_ROWS and x.dtype == weight.dtype
-        and x.dtype in (torch.bfloat16, torch.float16)
+        x.dim() == 2 and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
+        and x.shape[0] <= GEMV_WINS_UP_TO.get((weight.shape[0], weight.shape[1]), GEMV_ROWS)
     ):  # fmt: skip
         return gemv(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)

@@ -15,7 +15,7 @@ def randn(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.randn(*shape, generator=GEN).bfloat16().to(dtype)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("n,k", [(16, 32), (40, 70), (33, 96)])  # ragged N and K are masked
 def test_gemv_matches_reference(rows: int, bias: bool, n: int, k: int) -> None:
