@@ -65,6 +65,11 @@ class _SamplingFields(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # token id (as a string, JSON's keys are) -> bias added to its logit
+    logit_bias: dict[
+        Annotated[str, Field(pattern=r"^[0-9]{1,19}$")],
+        Annotated[float, Field(ge=-SP.MAX_LOGIT_BIAS, le=SP.MAX_LOGIT_BIAS)],
+    ] | None = Field(None, max_length=SP.MAX_LOGIT_BIAS_TOKENS)
     # vLLM extras
     top_k: int | None = Field(None, ge=SP.MIN_TOP_K)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
@@ -137,6 +142,8 @@ def sampling_fields(req: _SamplingFields) -> dict[str, Any]:
         if name in req.model_fields_set and getattr(req, name) is not None
     }
     fields["max_tokens"] = req.max_tokens
+    if req.logit_bias:
+        fields["logit_bias"] = {int(tid): bias for tid, bias in req.logit_bias.items()}
     return fields
 
 
