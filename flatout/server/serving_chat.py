@@ -15,7 +15,12 @@ from flatout.engine.outputs import CompletionOutput, OutputAccumulator
 from flatout.sampling_params import SamplingParams
 from flatout.server.admission import Ticket
 from flatout.server.limits import check_prompt_chars
-from flatout.server.protocol import ChatCompletionRequest, chat_messages, chat_sampling_fields
+from flatout.server.protocol import (
+    ChatCompletionRequest,
+    chat_messages,
+    chat_sampling_fields,
+    refuse_unsupported,
+)
 from flatout.server.reasoning import ReasoningStream
 from flatout.server.responses import (
     EventStream,
@@ -44,6 +49,7 @@ class _Prepared:
 def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
     """Everything that can fail because of the request, before anything is queued."""
     model = state.check_model(req.model)
+    refuse_unsupported(req)
     messages = chat_messages(req.messages)
     kwargs = dict(req.chat_template_kwargs or {})
     if req.enable_thinking is not None:
