@@ -25,7 +25,7 @@ REFUSED = [
     ("reasoning_effort", "low"),
     ("verbosity", "low"),
 ]
-ACCEPTED = {"response_format": {"type": "text"}, "tool_choice": "auto", "modalities": ["text"],
+ACCEPTED = {"response_format": {"type": "text"}, "modalities": ["text"],
             "store": False, "service_tier": "auto", "parallel_tool_calls": True,
             "some_future_field": 1}
 
@@ -50,6 +50,12 @@ def test_neutral_values_and_unknown_fields_pass(demo_server) -> None:  # noqa: A
     assert r.status_code == 200, r.text
     r = _post(demo_server.url, {"messages": MSG, "max_tokens": 1, "tool_choice": "none"})
     assert r.status_code == 200, r.text
+
+
+def test_tool_choice_auto_needs_the_tool_call_parser(demo_server) -> None:  # noqa: ANN001
+    r = _post(demo_server.url, {"messages": MSG, "max_tokens": 1, "tool_choice": "auto"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+    assert "--enable-auto-tool-choice" in r.json()["error"]["message"]
 
 
 def test_openai_client_gets_a_bad_request_for_json_mode(demo_server) -> None:  # noqa: ANN001
