@@ -57,8 +57,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="parse tool calls out of replies to requests with tools "
                    "(needs --tool-call-parser)")
-    p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
-                   help="the model's tool-call format")
+    p.add_argument("--tool-call-parser", default=None, choices=["auto", *sorted(TOOL_PARSERS)],
+                   help="the model's tool-call format (auto: from the checkpoint's architecture)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $FLATOUT_API_KEY)")
     p.add_argument("--uvicorn-log-level", default="warning",

@@ -138,7 +138,7 @@ def _serve(ns: argparse.Namespace, client: Any, sock: socket.socket, start: floa
 
         if ns.tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
-        tool_parser = get_tool_parser(ns.tool_call_parser)
+        tool_parser = get_tool_parser(ns.tool_call_parser, mc.architecture)
     names = ns.served_model_name or [default_model_name(mc.model)]
     metrics = ServerMetrics(lambda: client.stats, names[0])
 

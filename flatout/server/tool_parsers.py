@@ -173,7 +173,21 @@ PARSERS: dict[str, type[ToolParser]] = {
 }
 
 
-def get_tool_parser(name: str) -> ToolParser:
+# `--tool-call-parser auto`: the format each architecture's chat models emit
+_BY_ARCHITECTURE = {
+    "GlmForCausalLM": "glm4", "ChatGLMModel": "glm4", "ChatGLMForConditionalGeneration": "glm4",
+    "Glm4ForCausalLM": "glm45", "Qwen2ForCausalLM": "hermes", "Qwen3ForCausalLM": "hermes",
+    "LlamaForCausalLM": "llama3_json",
+}
+
+
+def get_tool_parser(name: str, architecture: str | None = None) -> ToolParser:
+    """The parser called `name`; `auto` picks it from the checkpoint's architecture."""
+    if name == "auto":
+        if architecture not in _BY_ARCHITECTURE:
+            raise ValueError(f"--tool-call-parser auto knows no format for {architecture}; "
+                             f"choose one of {', '.join(sorted(PARSERS))}")
+        name = _BY_ARCHITECTURE[architecture]
     if name not in PARSERS:
         raise ValueError(f"unknown tool call parser {name!r}; choose one of "
                          f"{', '.join(sorted(PARSERS))}")

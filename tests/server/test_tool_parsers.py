@@ -84,3 +84,13 @@ def test_plain_text_streams_at_once_before_a_marker() -> None:
 def test_unknown_parser_is_named() -> None:
     with pytest.raises(ValueError, match="hermes"):
         get_tool_parser("nope")
+    with pytest.raises(ValueError, match="MysteryForCausalLM"):
+        get_tool_parser("auto", "MysteryForCausalLM")
+
+
+@pytest.mark.parametrize(("architecture", "parser"), [
+    ("GlmForCausalLM", "Glm4Parser"), ("ChatGLMModel", "Glm4Parser"),
+    ("Glm4ForCausalLM", "Glm45Parser"), ("Qwen3ForCausalLM", "HermesParser"),
+    ("LlamaForCausalLM", "Llama3JsonParser")])
+def test_auto_picks_the_architectures_format(architecture: str, parser: str) -> None:
+    assert type(get_tool_parser("auto", architecture)).__name__ == parser
