@@ -14,6 +14,7 @@ import argparse
 from flatout.config import add_engine_args, engine_args_from
 from flatout.server.defaults import DEFAULT_MAX_BODY_BYTES
 from flatout.server.reasoning import PARSER_NAMES
+from flatout.server.tool_parsers import PARSERS as TOOL_PARSERS
 
 __all__ = ["add_engine_args", "engine_args_from"]  # defined with EngineArgs, in flatout.config
 
@@ -53,6 +54,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="Jinja chat template file (or text) replacing the checkpoint's own")
     p.add_argument("--reasoning-parser", default="auto", choices=PARSER_NAMES,
                    help="split <think>...</think> into reasoning_content (auto: from the model)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="parse tool calls out of replies to requests with tools "
+                   "(needs --tool-call-parser)")
+    p.add_argument("--tool-call-parser", default=None, choices=["auto", *sorted(TOOL_PARSERS)],
+                   help="the model's tool-call format (auto: from the checkpoint's architecture)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $FLATOUT_API_KEY)")
     p.add_argument("--uvicorn-log-level", default="warning",

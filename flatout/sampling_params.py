@@ -38,6 +38,9 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per generated token (0: sampled only)
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # token id -> value added to its logit before sampling (OpenAI's logit_bias); -100 bans a
+    # token in practice, +100 forces it
+    logit_bias: dict[int, float] | None = None
 
     # the accepted ranges, checked in `validate`; the API's request bodies declare the same
     # (server/protocol.py), so /openapi.json states them
@@ -49,6 +52,8 @@ class SamplingParams:
     MIN_TOP_K = -1  # -1 or 0: no top-k
     MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1  # the runner's generators take 64-bit seeds
     MAX_TOKEN_ID = 2**63 - 1  # stop token ids go into an int64 tensor
+    MAX_LOGIT_BIAS = 100.0  # biases lie in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS]
+    MAX_LOGIT_BIAS_TOKENS = 1024  # entries in one request's logit_bias
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -114,12 +119,40 @@ class SamplingParams:
             if (isinstance(tid, bool) or not isinstance(tid, int)
                     or not 0 <= tid <= self.MAX_TOKEN_ID):
                 raise SamplingParamsError("stop_token_ids", f"must be token ids >= 0, got {tid!r}")
+        self._validate_logit_bias()
         if self.logprobs is not None:
             lp = integer("logprobs")
             if not 0 <= lp <= self.MAX_LOGPROBS:
                 raise SamplingParamsError(
                     "logprobs", f"must be in [0, {self.MAX_LOGPROBS}], got {lp}"
                 )
+
+    def _validate_logit_bias(self) -> None:
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if not isinstance(bias, dict):
+            raise SamplingParamsError("logit_bias", f"must map token ids to numbers, got {bias!r}")
+        if len(bias) > self.MAX_LOGIT_BIAS_TOKENS:
+            raise SamplingParamsError(
+                "logit_bias", f"at most {self.MAX_LOGIT_BIAS_TOKENS} tokens, got {len(bias)}")
+        m = self.MAX_LOGIT_BIAS
+        for tid, v in bias.items():
+            if (isinstance(tid, bool) or not isinstance(tid, int)
+                    or not 0 <= tid <= self.MAX_TOKEN_ID):
+                raise SamplingParamsError("logit_bias", f"keys must be token ids >= 0, got {tid!r}")
+            if (isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v)
+                    or not -m <= v <= m):
+                raise SamplingParamsError(
+                    "logit_bias", f"values must be numbers in [-{m:g}, {m:g}], got {v!r} for "
+                    f"token {tid}")
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Token ids the model must know: logit_bias keys within [0, vocab_size)."""
+        bad = next((t for t in self.logit_bias or () if t >= vocab_size), None)
+        if bad is not None:
+            raise SamplingParamsError(
+                "logit_bias", f"token id {bad} is outside the vocabulary [0, {vocab_size})")
 
     # -- derived ----------------------------------------------------------------------------
     @property

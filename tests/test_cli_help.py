@@ -77,3 +77,13 @@ def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
         main([])
     assert e.value.code == 2
     assert "COMMAND" in capsys.readouterr().err
+
+
+def test_python_dash_m_flatout_runs_the_cli() -> None:
+    done = subprocess.run([sys.executable, "-m", "flatout", "--version"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"\d+\.\d+", done.stdout), done.stdout
+    bad = subprocess.run([sys.executable, "-m", "flatout", "no-such-command"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "usage: flatout" in bad.stderr, bad.stderr

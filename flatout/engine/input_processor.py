@@ -61,6 +61,7 @@ class InputProcessor:
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise RequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        params.check_token_ids(vocab)
         limit = self.model_config.max_model_len
         if n >= limit:
             raise RequestError(

@@ -6,11 +6,12 @@ sampled, seeded and penalised rows together without a Python loop over rows and 
 device-to-host copy (the runner copies the returned tensors afterwards). The only per-row loop is
 over rows with their own seeded generator, which draw their noise from it.
 
-Order of operations: logprobs of the raw logits (as vLLM reports them) -> banned ids ->
-repetition, frequency and presence penalties -> greedy rows take the argmax -> temperature ->
-top-k -> top-p -> min-p -> sample with the exponential race: argmax(probs / E), E ~ Exp(1) i.i.d.,
-which picks index i with probability probs[i] / sum(probs). A seeded row's draw depends only on
-its generator, so it is reproducible whatever else shares the batch and wherever the row sits.
+Order of operations: logprobs of the raw logits (as vLLM reports them) -> logit bias (OpenAI's,
+added to the logits) -> banned ids -> repetition, frequency and presence penalties -> greedy rows
+take the argmax -> temperature -> top-k -> top-p -> min-p -> sample with the exponential race:
+argmax(probs / E), E ~ Exp(1) i.i.d., which picks index i with probability probs[i] / sum(probs).
+A seeded row's draw depends only on its generator, so it is reproducible whatever else shares the
+batch and wherever the row sits.
 
 Token ids >= V (the logits width) in prompts, outputs or banned lists are ignored: every padded id
 tensor uses V as its pad value and is scattered into V + 1 columns whose last one is dropped.
@@ -65,6 +66,8 @@ class SamplingBatch:
     prompt_ids: torch.Tensor | None  # [B, Lp] int64, padded with V; only with repetition_penalty
     output_ids: torch.Tensor | None  # [B, Lo] int64, padded with V; only with any penalty
     banned_ids: torch.Tensor | None  # [B, Lb] int64, padded with V
+    bias_ids: torch.Tensor | None  # [B, Lk] int64, padded with V; None when no row has a bias
+    bias_values: torch.Tensor | None  # [B, Lk] float32, 0 in the padding
     num_logprobs: int | None  # max top logprobs asked in the batch; None: no row asked
 
     @classmethod
@@ -104,6 +107,8 @@ class SamplingBatch:
             for r, rp, f, pr in zip(rows, rep, freq, pres, strict=True)
         ]
         banned = [r.banned_token_ids for r in rows]
+        biases = [p.logit_bias or {} for p in params]
+        use_bias = any(biases)
         asked = [p.logprobs for p in params if p.logprobs is not None]
         all_greedy = all(greedy)
         generators = {  # only sampled rows draw noise
@@ -127,6 +132,9 @@ class SamplingBatch:
             prompt_ids=_padded(prompts, V, device) if use_rep else None,
             output_ids=_padded(outputs, V, device) if use_out else None,
             banned_ids=_padded(banned, V, device) if any(banned) else None,
+            bias_ids=_padded([list(b) for b in biases], V, device) if use_bias else None,
+            bias_values=(_padded_floats([list(b.values()) for b in biases], device)
+                         if use_bias else None),
             num_logprobs=min(max(asked), V) if asked else None,
         )
 
@@ -155,12 +163,32 @@ def _padded(lists: list[list[int]], pad: int, device: torch.device) -> torch.Ten
     return _to_device(torch.from_numpy(out), device)
 
 
+def _padded_floats(lists: list[list[float]], device: torch.device) -> torch.Tensor:
+    """[B, max(len)] float32, right-padded with 0 (at least one column)."""
+    out = np.zeros((len(lists), max(1, max(map(len, lists)))), dtype=np.float32)
+    for i, values in enumerate(lists):
+        out[i, :len(values)] = values
+    return _to_device(torch.from_numpy(out), device)
+
+
 def _seen_mask(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """ids: [B, L] padded with V (ids > V also land in the pad column) -> [B, V] bool."""
     ids = ids.clamp(max=vocab_size)
     mask = torch.zeros(ids.shape[0], vocab_size + 1, dtype=torch.bool, device=ids.device)
     mask.scatter_(1, ids, True)
     return mask[:, :vocab_size]
+
+
+def apply_logit_bias(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Add each row's logit_bias to its logits in place. logits: [B, V] float32."""
+    if batch.bias_ids is None:
+        return logits
+    assert batch.bias_values is not None
+    B, V = logits.shape
+    bias = torch.zeros(B, V + 1, dtype=logits.dtype, device=logits.device)
+    bias.scatter_add_(1, batch.bias_ids.clamp(max=V), batch.bias_values)  # pads land in column V
+    logits += bias[:, :V]
+    return logits
 
 
 def apply_banned(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -251,6 +279,7 @@ class Sampler(nn.Module):
         if batch.num_logprobs is not None:
             raw_logprobs = logits.log_softmax(dim=1)  # [B, V], before any processing
 
+        logits = apply_logit_bias(logits, batch)
         logits = apply_banned(logits, batch)
         logits = apply_penalties(logits, batch)
 

@@ -65,6 +65,11 @@ class _SamplingFields(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # token id (as a string, JSON's keys are) -> bias added to its logit
+    logit_bias: dict[
+        Annotated[str, Field(pattern=r"^[0-9]{1,19}$")],
+        Annotated[float, Field(ge=-SP.MAX_LOGIT_BIAS, le=SP.MAX_LOGIT_BIAS)],
+    ] | None = Field(None, max_length=SP.MAX_LOGIT_BIAS_TOKENS)
     # vLLM extras
     top_k: int | None = Field(None, ge=SP.MIN_TOP_K)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
@@ -88,7 +93,22 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=SP.MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tool_choice: Any = Field(None, description="`none` or `auto`; `required` and a named "
+                             "function are refused with a 400")
+    # OpenAI fields flatout does not implement: a value that asks for them is a 400 naming the
+    # field (refuse_unsupported), never silently ignored
+    response_format: Any = Field(None, description="only `{\"type\": \"text\"}`; "
+                                 "json_object and json_schema are refused with a 400")
+    modalities: Any = Field(None, description='only ["text"]')
+    store: Any = Field(None, description="only false")
+    service_tier: Any = Field(None, description="only `auto` or `default`")
+    audio: Any = Field(None, description="not supported (400 when set)")
+    prediction: Any = Field(None, description="not supported (400 when set)")
+    web_search_options: Any = Field(None, description="not supported (400 when set)")
+    functions: Any = Field(None, description="not supported (400 when set): use tools")
+    function_call: Any = Field(None, description="not supported (400 when set): use tool_choice")
+    reasoning_effort: Any = Field(None, description="not supported (400 when set)")
+    verbosity: Any = Field(None, description="not supported (400 when set)")
     # chat-template controls
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
@@ -137,7 +157,32 @@ def sampling_fields(req: _SamplingFields) -> dict[str, Any]:
         if name in req.model_fields_set and getattr(req, name) is not None
     }
     fields["max_tokens"] = req.max_tokens
+    if req.logit_bias:
+        fields["logit_bias"] = {int(tid): bias for tid, bias in req.logit_bias.items()}
     return fields
+
+
+# field -> the values that ask nothing of the server (None, the field's absence, always does)
+_UNSUPPORTED_CHAT: dict[str, tuple[object, ...]] = {
+    "tool_choice": ("none", "auto"),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+    "store": (False,),
+    "service_tier": ("auto", "default"),
+    "audio": (), "prediction": (), "web_search_options": (), "functions": (),
+    "function_call": (), "reasoning_effort": (), "verbosity": (),
+}
+
+
+def refuse_unsupported(req: ChatCompletionRequest) -> None:
+    """A 400 naming the first field set to something flatout does not do."""
+    for name, accepted in _UNSUPPORTED_CHAT.items():
+        value = getattr(req, name)
+        if value is None or any(type(value) is type(a) and value == a for a in accepted):
+            continue
+        hint = f" (accepted: {', '.join(map(repr, accepted))})" if accepted else ""
+        raise OpenAIError(f"{name}={value!r:.80} is not supported by this server{hint}",
+                          param=name, code="unsupported_parameter")
 
 
 def chat_sampling_fields(req: ChatCompletionRequest) -> dict[str, Any]:

@@ -132,6 +132,13 @@ def _serve(ns: argparse.Namespace, client: Any, sock: socket.socket, start: floa
     template, source = resolve_chat_template(ns.chat_template, client.tokenizer, mc.architecture)
     parser = choose_reasoning_parser(ns.reasoning_parser, architecture=mc.architecture,
                                      chat_template=template, tokenizer=client.tokenizer)
+    tool_parser = None
+    if ns.enable_auto_tool_choice:
+        from flatout.server.tool_parsers import get_tool_parser
+
+        if ns.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+        tool_parser = get_tool_parser(ns.tool_call_parser, mc.architecture)
     names = ns.served_model_name or [default_model_name(mc.model)]
     metrics = ServerMetrics(lambda: client.stats, names[0])
 
@@ -144,7 +151,7 @@ def _serve(ns: argparse.Namespace, client: Any, sock: socket.socket, start: floa
     state = ServerState(
         client=client, ready=ready, served_model_names=names,
         renderer=ChatRenderer(client.tokenizer, template, source), reasoning=parser,
-        metrics=metrics, admission=admission,
+        tool_parser=tool_parser, metrics=metrics, admission=admission,
         api_key=ns.api_key or os.environ.get("FLATOUT_API_KEY") or None,
         max_prompt_chars=max_prompt_chars(client.tokenizer, mc.max_model_len)
         if client.tokenizer is not None else None,

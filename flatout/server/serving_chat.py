@@ -14,8 +14,14 @@ from starlette.responses import JSONResponse, Response
 from flatout.engine.outputs import CompletionOutput, OutputAccumulator
 from flatout.sampling_params import SamplingParams
 from flatout.server.admission import Ticket
+from flatout.server.errors import OpenAIError
 from flatout.server.limits import check_prompt_chars
-from flatout.server.protocol import ChatCompletionRequest, chat_messages, chat_sampling_fields
+from flatout.server.protocol import (
+    ChatCompletionRequest,
+    chat_messages,
+    chat_sampling_fields,
+    refuse_unsupported,
+)
 from flatout.server.reasoning import ReasoningStream
 from flatout.server.responses import (
     EventStream,
@@ -29,6 +35,7 @@ from flatout.server.responses import (
 )
 from flatout.server.state import ServerState
 from flatout.server.stream import stream_events
+from flatout.server.tool_parsers import ToolCallStream, ToolParser
 
 
 @dataclass
@@ -39,11 +46,18 @@ class _Prepared:
     params: SamplingParams
     opened_reasoning: bool  # the template ended the prompt inside <think>
     top_logprobs: int
+    tool_parser: ToolParser | None = None  # the request has tools and may call them
 
 
 def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
     """Everything that can fail because of the request, before anything is queued."""
     model = state.check_model(req.model)
+    refuse_unsupported(req)
+    if req.tool_choice == "auto" and state.tool_parser is None:
+        raise OpenAIError('tool_choice "auto" needs the server started with '
+                          "--enable-auto-tool-choice --tool-call-parser NAME", param="tool_choice",
+                          code="unsupported_parameter")
+    tool_parser = state.tool_parser if req.tools and req.tool_choice != "none" else None
     messages = chat_messages(req.messages)
     kwargs = dict(req.chat_template_kwargs or {})
     if req.enable_thinking is not None:
@@ -66,7 +80,8 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
     params = state.client.default_sampling_params(**fields)
     state.client.inputs.validate(ids, params)
     opened = parser is not None and parser.prompt_opens_reasoning(prompt)
-    return _Prepared(new_id("chatcmpl"), model, ids, params, opened, req.top_logprobs or 0)
+    return _Prepared(new_id("chatcmpl"), model, ids, params, opened, req.top_logprobs or 0,
+                     tool_parser)
 
 
 async def create_chat_completion(
@@ -106,6 +121,11 @@ def _message(
         msg["content"] = content
         if req.return_reasoning:
             msg["reasoning_content"] = reasoning
+    if p.tool_parser is not None:
+        content, calls = p.tool_parser.parse(msg["content"])
+        if calls:
+            msg["content"] = content or None
+            msg["tool_calls"] = [c.to_openai() for c in calls]
     return msg
 
 
@@ -115,12 +135,13 @@ def _response(
     out = request.result()
     choices = []
     for o in out.outputs:
+        message = _message(state, req, p, o)
         choices.append({
             "index": o.index,
-            "message": _message(state, req, p, o),
+            "message": message,
             "logprobs": chat_logprobs(state, o.logprobs or [], p.top_logprobs)
             if req.logprobs else None,
-            "finish_reason": o.finish_reason,
+            "finish_reason": "tool_calls" if "tool_calls" in message else o.finish_reason,
             "stop_reason": o.stop_reason,
         })
     return {
@@ -139,6 +160,8 @@ class _ChatChoices:
     def __init__(self, state: ServerState, req: ChatCompletionRequest, p: _Prepared) -> None:
         self.state, self.req, self.p = state, req, p
         self.splitters = [_reasoning_stream(state, p) for _ in range(p.params.n)]
+        self.tool_streams = [ToolCallStream(p.tool_parser) if p.tool_parser else None
+                             for _ in range(p.params.n)]
 
     def render(self, k: int, o: CompletionOutput) -> tuple[dict[str, Any], bool]:
         finished = o.finish_reason is not None
@@ -150,6 +173,13 @@ class _ChatChoices:
             if finished:
                 r, c = splitter.finish()
                 reasoning, content = reasoning + r, content + c
+        tool_deltas: list[dict[str, Any]] = []
+        tools = self.tool_streams[k]
+        if tools is not None:
+            content = tools.feed(content)
+            if finished:
+                rest, tool_deltas = tools.finish()
+                content += rest
         if reasoning and self.req.return_reasoning:
             delta["reasoning_content"] = reasoning
         if content:
@@ -157,8 +187,12 @@ class _ChatChoices:
         new_lps = o.logprobs or []
         logprobs = (chat_logprobs(self.state, new_lps, self.p.top_logprobs)
                     if self.req.logprobs else None)
-        return {"delta": delta, "logprobs": logprobs}, bool(delta) or bool(
-            self.req.logprobs and new_lps)
+        fields: dict[str, Any] = {"delta": delta, "logprobs": logprobs}
+        if tool_deltas:  # one chunk per tool-call piece after this delta's text
+            fields["deltas"] = ([delta] if delta else []) + [
+                {"tool_calls": [d]} for d in tool_deltas]
+            fields["finish_reason"] = "tool_calls"
+        return fields, bool(delta) or bool(self.req.logprobs and new_lps)
 
 
 def _stream(

@@ -17,6 +17,7 @@ from flatout.server.chat import ChatRenderer
 from flatout.server.errors import OpenAIError
 from flatout.server.metrics import ServerMetrics
 from flatout.server.reasoning import ReasoningParser
+from flatout.server.tool_parsers import ToolParser
 
 T = TypeVar("T")
 
@@ -31,6 +32,7 @@ class ServerState:
     metrics: ServerMetrics
     admission: Admission
     api_key: str | None = None
+    tool_parser: ToolParser | None = None  # --enable-auto-tool-choice
     max_prompt_chars: int | None = None  # longer prompts cannot fit (see limits.py)
     started: float = field(default_factory=time.time)
     _token_text: dict[int, str] = field(default_factory=dict, repr=False)

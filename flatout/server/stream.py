@@ -62,12 +62,19 @@ async def stream_events(
                 fields, worth_sending = renderer.render(k, o)
                 if not worth_sending and not finished:
                     continue
-                choice: dict[str, Any] = {"index": k, **fields,
-                                          "finish_reason": o.finish_reason if finished else None}
-                if finished:
-                    done.add(k)
-                    choice["stop_reason"] = o.stop_reason
-                yield sse({**base, "choices": [choice]})
+                reason = fields.pop("finish_reason", o.finish_reason)
+                # several deltas (a tool call's pieces) go out as chunks of their own
+                delta_now = fields.pop("delta", None)
+                deltas = fields.pop("deltas", None) or [delta_now]
+                for j, piece in enumerate(deltas):
+                    last = j == len(deltas) - 1
+                    choice: dict[str, Any] = {"index": k, **({} if piece is None else {
+                        "delta": piece}), **(fields if last else {"logprobs": None}),
+                        "finish_reason": reason if finished and last else None}
+                    if finished and last:
+                        done.add(k)
+                        choice["stop_reason"] = o.stop_reason
+                    yield sse({**base, "choices": [choice]})
         if include_usage:
             yield sse({**base, "choices": [], "usage": usage(progress.requests)})
         ticket.end(Outcome.COMPLETED)

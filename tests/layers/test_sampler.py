@@ -13,6 +13,7 @@ from flatout.layers.sampler import (
     Sampler,
     SamplingBatch,
     SamplingRow,
+    apply_logit_bias,
     apply_penalties,
 )
 from flatout.sampling_params import SamplingParams
@@ -299,3 +300,50 @@ def test_low_precision_logits_are_upcast():
     out = sample(logits, [row(SamplingParams(temperature=0.0, logprobs=2))] * 4)
     assert torch.equal(out.token_ids, logits.float().argmax(dim=1))
     assert out.logprobs.dtype == torch.float32
+
+
+def test_logit_bias_forces_and_bans_tokens_per_row():
+    V = 30
+    logits = torch.randn(6, V, generator=seeded(2))
+    logits[:, 4] += 20.0  # token 4 wins everywhere without a bias
+    params = [
+        SamplingParams(temperature=0.0, logit_bias={11: 100.0}),  # forced, greedy
+        SamplingParams(temperature=1.5, seed=3, logit_bias={17: 100, 2: -5.5}),  # forced, sampled
+        SamplingParams(temperature=0.0, logit_bias={4: -100.0}),  # banned: next best wins
+        SamplingParams(temperature=0.0),  # no bias: untouched beside biased rows
+        SamplingParams(temperature=0.0, logit_bias={V + 5: 100.0}),  # past the logits: ignored
+        SamplingParams(temperature=0.0, logit_bias={}),
+    ]
+    tokens = sample(logits, [row(p) for p in params]).token_ids.tolist()
+    second_best = logits[2].clone()
+    second_best[4] = float("-inf")
+    assert tokens == [11, 17, int(second_best.argmax()), 4, 4, 4]
+
+
+def test_logit_bias_is_added_exactly_and_skipped_when_no_row_has_one():
+    V = 10
+    logits = torch.randn(2, V, generator=seeded(4))
+    plain = SamplingBatch.build([row(SamplingParams()), row(SamplingParams(logit_bias={}))], V, CPU)
+    assert plain.bias_ids is None and plain.bias_values is None
+    biased = SamplingBatch.build(
+        [row(SamplingParams(logit_bias={1: 2.5, 7: -3.0})), row(SamplingParams())], V, CPU)
+    out = apply_logit_bias(logits.clone(), biased)
+    expected = logits.clone()
+    expected[0, 1] += 2.5
+    expected[0, 7] -= 3.0
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("bias", [{1: 100.5}, {1: -101}, {-1: 1.0}, {"1": 1.0}, {1: math.nan},
+                                  {1: True}, [1, 2]])
+def test_logit_bias_out_of_range_names_the_field(bias):
+    with pytest.raises(ValueError, match="logit_bias") as e:
+        SamplingParams(logit_bias=bias)
+    assert e.value.field == "logit_bias"
+
+
+def test_logit_bias_token_ids_checked_against_the_vocabulary():
+    params = SamplingParams(logit_bias={9: 1.0})
+    params.check_token_ids(10)
+    with pytest.raises(ValueError, match=r"logit_bias: token id 10 is outside the vocabulary"):
+        SamplingParams(logit_bias={10: 1.0}).check_token_ids(10)

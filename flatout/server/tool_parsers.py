@@ -1,0 +1,249 @@
+"""Tool calls out of a model's text, in the formats our models emit (no torch).
+
+Each parser turns a finished reply into (content, calls); output that does not parse is left as
+content, never an error. `ToolCallStream` streams a reply: text before a possible tool call
+passes through at once, the rest is held until the reply ends (or until it can no longer be a
+tool call) and then comes out as OpenAI's `delta.tool_calls` pieces.
+
+Formats:
+- glm4 (GLM-4-9B-chat): the whole reply is `name\\n{json arguments}`.
+- glm45 (GLM-4-0414, GLM-4.5): `<tool_call>name\\n<arg_key>k</arg_key><arg_value>v</arg_value>…
+  </tool_call>`, values JSON where they parse, else strings.
+- hermes (Qwen2.5/Qwen3): `<tool_call>{"name": …, "arguments": {…}}</tool_call>`.
+- llama3_json (Llama-3.1): `[<|python_tag|>]{"name": …, "parameters": {…}}`, several joined by `;`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str  # a JSON object, as OpenAI's function.arguments
+    id: str = field(default_factory=lambda: f"call_{secrets.token_hex(12)}")
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+
+
+class ToolParser:
+    """Base: `start` marks where a tool call may begin (None: the reply's very start)."""
+
+    start: str | None = None
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        """(content, calls) of a finished reply; ([text], []) when no well-formed call."""
+        raise NotImplementedError
+
+    def held_from(self, text: str) -> int | None:
+        """Where the held-back (possible tool call) part of `text` starts; None: none so far."""
+        if self.start is None:
+            return 0
+        i = text.find(self.start)
+        if i >= 0:
+            return i
+        for k in range(min(len(self.start) - 1, len(text)), 0, -1):  # a marker's prefix at the end
+            if self.start.startswith(text[-k:]):
+                return len(text) - k
+        return None
+
+    def still_possible(self, held: str) -> bool:
+        """Whether held text may still become a tool call (False: release it as content)."""
+        return True
+
+
+def _arguments(value: object) -> str | None:
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else None
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class HermesParser(ToolParser):
+    start = "<tool_call>"
+    _CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        calls = []
+        for body in self._CALL.findall(text):
+            obj = _json_object(body.strip())
+            args = _arguments(obj.get("arguments", {})) if obj else None
+            if obj is None or not isinstance(obj.get("name"), str) or args is None:
+                return text, []
+            calls.append(ToolCall(obj["name"], args))
+        if not calls:
+            return text, []
+        return self._CALL.sub("", text).strip(), calls
+
+
+class Glm45Parser(ToolParser):
+    start = "<tool_call>"
+    _CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+    _ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        calls = []
+        for body in self._CALL.findall(text):
+            name, _, rest = body.strip().partition("\n")
+            name = name.strip()
+            if "<" in name:  # `<tool_call>f<arg_key>…`: the name ends at the first tag
+                name, _, tail = name.partition("<")
+                rest = "<" + tail + rest
+                name = name.strip()
+            if not re.fullmatch(r"[\w.\-]+", name):
+                return text, []
+            args: dict[str, Any] = {}
+            for key, value in self._ARG.findall(rest):
+                try:
+                    args[key.strip()] = json.loads(value)
+                except ValueError:
+                    args[key.strip()] = value
+            if self._ARG.sub("", rest).strip():  # anything but arguments: not this format
+                return text, []
+            calls.append(ToolCall(name, json.dumps(args, ensure_ascii=False)))
+        if not calls:
+            return text, []
+        return self._CALL.sub("", text).strip(), calls
+
+
+class Glm4Parser(ToolParser):
+    """GLM-4-9B-chat: the whole reply is `name\\n{json}`."""
+
+    _NAME = re.compile(r"[\w.\-]+")
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        name, newline, rest = text.strip().partition("\n")
+        obj = _json_object(rest.strip()) if newline else None
+        if obj is None or not self._NAME.fullmatch(name.strip()):
+            return text, []
+        return "", [ToolCall(name.strip(), json.dumps(obj, ensure_ascii=False))]
+
+    def still_possible(self, held: str) -> bool:
+        name, newline, rest = held.lstrip().partition("\n")
+        if not newline:
+            return not name or bool(self._NAME.fullmatch(name.strip()))
+        rest = rest.lstrip()
+        return bool(self._NAME.fullmatch(name.strip())) and (not rest or rest[0] == "{")
+
+
+class Llama3JsonParser(ToolParser):
+    _TAG = "<|python_tag|>"
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        body = text.strip().removeprefix(self._TAG).strip()
+        if not body.startswith("{"):
+            return text, []
+        decoder = json.JSONDecoder()
+        calls, i = [], 0
+        while i < len(body):
+            try:
+                obj, end = decoder.raw_decode(body, i)
+            except ValueError:
+                return text, []
+            args = _arguments(obj.get("parameters", obj.get("arguments", {}))) if isinstance(
+                obj, dict) else None
+            if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or args is None:
+                return text, []
+            calls.append(ToolCall(obj["name"], args))
+            i = end
+            while i < len(body) and body[i] in " \t\r\n;":
+                i += 1
+        return "", calls
+
+    def still_possible(self, held: str) -> bool:
+        s = held.lstrip()
+        return not s or s.startswith("{") or self._TAG.startswith(s[:len(self._TAG)])
+
+
+PARSERS: dict[str, type[ToolParser]] = {
+    "glm4": Glm4Parser, "glm45": Glm45Parser, "hermes": HermesParser,
+    "llama3_json": Llama3JsonParser,
+}
+
+
+# `--tool-call-parser auto`: the format each architecture's chat models emit
+_BY_ARCHITECTURE = {
+    "GlmForCausalLM": "glm4", "ChatGLMModel": "glm4", "ChatGLMForConditionalGeneration": "glm4",
+    "Glm4ForCausalLM": "glm45", "Qwen2ForCausalLM": "hermes", "Qwen3ForCausalLM": "hermes",
+    "LlamaForCausalLM": "llama3_json",
+}
+
+
+def get_tool_parser(name: str, architecture: str | None = None) -> ToolParser:
+    """The parser called `name`; `auto` picks it from the checkpoint's architecture."""
+    if name == "auto":
+        if architecture not in _BY_ARCHITECTURE:
+            raise ValueError(f"--tool-call-parser auto knows no format for {architecture}; "
+                             f"choose one of {', '.join(sorted(PARSERS))}")
+        name = _BY_ARCHITECTURE[architecture]
+    if name not in PARSERS:
+        raise ValueError(f"unknown tool call parser {name!r}; choose one of "
+                         f"{', '.join(sorted(PARSERS))}")
+    return PARSERS[name]()
+
+
+ARGUMENT_PIECE = 16  # characters of arguments per streamed delta
+
+
+class ToolCallStream:
+    """One choice's stream: `feed` the text deltas, `finish` at the end; both return
+    (content delta, tool_calls deltas)."""
+
+    def __init__(self, parser: ToolParser) -> None:
+        self.parser = parser
+        self.text = ""
+        self.sent = 0  # characters of text released as content
+        self.released = False  # the held part proved not a tool call: plain text from here
+        self.calls: list[ToolCall] = []
+
+    def feed(self, delta: str) -> str:
+        self.text += delta
+        if self.released:
+            return self._release(len(self.text))
+        held = self.parser.held_from(self.text[self.sent:])
+        if held is None:
+            return self._release(len(self.text))
+        start = self.sent + held
+        if not self.parser.still_possible(self.text[start:]):
+            self.released = self.parser.start is None
+            return self._release(len(self.text) if self.released else start + 1)
+        return self._release(start)
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        rest = self.text[self.sent:]
+        self.sent = len(self.text)
+        if self.released or not rest:
+            return rest, []
+        content, calls = self.parser.parse(rest)
+        self.calls = calls
+        return content, tool_call_deltas(calls)
+
+    def _release(self, upto: int) -> str:
+        out = self.text[self.sent:upto]
+        self.sent = max(self.sent, upto)
+        return out
+
+
+def tool_call_deltas(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """OpenAI's streamed shape: per call, first index, id, type and the name with empty
+    arguments, then the arguments in pieces."""
+    deltas: list[dict[str, Any]] = []
+    for index, call in enumerate(calls):
+        deltas.append({"index": index, "id": call.id, "type": "function",
+                       "function": {"name": call.name, "arguments": ""}})
+        for i in range(0, len(call.arguments), ARGUMENT_PIECE):
+            deltas.append({"index": index,
+                           "function": {"arguments": call.arguments[i:i + ARGUMENT_PIECE]}})
+    return deltas
