@@ -68,8 +68,8 @@ INTERPRET_CONFIG = GemvConfig(block_n=16, block_k=32, num_warps=1, num_stages=1)
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -84,8 +84,8 @@ def _gemv_kernel(
         # w: [BLOCK_N, BLOCK_K], contiguous along K
         w = tl.load(
             w_ptr + cols[:, None] * stride_wn + ks[None, :],
-            mask=col_mask[:, None] & k_mask[None, :], other=0.0,
-        )
+            mask=col_mask[:, None] & k_mask[None, :], other=0,
+        )  # int8 weights convert exactly to bf16/fp16/fp32
         x = tl.load(
             x_ptr + rows[:, None] * stride_xm + ks[None, :],
             mask=row_mask[:, None] & k_mask[None, :], other=0.0,
@@ -93,6 +93,8 @@ def _gemv_kernel(
         acc = tl.dot(
             x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=PRECISION
         )
+    if HAS_SCALE:  # W8A16: per-output-channel scale, applied once to the fp32 sums
+        acc *= tl.load(s_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(
@@ -115,8 +117,11 @@ def config_for(n: int, k: int, m: int) -> GemvConfig:
 def gemv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
     config: GemvConfig | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # x: [M, K], weight: [N, K] -> [M, N]
-    """x @ weight.T + bias for at most MAX_ROWS rows, fp32 accumulation, x's dtype out."""
+    """x @ weight.T + bias for at most MAX_ROWS rows, fp32 accumulation, x's dtype out.
+
+    With `scale` ([N], fp32) the weight is int8 (W8A16): y = (x @ weight.T) * scale + bias."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"gemv needs x [M, K] and weight [N, K], got {x.shape}, {weight.shape}")
     m, k = x.shape
@@ -127,15 +132,19 @@ def gemv(
         x = x.contiguous()
     if weight.stride(1) != 1:
         weight = weight.contiguous()
+    if weight.dtype != (x.dtype if scale is None else torch.int8):
+        raise ValueError(f"gemv: a {weight.dtype} weight with {x.dtype} input needs "
+                         "int8 weights with a scale, or weights of the input's dtype")
     cfg = config or config_for(n, k, m)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
     grid = (triton.cdiv(n, cfg.block_n),)
     _gemv_kernel[grid](
-        x, weight, bias if bias is not None else weight, y, m, n, k,
-        x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=padded_rows(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        x, weight, scale if scale is not None else weight, bias if bias is not None else weight,
+        y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_M=padded_rows(m),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         DOT_DTYPE=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -153,3 +162,13 @@ def linear(
         return gemv(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
+
+def linear_w8a16(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:  # x: [M, K], qweight: int8 [N, K], scale: fp32 [N]
+    """(x @ qweight.T) * scale + bias: the GEMV reads int8 weights for up to MAX_ROWS rows;
+    more rows (prefill) dequantize to x's dtype and go through cuBLAS."""
+    if x.dim() == 2 and x.shape[0] <= MAX_ROWS:
+        return gemv(x, qweight, bias, scale=scale)
+    weight = (qweight.to(torch.float32) * scale[:, None]).to(x.dtype)
+    return torch.nn.functional.linear(x, weight, bias)

@@ -187,3 +187,23 @@ def linear(
 ) -> torch.Tensor:
     """x @ weight.T + bias (the oracle of flatout.kernels.gemv)."""
     return F.linear(x, weight, bias)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel INT8: weight [N, K] -> (int8 [N, K], fp32 scale [N]) with
+    weight ~= q * scale[:, None]; an all-zero row gets scale 1."""
+    w = weight.float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def linear_w8a16(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(x @ qweight.T) * scale + bias in fp32, returned in x's dtype (oracle of the int8 GEMV)."""
+    y = F.linear(x.float(), qweight.float()) * scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

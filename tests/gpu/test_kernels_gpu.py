@@ -170,3 +170,15 @@ def test_gemv(dtype: torch.dtype, rows: int, n: int, k: int, bias: bool) -> None
     b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
     expected = reference.linear(x.float(), w.float(), None if b is None else b.float())
     torch.testing.assert_close(gemv(x, w, b).float(), expected, **tol(dtype))
+
+
+@pytest.mark.parametrize("rows", [1, 7, 32, 64])
+@pytest.mark.parametrize("n,k,bias", [(4608, 4096, True), (4096, 13696, False), (1000, 333, True)])
+def test_int8_gemv(rows: int, n: int, k: int, bias: bool) -> None:
+    from flatout.kernels.gemv import linear_w8a16
+
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    q, scale = reference.quantize_int8(torch.randn(n, k, device="cuda") * 0.02)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
+    expected = reference.linear_w8a16(x.float(), q, scale, None if b is None else b.float())
+    torch.testing.assert_close(linear_w8a16(x, q, scale, b).float(), expected, **tol(x.dtype))

@@ -46,3 +46,27 @@ def test_gemv_refuses_bad_shapes() -> None:
         gemv(randn(MAX_ROWS + 1, 8), randn(16, 8))
     with pytest.raises(ValueError, match="weight"):
         gemv(randn(2, 8), randn(16, 9))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_gemv_matches_dequantized_reference(rows: int, bias: bool) -> None:
+    from flatout.kernels.gemv import linear_w8a16
+
+    w = randn(48, 96)
+    q, scale = reference.quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    # per-channel symmetric: every weight within half a step of its dequantized value
+    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-6).all()
+    x = randn(rows, 96)
+    b = randn(48) if bias else None
+    expected = reference.linear_w8a16(x, q, scale, b)
+    torch.testing.assert_close(gemv(x, q, b, scale=scale) if rows <= MAX_ROWS
+                               else linear_w8a16(x, q, scale, b), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(linear_w8a16(x, q, scale, b), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_gemv_needs_its_scale() -> None:
+    q, _ = reference.quantize_int8(randn(16, 32))
+    with pytest.raises(ValueError, match="scale"):
+        gemv(randn(1, 32), q)
