@@ -38,8 +38,8 @@ def ref(ckpt: Path) -> transformers.Glm4vForConditionalGeneration:
     return model.eval()
 
 
-def _processor() -> transformers.Glm4vImageProcessor:
-    return transformers.Glm4vImageProcessor(
+def _processor() -> transformers.Glm4vImageProcessorPil:
+    return transformers.Glm4vImageProcessorPil(
         size={"shortest_edge": 28 * 28, "longest_edge": 28 * 28 * 40}
     )
 
