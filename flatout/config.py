@@ -13,6 +13,42 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower of a vision-language model (GLM-4.1V's `vision_config`) and the token ids
+    that place its output in the prompt."""
+
+    depth: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int  # of the merger's MLP (the blocks' MLP is out_hidden_size wide)
+    out_hidden_size: int  # = the text model's hidden size
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    image_size: int = 336  # the learned position table covers (image_size / patch_size)^2
+    in_channels: int = 3
+    rms_norm_eps: float = 1e-5
+    attention_bias: bool = False
+    rope_theta: float = 10000.0
+    image_token_id: int = 151343
+    image_start_token_id: int = 151339
+    image_end_token_id: int = 151340
+
+    @property
+    def patch_dim(self) -> int:  # values per flattened patch: 3 x 2 x 14 x 14 = 1176
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def num_params(self) -> int:
+        h, o, i = self.hidden_size, self.out_hidden_size, self.intermediate_size
+        m = self.spatial_merge_size**2
+        embed = self.patch_dim * h + h + h + (self.image_size // self.patch_size) ** 2 * h
+        block = 2 * h + 3 * h * h + (3 * h if self.attention_bias else 0) + h * h + 3 * h * o
+        merge = h + h * o * m + o + o * o + 2 * o + 3 * o * i
+        return embed + self.depth * block + merge
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything the model code needs, normalised across checkpoint layouts.
 
@@ -50,6 +86,9 @@ class ModelConfig:
     tokenizer: str | None = None  # folder holding tokenizer files; None: token ids only
     load_format: str = "auto"  # "auto" (safetensors) | "dummy" (random weights)
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
+    # M-RoPE (GLM-4.1V): the rotated pairs split into sections turned by the t, h, w positions
+    mrope_section: tuple[int, ...] | None = None
+    vision: VisionConfig | None = None  # vision-language models: the vision tower
 
     @property
     def num_params(self) -> int:
@@ -63,7 +102,8 @@ class ModelConfig:
         norms = h * (4 if self.sandwich_norm else 2) + (2 * self.head_dim if self.qk_norm else 0)
         per_layer = attn + mlp + norms
         embed = v * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * per_layer + embed + h
+        vision = self.vision.num_params if self.vision is not None else 0
+        return self.num_hidden_layers * per_layer + embed + h + vision
 
     @property
     def dtype_bytes(self) -> int:

@@ -106,3 +106,38 @@ class RotaryEmbedding(nn.Module):
     def extra_repr(self) -> str:
         style = "interleaved" if self.interleaved else "half-split"
         return f"rotary_dim={self.rotary_dim}/{self.head_dim}, {style}"
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """M-RoPE (GLM-4.1V): interleaved partial rotary whose pairs are split into sections turned
+    by the temporal, height and width positions (`mrope_section` [8, 12, 12]: pairs 0-7 by t,
+    8-19 by h, 20-31 by w). positions: [3, T]; [T] (text only: t = h = w) is accepted too.
+
+    Each forward gathers a per-token cos|sin table [T, R] from the position cache and rotates
+    with the same op as 1-D rotary, indexing that table by token."""
+
+    def __init__(
+        self, head_dim: int, rotary_dim: int, max_position: int, base: float,
+        mrope_section: tuple[int, ...],
+    ) -> None:  # fmt: skip
+        super().__init__(head_dim, rotary_dim, max_position, base, interleaved=True)
+        if 2 * sum(mrope_section) != rotary_dim or len(mrope_section) != 3:
+            raise ValueError(f"mrope_section {mrope_section} must be 3 parts summing to "
+                             f"rotary_dim / 2 = {rotary_dim // 2}")
+        axis = torch.cat([torch.full((n,), i) for i, n in enumerate(mrope_section)])
+        self.axis: torch.Tensor  # [R]: which position row turns each column (cos | sin)
+        self.register_buffer("axis", torch.cat([axis, axis]).long(), persistent=False)
+
+    def forward(
+        self,
+        positions: torch.Tensor,  # [3, T] or [T]
+        q: torch.Tensor,
+        k: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:
+            return super().forward(positions, q, k)
+        t = positions.shape[1]
+        per_axis = self.cos_sin_cache[positions.long()]  # [3, T, R]
+        table = per_axis.gather(0, self.axis.view(1, 1, -1).expand(1, t, -1))[0]  # [T, R]
+        token = torch.arange(t, device=positions.device)
+        return self.ops.rotary_embedding(token, q, k, table, self.head_dim, True)

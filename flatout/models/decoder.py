@@ -23,7 +23,7 @@ from flatout.layers.attention import Attention
 from flatout.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from flatout.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from flatout.layers.norm import RMSNorm
-from flatout.layers.rotary import RotaryEmbedding
+from flatout.layers.rotary import MRotaryEmbedding, RotaryEmbedding
 
 
 def fuses_reduce(cfg: ModelConfig) -> bool:
@@ -119,17 +119,33 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, defer_reduce: bool) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        rotary_emb = RotaryEmbedding(
-            cfg.head_dim, cfg.rotary_dim, cfg.max_model_len, cfg.rope_theta,
-            interleaved=cfg.rope_interleaved, rope_scaling=cfg.rope_scaling,
-        )
+        rotary_emb: RotaryEmbedding
+        if cfg.mrope_section is not None:  # GLM-4.1V: positions are [3, T]
+            # image positions run below text ones, so the text length bounds every position
+            rotary_emb = MRotaryEmbedding(
+                cfg.head_dim, cfg.rotary_dim, cfg.max_model_len, cfg.rope_theta,
+                cfg.mrope_section,
+            )
+        else:
+            rotary_emb = RotaryEmbedding(
+                cfg.head_dim, cfg.rotary_dim, cfg.max_model_len, cfg.rope_theta,
+                interleaved=cfg.rope_interleaved, rope_scaling=cfg.rope_scaling,
+            )
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, rotary_emb, defer_reduce) for _ in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        embeddings: torch.Tensor = self.embed_tokens(input_ids)  # [T, hidden]
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """inputs_embeds: [T, hidden] used instead of embedding input_ids (vision models)."""
+        embeddings: torch.Tensor = (
+            self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        )  # [T, hidden]
         hidden: torch.Tensor | PendingReduce = embeddings
         residual = None
         for layer in self.layers:

@@ -15,12 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from flatout.config import VisionConfig
 from flatout.layers.rotary import check_rope_scaling
 
 GLM_ARCHITECTURES = ("GlmForCausalLM", "Glm4ForCausalLM")
 CHATGLM_ARCHITECTURES = ("ChatGLMModel", "ChatGLMForConditionalGeneration")
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-SUPPORTED_ARCHITECTURES = GLM_ARCHITECTURES + CHATGLM_ARCHITECTURES + LLAMA_ARCHITECTURES
+VISION_ARCHITECTURES = ("Glm4vForConditionalGeneration",)
+SUPPORTED_ARCHITECTURES = (
+    GLM_ARCHITECTURES + CHATGLM_ARCHITECTURES + LLAMA_ARCHITECTURES + VISION_ARCHITECTURES
+)
 
 _BY_MODEL_TYPE = {
     "glm": "GlmForCausalLM",
@@ -29,6 +33,7 @@ _BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "glm4v": "Glm4vForConditionalGeneration",
 }
 _ROPE_KEYS_NOT_SCALING = ("rope_theta", "partial_rotary_factor")
 
@@ -76,6 +81,10 @@ def parse_hf_config(raw: dict[str, Any]) -> ParsedConfig:
     arch = architecture_of(raw)
     if arch in CHATGLM_ARCHITECTURES:
         fields, max_pos = _chatglm_fields(arch, raw)
+    elif arch in VISION_ARCHITECTURES:
+        fields, max_pos = _glm4v_fields(arch, raw)
+        top = {k: v for k, v in raw.items() if v is not None}
+        raw = {**raw["text_config"], **top, "eos_token_id": _glm4v_eos(raw)}
     else:
         fields, max_pos = _hf_fields(arch, raw)
     if raw.get("hidden_act", "silu") != "silu":
@@ -194,3 +203,55 @@ def _chatglm_fields(arch: str, raw: dict[str, Any]) -> tuple[dict[str, Any], int
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
     )
     return fields, int(_require(raw, "seq_length"))
+
+
+def _glm4v_eos(raw: dict[str, Any]) -> Any:
+    text = raw["text_config"]
+    return text.get("eos_token_id", raw.get("eos_token_id"))
+
+
+def _glm4v_fields(arch: str, raw: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """GLM-4.1V: a GLM-4-0414 text decoder (under text_config) with M-RoPE, plus the tower."""
+    text = raw.get("text_config")
+    vis = raw.get("vision_config")
+    if not isinstance(text, dict) or not isinstance(vis, dict):
+        raise ValueError(f"{arch}: config.json lacks text_config / vision_config")
+    # transformers' Glm4vTextAttention derives head_dim from hidden_size / heads
+    text = {k: v for k, v in text.items() if k != "head_dim"}
+    text.setdefault("tie_word_embeddings", raw.get("tie_word_embeddings", False))
+    fields, max_pos = _hf_fields("Glm4ForCausalLM", text)
+    rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+    section = tuple(int(s) for s in rope.get("mrope_section") or (8, 12, 12))
+    if 2 * sum(section) != fields["rotary_dim"]:
+        raise ValueError(
+            f"{arch}: mrope_section {list(section)} does not cover rotary_dim "
+            f"{fields['rotary_dim']} (2 x sum must equal it)"
+        )
+    if vis.get("hidden_act", "silu") != "silu":
+        raise _unsupported(arch, f"vision hidden_act {vis['hidden_act']!r} (only silu)")
+    vrope = vis.get("rope_parameters") or {}
+    vision = VisionConfig(
+        depth=int(_require(vis, "depth")),
+        hidden_size=int(_require(vis, "hidden_size")),
+        num_heads=int(_require(vis, "num_heads")),
+        intermediate_size=int(_require(vis, "intermediate_size")),
+        out_hidden_size=int(_require(vis, "out_hidden_size")),
+        patch_size=int(vis.get("patch_size", 14)),
+        temporal_patch_size=int(vis.get("temporal_patch_size", 2)),
+        spatial_merge_size=int(vis.get("spatial_merge_size", 2)),
+        image_size=int(vis.get("image_size", 336)),
+        in_channels=int(vis.get("in_channels", 3)),
+        rms_norm_eps=float(vis.get("rms_norm_eps", 1e-5)),
+        attention_bias=bool(vis.get("attention_bias", False)),
+        rope_theta=float(vrope.get("rope_theta", 10000.0)),
+        image_token_id=int(raw.get("image_token_id", 151343)),
+        image_start_token_id=int(raw.get("image_start_token_id", 151339)),
+        image_end_token_id=int(raw.get("image_end_token_id", 151340)),
+    )
+    if vision.out_hidden_size != fields["hidden_size"]:
+        raise ValueError(
+            f"{arch}: vision out_hidden_size {vision.out_hidden_size} != text hidden_size "
+            f"{fields['hidden_size']}"
+        )
+    fields.update(mrope_section=section, vision=vision)
+    return fields, max_pos

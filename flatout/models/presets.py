@@ -28,6 +28,38 @@ _GLM4_9B_SHAPES: dict[str, Any] = {
 }
 
 
+GLM4V_STOP_IDS = [151329, 151336, 151338, 151348]  # the GLM-4.1V configs add 151348
+
+# GLM-4.1V-9B-Thinking (reference doc 1.7, 4): GLM-4-0414 text stack with M-RoPE + the tower
+_GLM41V_CONFIG: dict[str, Any] = {
+    "architectures": ["Glm4vForConditionalGeneration"],
+    "model_type": "glm4v",
+    "text_config": {
+        "model_type": "glm4v_text",
+        **{k: v for k, v in _GLM4_9B_SHAPES.items() if k not in ("head_dim", "eos_token_id")},
+        "eos_token_id": GLM4V_STOP_IDS,
+        "rms_norm_eps": 1e-05,
+        "max_position_embeddings": 65536,
+        "rope_parameters": {
+            "rope_type": "default", "mrope_section": [8, 12, 12],
+            "partial_rotary_factor": 0.5, "rope_theta": 10000.0,
+        },
+    },
+    "vision_config": {
+        "model_type": "glm4v_vision",
+        "depth": 24, "hidden_size": 1536, "num_heads": 12, "patch_size": 14,
+        "temporal_patch_size": 2, "spatial_merge_size": 2, "image_size": 336, "in_channels": 3,
+        "out_hidden_size": 4096, "intermediate_size": 13696, "hidden_act": "silu",
+        "rms_norm_eps": 1e-05, "attention_bias": False,
+        "rope_parameters": {"rope_type": "axial", "rope_theta": 10000.0},
+    },
+    "image_token_id": 151343, "image_start_token_id": 151339, "image_end_token_id": 151340,
+    "video_token_id": 151344, "video_start_token_id": 151341, "video_end_token_id": 151342,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+
+
 @dataclass(frozen=True)
 class Preset:
     config: dict[str, Any]  # as config.json
@@ -176,4 +208,7 @@ PRESETS: dict[str, Preset] = {
         [151645, 151643],
         "Qwen/Qwen3-8B",
     ),
+    "glm-4.1v-9b-thinking": Preset(_GLM41V_CONFIG, GLM4V_STOP_IDS, "THUDM/GLM-4.1V-9B-Thinking"),
+    # "the same architecture as GLM-4.1V-9B-Thinking" (Open-AutoGLM README); same numbers
+    "autoglm-phone-9b": Preset(_GLM41V_CONFIG, GLM4V_STOP_IDS, "zai-org/AutoGLM-Phone-9B"),
 }

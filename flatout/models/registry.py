@@ -12,10 +12,21 @@ import torch
 
 from flatout.config import EngineArgs, ModelConfig
 from flatout.models.decoder import CausalLM
-from flatout.models.hf_config import CHATGLM_ARCHITECTURES, eos_list, parse_hf_config
+from flatout.models.glm4v import Glm4vForConditionalGeneration
+from flatout.models.hf_config import (
+    CHATGLM_ARCHITECTURES,
+    VISION_ARCHITECTURES,
+    eos_list,
+    parse_hf_config,
+)
 from flatout.models.loader import init_dummy_weights, load_safetensors_weights
 from flatout.models.presets import PRESETS
-from flatout.models.weight_names import CHATGLM_WEIGHT_NAMES, HF_WEIGHT_NAMES, WeightNameMap
+from flatout.models.weight_names import (
+    CHATGLM_WEIGHT_NAMES,
+    GLM4V_WEIGHT_NAMES,
+    HF_WEIGHT_NAMES,
+    WeightNameMap,
+)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
@@ -27,6 +38,8 @@ _GREEDY_IGNORED = ("temperature", "top_p", "top_k", "min_p")
 
 
 def weight_names_for(architecture: str) -> WeightNameMap:
+    if architecture in VISION_ARCHITECTURES:
+        return GLM4V_WEIGHT_NAMES
     return CHATGLM_WEIGHT_NAMES if architecture in CHATGLM_ARCHITECTURES else HF_WEIGHT_NAMES
 
 
@@ -158,10 +171,16 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def load_model(cfg: ModelConfig, device: torch.device) -> CausalLM:
+def load_model(
+    cfg: ModelConfig, device: torch.device
+) -> CausalLM | Glm4vForConditionalGeneration:
     """Build the model for `cfg` on `device` in cfg.dtype and fill its weights (eval mode)."""
+    model: CausalLM | Glm4vForConditionalGeneration
     with _default_dtype(TORCH_DTYPES[cfg.dtype]), torch.device(device):
-        model = CausalLM(cfg)
+        if cfg.architecture in VISION_ARCHITECTURES:
+            model = Glm4vForConditionalGeneration(cfg)
+        else:
+            model = CausalLM(cfg)
     if cfg.load_format == "dummy":
         init_dummy_weights(model)
     else:
@@ -181,7 +200,8 @@ def model_info_lines(cfg: ModelConfig) -> list[str]:
         f"layers {cfg.num_hidden_layers}, hidden {cfg.hidden_size}, heads "
         f"{cfg.num_attention_heads} (kv {cfg.num_key_value_heads}, head_dim {cfg.head_dim}), "
         f"intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size}",
-        f"parameters: {cfg.num_params / 1e9:.2f} B ({cfg.num_params:,})",
+        f"parameters: {cfg.num_params / 1e9:.2f} B ({cfg.num_params:,})"
+        + (f", vision tower {cfg.vision.num_params / 1e9:.2f} B" if cfg.vision else ""),
         f"weights: {cfg.weight_bytes / 1e9:.2f} GB in {cfg.dtype}",
         f"KV cache: {kv / 1024:.1f} KiB per token, {kv * cfg.max_model_len / 2**30:.2f} GiB "
         f"for one sequence of max_model_len {cfg.max_model_len}",

@@ -90,3 +90,16 @@ CHATGLM_WEIGHT_NAMES = WeightNameMap(
     ],
     droppable=["transformer.rotary_pos_emb.inv_freq"],
 )
+
+_V = "model.language_model.layers.*"
+
+# GLM-4.1V as shipped: model.visual.* and lm_head.* carry our names; the text decoder sits under
+# model.language_model with split q/k/v and a fused gate_up_proj.
+GLM4V_WEIGHT_NAMES = WeightNameMap(
+    rules=[
+        WeightRule(f"{_V}.self_attn.q_proj", f"{_V}.self_attn.qkv_proj", "q"),
+        WeightRule(f"{_V}.self_attn.k_proj", f"{_V}.self_attn.qkv_proj", "k"),
+        WeightRule(f"{_V}.self_attn.v_proj", f"{_V}.self_attn.qkv_proj", "v"),
+    ],
+    droppable=[],
+)

@@ -18,7 +18,12 @@ from flatout.config import CacheConfig, SchedulerConfig
 from flatout.layers.attention import Attention, AttentionMetadata, forward_context
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from flatout.models.decoder import CausalLM
+    from flatout.models.glm4v import Glm4vForConditionalGeneration
+
+    Model: TypeAlias = CausalLM | Glm4vForConditionalGeneration
 
 CPU_DEFAULT_KV_CACHE_MEMORY = 1 << 30
 
@@ -48,7 +53,7 @@ def kv_block_bytes(attn_layers: list[Attention], block_size: int, dtype: torch.d
     return per_token * block_size
 
 
-def plan_num_blocks(model: CausalLM, attn_layers: list[Attention], cache: CacheConfig,
+def plan_num_blocks(model: Model, attn_layers: list[Attention], cache: CacheConfig,
                     sched: SchedulerConfig, device: torch.device, dtype: torch.dtype,
                     memory: MemoryUse) -> int:
     """Blocks this rank can hold; on a GPU records the activation peak and runtime memory."""
@@ -78,7 +83,7 @@ def plan_num_blocks(model: CausalLM, attn_layers: list[Attention], cache: CacheC
 
 
 @torch.inference_mode()
-def profile_peak_memory(model: CausalLM, num_tokens: int, num_seqs: int,
+def profile_peak_memory(model: Model, num_tokens: int, num_seqs: int,
                         device: torch.device) -> int:
     """Peak bytes of a forward over the largest batch the scheduler can form, and of sampling
     its rows (every rank runs it: the forward's collectives pair up)."""

@@ -285,3 +285,38 @@ def _rewrite_old_layout(config_path: Path, arch: str) -> None:
         raw["rope_scaling"] = {"type": rope_type, **rope}
     raw["torch_dtype"] = raw.pop("dtype", "float32")
     config_path.write_text(json.dumps(raw, indent=2))
+
+
+GLM4V_TOKENS = {  # inside the tiny vocab
+    "image_token_id": 300, "video_token_id": 299, "image_start_token_id": 296,
+    "image_end_token_id": 297, "video_start_token_id": 298, "video_end_token_id": 295,
+}
+
+
+def make_tiny_glm4v_checkpoint(path: Path, *, seed: int = 0) -> Path:
+    """A tiny random Glm4vForConditionalGeneration saved by transformers (float32): text stack
+    hidden 64 / 4 heads of 16 (rotary 8, mrope_section [2, 1, 1]), tower depth 2 / hidden 32 /
+    2 heads, a 4x4 position table (image_size 56), image tokens at ids 296-300 of vocab 301."""
+    path = Path(path)
+    cfg = transformers.Glm4vConfig(
+        text_config={
+            "vocab_size": 301, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "attention_bias": True,
+            "pad_token_id": 0, "eos_token_id": [2, 3],
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1],
+                                "partial_rotary_factor": 0.5, "rope_theta": 10000.0},
+        },
+        vision_config={
+            "depth": 2, "hidden_size": 32, "num_heads": 2, "out_hidden_size": 64,
+            "intermediate_size": 96, "image_size": 56, "patch_size": 14, "rms_norm_eps": 1e-6,
+        },
+        **GLM4V_TOKENS,
+    )
+    torch.manual_seed(seed)
+    model = transformers.Glm4vForConditionalGeneration(cfg).eval()
+    _randomize(model, seed)
+    model.save_pretrained(path)
+    gen = {"eos_token_id": [2, 3], "pad_token_id": 0}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return path

@@ -30,7 +30,8 @@ def _hf_config_for_preset(name: str) -> transformers.PreTrainedConfig:
         )
     cls = {"GlmForCausalLM": "GlmConfig", "Glm4ForCausalLM": "Glm4Config",
            "LlamaForCausalLM": "LlamaConfig", "Qwen2ForCausalLM": "Qwen2Config",
-           "Qwen3ForCausalLM": "Qwen3Config"}[arch]
+           "Qwen3ForCausalLM": "Qwen3Config",
+           "Glm4vForConditionalGeneration": "Glm4vConfig"}[arch]
     return getattr(transformers, cls)(**raw)
 
 
