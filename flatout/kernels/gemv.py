@@ -52,8 +52,8 @@ TUNED: dict[tuple[int, int, int], GemvConfig] = {  # (N, K, padded rows)
     (151552, 4096, 32): GemvConfig(64, 128, 4, 4),
     (151552, 4096, 64): GemvConfig(64, 128, 4, 3),
 }
-# (N, K) -> the most rows at which the GEMV still beats cuBLAS there (same table); shapes not
-# measured take GEMV_ROWS, below which it won on every measured shape.
+# (N, K) -> the most rows at which the GEMV still beats cuBLAS there (same table). Shapes not
+# measured (other models, tensor-parallel shards) stay on cuBLAS until they are tuned.
 GEMV_WINS_UP_TO: dict[tuple[int, int], int] = {
     (4608, 4096): 16,
     (4096, 4096): 48,
@@ -61,7 +61,6 @@ GEMV_WINS_UP_TO: dict[tuple[int, int], int] = {
     (4096, 13696): 64,
     (151552, 4096): 64,
 }
-GEMV_ROWS = 8
 DEFAULT = GemvConfig(block_n=32, block_k=256, num_warps=4, num_stages=4)
 INTERPRET_CONFIG = GemvConfig(block_n=16, block_k=32, num_warps=1, num_stages=1)
 
@@ -157,7 +156,7 @@ def linear(
     """F.linear, through the GEMV for decode-sized 16-bit inputs and cuBLAS otherwise."""
     if (
         x.dim() == 2 and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
-        and x.shape[0] <= GEMV_WINS_UP_TO.get((weight.shape[0], weight.shape[1]), GEMV_ROWS)
+        and x.shape[0] <= GEMV_WINS_UP_TO.get((weight.shape[0], weight.shape[1]), 0)
     ):  # fmt: skip
         return gemv(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flatout.kernels import reference
-from flatout.kernels.gemv import GEMV_ROWS, MAX_ROWS, GemvConfig, gemv, linear
+from flatout.kernels.gemv import GEMV_WINS_UP_TO, MAX_ROWS, GemvConfig, gemv, linear
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -33,12 +33,23 @@ def test_gemv_bf16_and_strided_input() -> None:
                                rtol=2e-2)
 
 
-def test_linear_routes_rows_past_the_gemv_to_matmul() -> None:
-    w = randn(24, 32, dtype=torch.bfloat16)
-    for rows in (GEMV_ROWS, GEMV_ROWS + 1, 40):
-        x = randn(rows, 32, dtype=torch.bfloat16)
-        torch.testing.assert_close(linear(x, w).float(), reference.linear(x, w).float(),
-                                   atol=2e-2, rtol=2e-2)
+def test_linear_takes_the_gemv_only_where_it_was_measured_to_win(monkeypatch) -> None:
+    from flatout.kernels import gemv as gemv_module
+
+    calls: list[tuple[int, int, int]] = []
+
+    def recording(x, weight, bias=None, config=None, scale=None):
+        calls.append((x.shape[0], *weight.shape))
+        return reference.linear(x, weight, bias)
+
+    monkeypatch.setattr(gemv_module, "gemv", recording)
+    qkv = torch.zeros(4608, 4096, dtype=torch.bfloat16)  # measured: GEMV up to 16 rows
+    for rows in (1, 16, 17):
+        linear(torch.zeros(rows, 4096, dtype=torch.bfloat16), qkv)
+    linear(torch.zeros(2, 4096), qkv.float())  # fp32: cuBLAS
+    linear(torch.zeros(1, 32, dtype=torch.bfloat16), randn(24, 32, dtype=torch.bfloat16))
+    assert calls == [(1, 4608, 4096), (16, 4608, 4096)]  # 17 rows, fp32, unmeasured: cuBLAS
+    assert GEMV_WINS_UP_TO[(4608, 4096)] == 16
 
 
 def test_gemv_refuses_bad_shapes() -> None:
