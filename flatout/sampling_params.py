@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, fields
+from typing import Any
 
 _GREEDY_EPS = 1e-5
 
@@ -14,6 +16,75 @@ class SamplingParamsError(ValueError):
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain a sequence's output to a grammar (vLLM's field names); exactly one of `json`,
+    `regex`, `choice`, `grammar` or `json_object` is set. `field` names the request field the
+    constraint came from, so that a grammar the engine cannot compile is reported against it.
+
+    A reasoning model's output starts inside `<think>`: then `after_token_id` is the id of
+    `</think>`, and the grammar constrains only what follows it."""
+
+    json: dict[str, Any] | bool | str | None = None  # a JSON schema (parsed, or its text)
+    regex: str | None = None
+    choice: list[str] | None = None  # the output is exactly one of these strings
+    grammar: str | None = None  # an EBNF grammar (xgrammar's dialect, GBNF-like), rule `root`
+    json_object: bool | None = None  # any JSON object
+    field: str = "structured_outputs"
+    after_token_id: int | None = None
+
+    MAX_SPEC_CHARS = 1 << 20  # a schema's or grammar's text
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as e:
+                raise SamplingParamsError(self.field, f"the JSON schema is not JSON: {e}") from e
+        self.validate()
+
+    def validate(self) -> None:
+        f = self.field
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise SamplingParamsError(
+                f, "set exactly one of json, regex, choice, grammar, json_object"
+                + (f", got {', '.join(given)}" if given else ""))
+        if self.json is not None and not isinstance(self.json, dict | bool):
+            raise SamplingParamsError(f, f"a JSON schema must be an object, got {self.json!r:.80}")
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise SamplingParamsError(f, f"{name} must be a non-empty string")
+        if self.choice is not None and (
+                not isinstance(self.choice, list) or not self.choice
+                or not all(isinstance(c, str) and c for c in self.choice)):
+            raise SamplingParamsError(f, "choice must be a non-empty list of non-empty strings")
+        if len(self.spec) > self.MAX_SPEC_CHARS:
+            raise SamplingParamsError(f, f"at most {self.MAX_SPEC_CHARS} characters of grammar")
+        t = self.after_token_id
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 0):
+            raise SamplingParamsError("after_token_id", f"must be a token id, got {t!r}")
+
+    @property
+    def kind(self) -> str:
+        """json, regex, choice, grammar or json_object."""
+        for name in ("json", "regex", "choice", "grammar"):
+            if getattr(self, name) is not None:
+                return name
+        return "json_object"
+
+    @property
+    def spec(self) -> str:
+        """The constraint as text: with `kind`, the key grammars are compiled and cached by."""
+        if self.json is not None:
+            return json.dumps(self.json, ensure_ascii=False)  # key order is the output's
+        if self.choice is not None:
+            return json.dumps(self.choice, ensure_ascii=False)
+        return self.regex or self.grammar or ""
 
 
 @dataclass
@@ -41,6 +112,8 @@ class SamplingParams:
     # token id -> value added to its logit before sampling (OpenAI's logit_bias); -100 bans a
     # token in practice, +100 forces it
     logit_bias: dict[int, float] | None = None
+    # the output follows a grammar: a JSON schema, a regex, a choice, EBNF (None: free text)
+    structured_outputs: StructuredOutputsParams | None = None
 
     # the accepted ranges, checked in `validate`; the API's request bodies declare the same
     # (server/protocol.py), so /openapi.json states them
@@ -120,6 +193,15 @@ class SamplingParams:
                     or not 0 <= tid <= self.MAX_TOKEN_ID):
                 raise SamplingParamsError("stop_token_ids", f"must be token ids >= 0, got {tid!r}")
         self._validate_logit_bias()
+        so = self.structured_outputs
+        if so is not None:
+            if not isinstance(so, StructuredOutputsParams):
+                raise SamplingParamsError("structured_outputs",
+                                          f"must be StructuredOutputsParams, got {so!r:.80}")
+            if self.min_tokens:  # its ban of the stop ids would fight the grammar's end
+                raise SamplingParamsError(
+                    "min_tokens", "cannot be combined with structured outputs (the grammar "
+                    "decides where the output ends)")
         if self.logprobs is not None:
             lp = integer("logprobs")
             if not 0 <= lp <= self.MAX_LOGPROBS:

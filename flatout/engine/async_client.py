@@ -35,6 +35,7 @@ from flatout.engine.messages import (
     EngineCoreRequest,
     EngineDeadError,
     EngineRequestError,
+    RequestFieldError,
     RequestTimeoutError,
     Shutdown,
 )
@@ -260,6 +261,7 @@ class AsyncEngineClient:
             rejected = self.queues.get(msg.request_id)
             if rejected is not None:
                 rejected.put_nowait(
+                    RequestFieldError(msg.field, msg.message) if msg.field is not None else
                     EngineRequestError(f"the engine refused the request: {msg.message}"))
             return
         assert isinstance(msg, CoreOutputs)

@@ -75,10 +75,12 @@ def _serve(core: EngineCore, inbox: Connection, outbox: Connection) -> None:
                     _add(core, msg, outbox)
                 elif isinstance(msg, AbortRequest):
                     core.abort(msg.request_id, msg.index)
+            _send_rejected(core, outbox)
             if not core.has_unfinished():
                 outbox.send(CoreOutputs([], core_stats(core, 0)))  # idle: the pool should be free
                 continue
         outputs = core.step()
+        _send_rejected(core, outbox)
         outbox.send(CoreOutputs(outputs, core_stats(core, len(outputs))))
 
 
@@ -111,3 +113,9 @@ def _add(core: EngineCore, req: EngineCoreRequest, outbox: Connection) -> None:
     except Exception as e:
         log.warning("engine core refused request %s: %s", req.request_id, type(e).__name__)
         outbox.send(CoreRejected(req.request_id, f"{type(e).__name__}: {e}"))
+
+
+def _send_rejected(core: EngineCore, outbox: Connection) -> None:
+    """Fail the requests whose grammar did not compile (a 400 naming the field)."""
+    for request_id, e in core.take_rejected():
+        outbox.send(CoreRejected(request_id, str(e), field=e.field))

@@ -14,6 +14,8 @@ import dataclasses
 import itertools
 import logging
 import time
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 
 import torch
 
@@ -29,6 +31,12 @@ from flatout.engine.messages import (
 )
 from flatout.engine.request import Sequence
 from flatout.engine.scheduler import Schedule, Scheduler
+from flatout.engine.structured import (
+    BitmaskFiller,
+    GrammarCompiler,
+    GrammarError,
+    SequenceGrammar,
+)
 from flatout.models.registry import resolve_model
 from flatout.worker.model_runner import LaunchedStep, ModelRunner
 from flatout.worker.parallel import TensorParallelGroup, resolve_device
@@ -126,16 +134,71 @@ class EngineCore:
         self._seq_ids = itertools.count()
         # launched, its tokens not read back yet, and the sequences of its sampled rows
         self._in_flight: tuple[LaunchedStep, list[Sequence]] | None = None
+        # structured output: requests waiting for their grammar, each sequence's matcher, and
+        # the requests whose grammar failed to compile (taken by the caller: take_rejected)
+        self.grammars = GrammarCompiler(self.model_config.tokenizer, self.model_config.vocab_size)
+        self._bitmasks = BitmaskFiller(self.model_config.vocab_size)
+        self._compiling: dict[str, tuple[EngineCoreRequest, Future]] = {}
+        self._seq_grammars: dict[int, SequenceGrammar] = {}
+        self._rejected: list[tuple[str, GrammarError]] = []
 
     def shutdown(self) -> None:
         """Stop the other tensor-parallel ranks, if any (idempotent; also runs at exit)."""
+        self.grammars.shutdown()
         if self.tp_group is not None:
             self.tp_group.shutdown()
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, req: EngineCoreRequest) -> None:
-        if req.request_id in self.seqs:
+        """Queue a request; one with structured output waits (outside the scheduler) until its
+        grammar is compiled, in the compiler's threads."""
+        if req.request_id in self.seqs or req.request_id in self._compiling:
             raise ValueError(f"request id {req.request_id!r} is already in use")
+        so = req.params.structured_outputs
+        if so is None:
+            self._schedule(req)
+            return
+        future = self.grammars.submit(so)
+        if future.done():
+            self._grammar_ready(req, future)
+        else:
+            self._compiling[req.request_id] = req, future
+
+    def take_rejected(self) -> list[tuple[str, GrammarError]]:
+        """Requests dropped since the last call because their grammar did not compile."""
+        rejected, self._rejected = self._rejected, []
+        return rejected
+
+    def _admit_compiled(self) -> None:
+        """Queue the requests whose grammar finished compiling; if nothing else runs, wait a
+        little for one (instead of spinning)."""
+        if not self._compiling:
+            return
+        if not self.scheduler.has_unfinished():
+            wait_futures([f for _, f in self._compiling.values()], timeout=0.01,
+                         return_when="FIRST_COMPLETED")
+        for rid, (req, future) in list(self._compiling.items()):
+            if future.done():
+                del self._compiling[rid]
+                self._grammar_ready(req, future)
+
+    def _grammar_ready(self, req: EngineCoreRequest, future: Future) -> None:
+        so = req.params.structured_outputs
+        assert so is not None
+        try:
+            compiled = future.result()
+        except GrammarError as e:
+            self._rejected.append((req.request_id, e))
+            return
+        except Exception as e:  # noqa: BLE001 - any failure of the compiler is the request's
+            self._rejected.append((req.request_id, GrammarError(so.field, f"{type(e).__name__}: "
+                                                                f"{e}")))
+            return
+        stop_ids = list(req.eos_token_ids) + list(req.params.stop_token_ids or [])
+        for seq in self._schedule(req):
+            self._seq_grammars[seq.seq_id] = SequenceGrammar.start(compiled, so, stop_ids)
+
+    def _schedule(self, req: EngineCoreRequest) -> list[Sequence]:
         seqs = [
             Sequence(
                 seq_id=next(self._seq_ids),
@@ -152,10 +215,13 @@ class EngineCore:
         self.seqs[req.request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
+        return seqs
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         """Stop a request (or one of its n sequences) and free its blocks; unknown ids are
         ignored (the request may have finished meanwhile)."""
+        if index is None and self._compiling.pop(request_id, None) is not None:
+            return
         seqs = self.seqs.get(request_id)
         if seqs is None:
             return
@@ -165,7 +231,7 @@ class EngineCore:
         self._forget_if_done(request_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self.seqs)
+        return bool(self.seqs or self._compiling)
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
@@ -175,25 +241,39 @@ class EngineCore:
         step N's tokens, applies the stop rules and (next call) schedules step N+2. A sequence
         that stops at step N has also run in step N+1; that token is dropped. The outputs
         returned are those of the step before the one launched."""
+        self._admit_compiled()
         sched = self.scheduler.schedule()
         for seq in sched.preempted:
             self.block_tables.reset(seq.seq_id)
-        launched = None
+        previous, self._in_flight = self._in_flight, None
+        outputs: list[EngineCoreOutput] = []
         if not sched.is_empty:
             batch = scheduler_output(sched, self.block_tables)
-            step = self.runner.launch(batch)
+            forward = self.runner.launch_forward(batch)
             self.scheduler.update_computed(sched)
             self._count(sched)
-            if step is not None:
+            if forward is not None:
                 sampled = [seq for seq, row in zip(sched.seqs, batch.seqs, strict=True)
                            if row.sample]
+                grammars = [self._seq_grammars.get(seq.seq_id) for seq in sampled]
+                bitmask = None
+                if any(g is not None for g in grammars):
+                    # a grammar's next tokens depend on the token the previous step sampled:
+                    # read it back and advance the matchers now, while this step's forward
+                    # runs, then fill the bitmask this step samples with
+                    if previous is not None:
+                        outputs = self._collect(*previous)
+                        previous = None
+                    bitmask = self._bitmasks.fill(
+                        [None if seq.is_finished else g
+                         for seq, g in zip(sampled, grammars, strict=True)])
+                step = self.runner.launch_sampling(forward, bitmask)
                 for i, seq in enumerate(sampled):
                     seq.pending.launched(i)
-                launched = step, sampled
-        previous, self._in_flight = self._in_flight, launched
-        if previous is None:
-            return []
-        return self._collect(*previous)
+                self._in_flight = step, sampled
+        if previous is not None:
+            outputs = self._collect(*previous)
+        return outputs
 
     def _count(self, sched: Schedule) -> None:
         st = self.stats
@@ -225,6 +305,9 @@ class EngineCore:
             if tok.logprob is not None:
                 out.new_logprobs = [TokenLogprobs(tok.token_id, tok.logprob, tok.top or {})]
             reason = check_stop(seq, tok.token_id, self.model_config.max_model_len)
+            grammar = self._seq_grammars.get(seq.seq_id)
+            if grammar is not None and grammar.accept(tok.token_id) and reason is None:
+                reason = FinishReason.STOP  # the grammar took its stop token (even ignore_eos)
             if reason is not None:
                 self._finish(seq, reason)
                 out.finish_reason, out.stop_reason = reason, seq.stop_reason
@@ -234,6 +317,7 @@ class EngineCore:
         return outputs
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self._seq_grammars.pop(seq.seq_id, None)
         self.scheduler.finish(seq, reason)
         self.block_tables.finish(seq.seq_id)
 

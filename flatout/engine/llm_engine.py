@@ -11,7 +11,7 @@ from typing import Any
 from flatout.config import EngineArgs
 from flatout.engine.engine_core import EngineCore
 from flatout.engine.input_processor import InputProcessor, ProcessedPrompt, load_tokenizer_for
-from flatout.engine.messages import EngineCoreRequest, RequestError
+from flatout.engine.messages import EngineCoreRequest, RequestError, RequestFieldError
 from flatout.engine.output_processor import OutputProcessor
 from flatout.engine.outputs import RequestOutput
 from flatout.sampling_params import SamplingParams
@@ -73,7 +73,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; return the deltas of the requests that progressed (see
         flatout/engine/outputs.py)."""
-        results, to_abort = self.outputs.process(self.core.step())
+        outputs = self.core.step()
+        for request_id, e in self.core.take_rejected():
+            self.outputs.abort(request_id)
+            raise RequestFieldError(e.field, str(e))
+        results, to_abort = self.outputs.process(outputs)
         for request_id, index in to_abort:
             self.core.abort(request_id, index)
         return results

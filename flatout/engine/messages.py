@@ -134,11 +134,22 @@ class CoreRejected:
 
     request_id: str
     message: str
+    # the request field at fault (a grammar that does not compile): the client's mistake, not
+    # the engine's; None: the engine could not take it
+    field: str | None = None
 
 
 # -- errors -------------------------------------------------------------------------------------
 class RequestError(ValueError):
     """A request that can never be served (too long, bad prompt); raised at submission."""
+
+
+class RequestFieldError(RequestError):
+    """A request field the engine core found invalid (a grammar that does not compile)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class EngineDeadError(RuntimeError):

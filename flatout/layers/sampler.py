@@ -7,9 +7,10 @@ device-to-host copy (the runner copies the returned tensors afterwards). The onl
 over rows with their own seeded generator, which draw their noise from it.
 
 Order of operations: logprobs of the raw logits (as vLLM reports them) -> logit bias (OpenAI's,
-added to the logits) -> banned ids -> repetition, frequency and presence penalties -> greedy rows
-take the argmax -> temperature -> top-k -> top-p -> min-p -> sample with the exponential race:
-argmax(probs / E), E ~ Exp(1) i.i.d., which picks index i with probability probs[i] / sum(probs).
+added to the logits) -> banned ids -> the grammar's bitmask (structured output) -> repetition,
+frequency and presence penalties -> greedy rows take the argmax -> temperature -> top-k -> top-p
+-> min-p -> sample with the exponential race: argmax(probs / E), E ~ Exp(1) i.i.d., which picks
+index i with probability probs[i] / sum(probs).
 A seeded row's draw depends only on its generator, so it is reproducible whatever else shares the
 batch and wherever the row sits.
 
@@ -69,6 +70,10 @@ class SamplingBatch:
     bias_ids: torch.Tensor | None  # [B, Lk] int64, padded with V; None when no row has a bias
     bias_values: torch.Tensor | None  # [B, Lk] float32, 0 in the padding
     num_logprobs: int | None  # max top logprobs asked in the batch; None: no row asked
+    # [B, ceil(V / 32)] int32, bit j of word w set: token 32 w + j allowed (structured output;
+    # unconstrained rows have every bit set); None when no row follows a grammar. Set by the
+    # runner from the engine's matchers, not by `build`.
+    grammar_bitmask: torch.Tensor | None = None
 
     @classmethod
     def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device) -> SamplingBatch:
@@ -198,6 +203,18 @@ def apply_banned(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return logits
 
 
+def apply_grammar_bitmask(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Set the ids a row's grammar does not allow to -inf, in place. logits: [B, V]."""
+    if batch.grammar_bitmask is None:
+        return logits
+    B, V = logits.shape
+    words = batch.grammar_bitmask  # [B, W], W >= ceil(V / 32)
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)  # [32]
+    allowed = ((words.unsqueeze(2) >> shifts) & 1).view(B, -1)[:, :V]  # [B, V]
+    logits.masked_fill_(allowed == 0, float("-inf"))
+    return logits
+
+
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Repetition penalty over prompt + output tokens (positive logits divided, negative ones
     multiplied), then OpenAI's frequency / presence penalties over output tokens:
@@ -281,6 +298,7 @@ class Sampler(nn.Module):
 
         logits = apply_logit_bias(logits, batch)
         logits = apply_banned(logits, batch)
+        logits = apply_grammar_bitmask(logits, batch)
         logits = apply_penalties(logits, batch)
 
         if batch.all_greedy:

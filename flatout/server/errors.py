@@ -21,6 +21,7 @@ from flatout.engine.messages import (
     EngineDeadError,
     EngineRequestError,
     RequestError,
+    RequestFieldError,
     RequestTimeoutError,
 )
 from flatout.sampling_params import SamplingParamsError
@@ -104,6 +105,8 @@ def to_openai_error(e: BaseException) -> OpenAIError:
     if isinstance(e, ValidationError):
         return from_validation_error(e)
     if isinstance(e, SamplingParamsError):
+        return OpenAIError(str(e), param=e.field, code="invalid_value")
+    if isinstance(e, RequestFieldError):
         return OpenAIError(str(e), param=e.field, code="invalid_value")
     if isinstance(e, RequestError):
         msg = str(e)

@@ -14,6 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from flatout.sampling_params import SamplingParams
 from flatout.server.errors import OpenAIError
+from flatout.server.structured import (
+    from_guided,
+    from_response_format,
+    from_structured_outputs,
+    one_of,
+)
 
 MAX_MESSAGES = 2048  # messages in one chat request
 MAX_STOP = 64  # stop strings, and stop token ids, in one request
@@ -81,6 +87,17 @@ class _SamplingFields(_Body):
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, le=SP.MAX_TOKEN_ID)]],
                               Field(max_length=MAX_STOP)] | None = None
     include_stop_str_in_output: bool | None = None
+    # structured output (server/structured.py): at most one of these per request
+    response_format: Any = Field(None, description='`{"type": "text"}`, `{"type": '
+                                 '"json_object"}` or `{"type": "json_schema", "json_schema": '
+                                 '{"name": ..., "schema": {...}}}`: the output follows it')
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM's: one of json (a schema), regex, choice (strings), grammar "
+        "(EBNF), json_object")
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's: a JSON schema")
+    guided_regex: str | None = Field(None, description="vLLM's: a regular expression")
+    guided_choice: list[str] | None = Field(None, description="vLLM's: one of these strings")
+    guided_grammar: str | None = Field(None, description="vLLM's: an EBNF grammar")
 
     @property
     def include_usage(self) -> bool:
@@ -93,12 +110,11 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=SP.MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = Field(None, description="`none` or `auto`; `required` and a named "
-                             "function are refused with a 400")
+    tool_choice: Any = Field(None, description="`none`, `auto`, `required` or `{\"type\": "
+                             "\"function\", \"function\": {\"name\": ...}}` (the last two "
+                             "enforced by a grammar)")
     # OpenAI fields flatout does not implement: a value that asks for them is a 400 naming the
     # field (refuse_unsupported), never silently ignored
-    response_format: Any = Field(None, description="only `{\"type\": \"text\"}`; "
-                                 "json_object and json_schema are refused with a 400")
     modalities: Any = Field(None, description='only ["text"]')
     store: Any = Field(None, description="only false")
     service_tier: Any = Field(None, description="only `auto` or `default`")
@@ -159,13 +175,17 @@ def sampling_fields(req: _SamplingFields) -> dict[str, Any]:
     fields["max_tokens"] = req.max_tokens
     if req.logit_bias:
         fields["logit_bias"] = {int(tid): bias for tid, bias in req.logit_bias.items()}
+    guided = {name: getattr(req, name) for name in ("guided_json", "guided_regex",
+                                                    "guided_choice", "guided_grammar")}
+    so = one_of(from_response_format(req.response_format),
+                from_structured_outputs(req.structured_outputs), *from_guided(guided))
+    if so is not None:
+        fields["structured_outputs"] = so
     return fields
 
 
 # field -> the values that ask nothing of the server (None, the field's absence, always does)
 _UNSUPPORTED_CHAT: dict[str, tuple[object, ...]] = {
-    "tool_choice": ("none", "auto"),
-    "response_format": ({"type": "text"},),
     "modalities": (["text"],),
     "store": (False,),
     "service_tier": ("auto", "default"),

@@ -3,6 +3,7 @@ reasoning split into `reasoning_content`."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from flatout.server.responses import (
 )
 from flatout.server.state import ServerState
 from flatout.server.stream import stream_events
+from flatout.server.structured import ForcedToolCalls, ForcedToolStream, one_of
 from flatout.server.tool_parsers import ToolCallStream, ToolParser
 
 
@@ -47,6 +49,7 @@ class _Prepared:
     opened_reasoning: bool  # the template ended the prompt inside <think>
     top_logprobs: int
     tool_parser: ToolParser | None = None  # the request has tools and may call them
+    forced_tools: ForcedToolCalls | None = None  # tool_choice required / a named function
 
 
 def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
@@ -57,7 +60,9 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
         raise OpenAIError('tool_choice "auto" needs the server started with '
                           "--enable-auto-tool-choice --tool-call-parser NAME", param="tool_choice",
                           code="unsupported_parameter")
-    tool_parser = state.tool_parser if req.tools and req.tool_choice != "none" else None
+    forced = ForcedToolCalls.from_request(req.tool_choice, req.tools)
+    tool_parser = (state.tool_parser if req.tools and req.tool_choice != "none" and forced is None
+                   else None)
     messages = chat_messages(req.messages)
     kwargs = dict(req.chat_template_kwargs or {})
     if req.enable_thinking is not None:
@@ -77,11 +82,29 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
         state.tokenizer
     ):
         fields["skip_special_tokens"] = False  # keep the tags in the text so they can be split
+    opened = parser is not None and parser.prompt_opens_reasoning(prompt)
+    so = one_of(fields.get("structured_outputs"),
+                forced.structured_outputs() if forced is not None else None)
+    if so is not None and opened:  # the grammar constrains the answer, after the reasoning
+        so = dataclasses.replace(so, after_token_id=_reasoning_end_id(state, so.field))
+    if so is not None:
+        fields["structured_outputs"] = so
     params = state.client.default_sampling_params(**fields)
     state.client.inputs.validate(ids, params)
-    opened = parser is not None and parser.prompt_opens_reasoning(prompt)
     return _Prepared(new_id("chatcmpl"), model, ids, params, opened, req.top_logprobs or 0,
-                     tool_parser)
+                     tool_parser, forced)
+
+
+def _reasoning_end_id(state: ServerState, field: str) -> int:
+    """The id of the reasoning's end tag, which must be one token for the engine to see it."""
+    assert state.reasoning is not None
+    tag = state.reasoning.end_tag
+    ids = state.tokenizer.encode(tag, add_special_tokens=False) if state.tokenizer else []
+    if len(ids) != 1:
+        raise OpenAIError(f"{field}: structured output after reasoning needs {tag} to be one "
+                          "token of the vocabulary, and it is not for this model", param=field,
+                          code="unsupported_parameter")
+    return int(ids[0])
 
 
 async def create_chat_completion(
@@ -121,7 +144,12 @@ def _message(
         msg["content"] = content
         if req.return_reasoning:
             msg["reasoning_content"] = reasoning
-    if p.tool_parser is not None:
+    if p.forced_tools is not None:
+        forced = p.forced_tools.parse(msg["content"])
+        if forced:
+            msg["content"] = None
+            msg["tool_calls"] = [c.to_openai() for c in forced]
+    elif p.tool_parser is not None:
         content, calls = p.tool_parser.parse(msg["content"])
         if calls:
             msg["content"] = content or None
@@ -160,8 +188,10 @@ class _ChatChoices:
     def __init__(self, state: ServerState, req: ChatCompletionRequest, p: _Prepared) -> None:
         self.state, self.req, self.p = state, req, p
         self.splitters = [_reasoning_stream(state, p) for _ in range(p.params.n)]
-        self.tool_streams = [ToolCallStream(p.tool_parser) if p.tool_parser else None
-                             for _ in range(p.params.n)]
+        self.tool_streams: list[ToolCallStream | ForcedToolStream | None] = [
+            ToolCallStream(p.tool_parser) if p.tool_parser
+            else ForcedToolStream(p.forced_tools) if p.forced_tools else None
+            for _ in range(p.params.n)]
 
     def render(self, k: int, o: CompletionOutput) -> tuple[dict[str, Any], bool]:
         finished = o.finish_reason is not None

@@ -49,6 +49,20 @@ class LaunchedStep:
 
 
 @dataclass
+class LaunchedForward:
+    """A step whose forward is queued and whose sampling is not yet."""
+
+    batch: SchedulerOutput
+    logits: torch.Tensor  # [sampled rows, V]
+
+
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+@dataclass
 class SampledToken:
     token_id: int
     logprob: float | None = None
@@ -130,7 +144,15 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, batch: SchedulerOutput) -> LaunchedStep | None:
         """Rank 0: queue the step's forward and sampling on the device, and the copy of the
-        sampled tokens to the host, without waiting for any of it (`collect` waits).
+        sampled tokens to the host, without waiting for any of it (`collect` waits)."""
+        forward = self.launch_forward(batch)
+        return None if forward is None else self.launch_sampling(forward)
+
+    @torch.inference_mode()
+    def launch_forward(self, batch: SchedulerOutput) -> LaunchedForward | None:
+        """Rank 0: queue the step's forward (None: no row samples; the step is complete).
+        `launch_sampling` queues its sampling; the host may work in between (a grammar's
+        bitmask is filled while the forward runs).
 
         A row whose input is the previous step's pending token takes it from that step's
         sampled tokens on the device."""
@@ -143,9 +165,19 @@ class ModelRunner:
             self.step_clock.end()
             self._prev_tokens = None
             return None
+        return LaunchedForward(batch, logits)
+
+    @torch.inference_mode()
+    def launch_sampling(self, forward: LaunchedForward,
+                        grammar_bitmask: torch.Tensor | None = None) -> LaunchedStep:
+        """Queue the sampling of a launched forward. `grammar_bitmask`: [rows, ceil(V / 32)]
+        int32 on the host, the tokens each sampled row may take (structured output)."""
+        logits, sampled = forward.logits, forward.batch.sampled
         rows = [self._sampling_row(s.seq_id, s.sampling) for s in sampled if s.sampling]
         assert len(rows) == len(sampled), "a sampled row without its sampling info"
         sampling = SamplingBatch.build(rows, vocab_size=logits.shape[-1], device=self.device)
+        if grammar_bitmask is not None:
+            sampling.grammar_bitmask = _upload(grammar_bitmask, self.device)
         pending_of = [-1 if s.pending_row is None else s.pending_row for s in sampled]
         if sampling.output_ids is not None and any(r >= 0 for r in pending_of):
             sampling.output_ids = self._with_pending(sampling.output_ids, pending_of,
