@@ -137,7 +137,8 @@ class EngineCore:
         # structured output: requests waiting for their grammar, each sequence's matcher, and
         # the requests whose grammar failed to compile (taken by the caller: take_rejected)
         self.grammars = GrammarCompiler(self.model_config.tokenizer, self.model_config.vocab_size)
-        self._bitmasks = BitmaskFiller(self.model_config.vocab_size)
+        self._bitmasks = BitmaskFiller(self.model_config.vocab_size,
+                                       pin=self.device.type == "cuda")
         self._compiling: dict[str, tuple[EngineCoreRequest, Future]] = {}
         self._seq_grammars: dict[int, SequenceGrammar] = {}
         self._rejected: list[tuple[str, GrammarError]] = []

@@ -44,13 +44,16 @@ def _threads() -> int:
 
 class GrammarCompiler:
     """Compiles grammars in a thread pool, cached by (kind, spec). The tokenizer's vocabulary is
-    read (in a pool thread too) when the first grammar is compiled."""
+    read (in a pool thread too) when the first grammar is compiled; `tokenizer_info` gives it
+    instead (benchmarks on checkpoints without a tokenizer)."""
 
     def __init__(self, tokenizer_path: str | None, vocab_size: int,
-                 cache_size: int = CACHE_SIZE) -> None:
+                 cache_size: int = CACHE_SIZE,
+                 tokenizer_info: xgr.TokenizerInfo | None = None) -> None:
         self.tokenizer_path = tokenizer_path
         self.vocab_size = vocab_size
         self.cache_size = cache_size
+        self.tokenizer_info = tokenizer_info
         self._pool = ThreadPoolExecutor(_threads(), thread_name_prefix="flatout-grammar")
         self._lock = threading.Lock()
         self._compiler: xgr.GrammarCompiler | None = None
@@ -80,13 +83,15 @@ class GrammarCompiler:
     def _xgr_compiler(self) -> xgr.GrammarCompiler:
         with self._lock:
             if self._compiler is None:
-                if self.tokenizer_path is None:
-                    raise GrammarError("structured_outputs",
-                                       "this model has no tokenizer, which a grammar needs")
-                from flatout.tokenizers import load_tokenizer
+                info = self.tokenizer_info
+                if info is None:
+                    if self.tokenizer_path is None:
+                        raise GrammarError("structured_outputs",
+                                           "this model has no tokenizer, which a grammar needs")
+                    from flatout.tokenizers import load_tokenizer
 
-                info = xgr.TokenizerInfo.from_huggingface(
-                    load_tokenizer(self.tokenizer_path), vocab_size=self.vocab_size)
+                    info = xgr.TokenizerInfo.from_huggingface(
+                        load_tokenizer(self.tokenizer_path), vocab_size=self.vocab_size)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=_threads())
             return self._compiler
 
@@ -161,11 +166,19 @@ class SequenceGrammar:
 
 
 class BitmaskFiller:
-    """Fills one step's bitmask for its grammar rows, in xgrammar's threads."""
+    """Fills one step's bitmask for its grammar rows, in xgrammar's threads.
 
-    def __init__(self, vocab_size: int) -> None:
+    With `pin` (a CUDA device) the bitmask lives in one pinned host buffer reused every step, so
+    the runner's copy to the device is asynchronous. Reuse is safe: a step's bitmask is filled
+    only after the previous step's tokens were read back, which waits for that step's sampling
+    and so for its copy of the buffer."""
+
+    def __init__(self, vocab_size: int, pin: bool = False) -> None:
         self.vocab_size = vocab_size
+        self.num_words = -(-vocab_size // 32)
+        self.pin = pin
         self._batch = xgr.BatchGrammarMatcher(_threads())
+        self._host: torch.Tensor | None = None  # [capacity, words] int32
 
     def fill(self, grammars: list[SequenceGrammar | None]) -> torch.Tensor | None:
         """[rows, ceil(V / 32)] int32 on the host (all bits set on unconstrained rows), None
@@ -173,7 +186,15 @@ class BitmaskFiller:
         rows = [i for i, g in enumerate(grammars) if g is not None and g.active]
         if not rows:
             return None
-        bitmask = xgr.allocate_token_bitmask(len(grammars), self.vocab_size)
+        bitmask = self._buffer(len(grammars))
+        bitmask.numpy().fill(-1)  # numpy: no intra-op thread pool to wake for 1 MB
         matchers: list[Any] = [grammars[i].matcher for i in rows]  # type: ignore[union-attr]
         self._batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
         return bitmask
+
+    def _buffer(self, num_rows: int) -> torch.Tensor:
+        if self._host is None or self._host.shape[0] < num_rows:
+            capacity = max(num_rows, 2 * (0 if self._host is None else self._host.shape[0]))
+            self._host = torch.empty(capacity, self.num_words, dtype=torch.int32,
+                                     pin_memory=self.pin)
+        return self._host[:num_rows]

@@ -57,8 +57,10 @@ class LaunchedForward:
 
 
 def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """To the device without waiting (from pinned memory, which the caller keeps unchanged
+    until the step is collected)."""
     if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
+        return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
     return t.to(device)
 
 
