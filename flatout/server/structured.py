@@ -49,6 +49,8 @@ def check_schema(schema: dict[str, Any], field: str) -> None:
     """A 400 naming `field` when `schema` is not a valid JSON schema."""
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
+    except RecursionError:
+        raise _bad(field, "the JSON schema is nested too deeply") from None
     except jsonschema.SchemaError as e:
         where = "/".join(str(p) for p in e.path)
         raise _bad(field, f"invalid JSON schema{f' at {where}' if where else ''}: "
