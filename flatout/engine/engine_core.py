@@ -241,7 +241,12 @@ class EngineCore:
         The device runs one step behind the host: while it computes step N+1, this process reads
         step N's tokens, applies the stop rules and (next call) schedules step N+2. A sequence
         that stops at step N has also run in step N+1; that token is dropped. The outputs
-        returned are those of the step before the one launched."""
+        returned are those of the step before the one launched.
+
+        When a row of step N+1 follows a grammar, its allowed tokens depend on its token of step
+        N: step N+1's forward is launched first, then step N is read back, the matchers advance
+        and the bitmask is filled (while the forward runs), and only then is step N+1's sampling
+        launched. Steps without grammar rows launch forward and sampling together."""
         self._admit_compiled()
         sched = self.scheduler.schedule()
         for seq in sched.preempted:
