@@ -200,6 +200,12 @@ def test_grammar_the_engine_cannot_compile_is_a_400(demo_server) -> None:  # noq
     assert err["param"] == "guided_regex" and "parenthesis" in err["message"], err
     r = _post(demo_server.url, {"structured_outputs": {"grammar": "root ::= undefined_rule"}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs", r.text
+    # streamed, the response has started: the failure is the stream's error event
+    r = _post(demo_server.url, {"guided_regex": "(ab", "stream": True})
+    events = [json.loads(line[6:]) for line in r.text.splitlines()
+              if line.startswith("data: {")]
+    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+    assert events[-1]["error"]["param"] == "guided_regex", events
     ok = _post(demo_server.url, {"guided_regex": "ab"})  # the engine serves on
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "ab"
 
