@@ -195,7 +195,7 @@ def bitmask_pieces(info: xgr.TokenizerInfo, vocab_size: int, batch: int) -> dict
         bitmask = filler.fill(grammars)
         fills.append(time.perf_counter() - t0)
     assert bitmask is not None
-    dev = torch.device("cuda")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: a smoke run
     logits = torch.randn(batch, vocab_size, device=dev)
     sampling = SamplingBatch.build([SamplingRow(SamplingParams(temperature=0), [1], [])] * batch,
                                    vocab_size, dev)
@@ -204,6 +204,10 @@ def bitmask_pieces(info: xgr.TokenizerInfo, vocab_size: int, batch: int) -> dict
     def gpu_ms(fn) -> float:  # noqa: ANN001
         for _ in range(5):
             fn()
+        if dev.type != "cuda":
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
         for _ in range(100):
@@ -238,7 +242,8 @@ def main() -> None:
     llm.engine.core.grammars = GrammarCompiler(None, mc.vocab_size, tokenizer_info=info)
 
     result: dict = {"model": args.model, "vocab_size": mc.vocab_size,
-                    "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                    "torch": torch.__version__,
                     "tokenizer": args.tokenizer or "synthetic byte vocabulary",
                     "command": " ".join(sys.argv)}
     result["compile"] = compile_times(info, mc.vocab_size, args.compile_repeat)
