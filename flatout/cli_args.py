@@ -42,6 +42,8 @@ def add_info_args(p: argparse.ArgumentParser) -> None:
                    help="the device the dtype is resolved for (auto dtype: bf16 on cuda)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--load-format", default="auto")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="the KV cache's dtype the bytes per token are counted in")
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:

@@ -124,3 +124,14 @@ def test_resolve_normalises_the_cache_dtype(tmp_path: Path) -> None:
     for given, want in (("auto", "auto"), ("fp8", "fp8"), ("fp8_e4m3", "fp8")):
         assert EngineArgs(kv_cache_dtype=given).resolve(cfg).cache.cache_dtype == want
     assert cfg.kv_cache_bytes_per_token("fp8") * 4 == cfg.kv_bytes_per_token  # fp32 model
+
+
+def test_serve_help_documents_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    from flatout.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--kv-cache-dtype {auto,fp8,fp8_e4m3}" in text
+    assert "auto (K/V in the model's dtype) or fp8 (float8 e4m3" in text
+    assert "compute capability 8.9+" in text
