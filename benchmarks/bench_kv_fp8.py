@@ -10,7 +10,9 @@ Two parts, each engine in a process of its own (so their memory never meets):
   2. the paged decode attention kernel alone, one layer's call at the same shape (32 query heads
      on 2 KV heads, head dim 128, blocks of 16 scattered over the cache), timed as a replayed CUDA
      graph: the engine's launch settings and the best of a sweep (splits x tile x warps), the KV
-     bytes read per call and the bandwidth that makes, and fp8's output error against bf16.
+     bytes read per call and the bandwidth that makes, and fp8's output error against bf16;
+  3. accuracy: greedy tokens of fp8 against auto through the engine on the GPU (bf16, CUDA
+     graphs) on a tiny random GLM-4 checkpoint (tests/helpers/tiny_checkpoints.py).
 Writes DIR/bench_kv_fp8.json and DIR/bench_kv_fp8.md (the tables and the command).
 """
 
@@ -144,6 +146,29 @@ def run_kernel(batch: int, context: int, quick: bool) -> dict:
                       "head_dim": dim, "block_size": block}}
 
 
+# -- 3. greedy agreement on a tiny checkpoint ----------------------------------------------
+def run_agreement() -> dict:
+    import tempfile
+
+    from flatout import LLM, SamplingParams
+    from tests.helpers.tiny_checkpoints import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint("GlmForCausalLM", Path(tempfile.mkdtemp()) / "tiny_glm")
+    gen = torch.Generator().manual_seed(0)
+    lens = [3, 70, 17, 41, 9, 100, 33, 5, 250, 128, 64, 12]
+    prompts = [torch.randint(0, 301, (n,), generator=gen).tolist() for n in lens]
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    outs = {}
+    for dtype in ("auto", "fp8"):
+        llm = LLM(str(path), dtype="bfloat16", kv_cache_dtype=dtype, num_kv_blocks=256)
+        outs[dtype] = [o.token_ids for o in llm.generate(prompts, params)]
+        del llm
+    pairs = list(zip(outs["auto"], outs["fp8"], strict=True))
+    same = sum(a == b for x, y in pairs for a, b in zip(x, y, strict=True))
+    return {"sequences": len(pairs), "tokens": 32, "identical": sum(x == y for x, y in pairs),
+            "position_agreement": same / (32 * len(pairs))}
+
+
 # -- report --------------------------------------------------------------------------------
 def report(data: dict) -> str:
     bw = data["copy_bandwidth_Bps"]
@@ -164,6 +189,11 @@ def report(data: dict) -> str:
             f"| {e['kv_cache_dtype']} | {e['step_ms']:.2f} | {floor * 1e3:.2f} | "
             f"{floor * 1e3 / e['step_ms']:.0%} | {e['kv_read_bytes'] / 1e9:.2f} | "
             f"{e['kv_tokens']:,} | {e['gpu_busy_events']:.0%} |")
+    agree = data.get("agreement")
+    if agree:
+        lines += ["", f"Greedy agreement, tiny random GLM-4 (bf16, CUDA graphs): fp8 KV gave "
+                  f"{agree['identical']} of {agree['sequences']} sequences of {agree['tokens']} "
+                  f"tokens identical to auto, {agree['position_agreement']:.0%} of positions."]
     k = data.get("kernel")
     if k:
         lines += ["", f"## Decode attention alone: one layer's call, batch {b} x context {ctx}, "
@@ -205,8 +235,9 @@ def main() -> None:
         (out / f"engine_{a.kv_cache_dtype}.json").write_text(json.dumps(res, indent=1))
         return
     if a.part == "kernel":
-        (out / "kernel.json").write_text(json.dumps(run_kernel(a.batch, a.context, a.quick),
-                                                    indent=1))
+        res = run_kernel(a.batch, a.context, a.quick)
+        res["agreement"] = run_agreement()
+        (out / "kernel.json").write_text(json.dumps(res, indent=1))
         return
     base = [sys.executable, __file__, "--out", str(out), "--model", a.model, "--batch",
             str(a.batch), "--context", str(a.context)] + (["--quick"] if a.quick else [])
@@ -229,7 +260,8 @@ def main() -> None:
            f"--context {a.context}" + (" --quick" if a.quick else ""))
     data = {"model": a.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "copy_bandwidth_Bps": copy_bandwidth(), "batch": a.batch, "context": a.context,
-            "engine": engine, "kernel": kernel, "command": cmd}
+            "engine": engine, "kernel": kernel, "command": cmd,
+            "agreement": kernel.pop("agreement", None) if kernel else None}
     (out / "bench_kv_fp8.json").write_text(json.dumps(data, indent=1))
     (out / "bench_kv_fp8.md").write_text(report(data))
     print((out / "bench_kv_fp8.md").read_text())
