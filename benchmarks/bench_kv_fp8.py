@@ -131,6 +131,9 @@ def run_kernel(batch: int, context: int, quick: bool) -> dict:
 
             try:
                 fn()
+                # do_bench_cudagraph runs on a stream of its own, which does not wait for the
+                # default one: everything above (caches, tables) must be written first
+                torch.cuda.synchronize()
                 ms = do_bench_cudagraph(fn, rep=50)
             except Exception as e:  # noqa: BLE001 - a setting that does not compile is skipped
                 print(f"{name} splits {splits} block_n {block_n} warps {warps}: {e}",
