@@ -13,7 +13,9 @@ Two parts, each engine in a process of its own (so their memory never meets):
      bytes read per call and the bandwidth that makes, and fp8's output error against bf16;
   3. accuracy: greedy tokens of fp8 against auto through the engine on the GPU (bf16, CUDA
      graphs) on a tiny random GLM-4 checkpoint (tests/helpers/tiny_checkpoints.py).
-Writes DIR/bench_kv_fp8.json and DIR/bench_kv_fp8.md (the tables and the command).
+Writes DIR/bench_kv_fp8.json and DIR/bench_kv_fp8.md (the tables and the command). Each part
+leaves its JSON in DIR; with --reuse a later call runs only the parts still missing (to split the
+run over several calls of a limited length).
 """
 
 from __future__ import annotations
@@ -112,7 +114,8 @@ def run_kernel(batch: int, context: int, quick: bool) -> dict:
     out_fp8 = paged_decode_attention(q, k8, v8, tables, lens, scale, k_scale, v_scale)
     err = ((out_fp8.float() - out_bf16.float()).norm() / out_bf16.float().norm()).item()
     rows = []
-    sweep = itertools.product(sorted({1, 2, 4, 8, 16, default_splits}), [64, 128], [4, 8])
+    near = {max(1, default_splits // 2), default_splits, 2 * default_splits}
+    sweep = itertools.product(sorted(near), [64, 128], [4, 8])
     settings = [(default_splits, 64, 4)] + ([] if quick else list(sweep))
     for name, caches, elem in (("auto (bf16)", (k, v, None, None), 2),
                                ("fp8", (k8, v8, k_scale, v_scale), 1)):
@@ -228,6 +231,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--quick", action="store_true", help="no kernel sweep")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the parts already in DIR (a run split over several calls)")
     ap.add_argument("--part", choices=["all", "engine", "kernel"], default="all")
     ap.add_argument("--kv-cache-dtype", default="auto", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -244,21 +249,21 @@ def main() -> None:
         return
     base = [sys.executable, __file__, "--out", str(out), "--model", a.model, "--batch",
             str(a.batch), "--context", str(a.context)] + (["--quick"] if a.quick else [])
-    engine = []
-    for dtype in ("auto", "fp8"):
-        path = out / f"engine_{dtype}.json"
+    parts = [(out / "engine_auto.json", ["--part", "engine", "--kv-cache-dtype", "auto"]),
+             (out / "engine_fp8.json", ["--part", "engine", "--kv-cache-dtype", "fp8"]),
+             (out / "kernel.json", ["--part", "kernel"])]
+    for path, args in parts:  # each in a process of its own
+        if a.reuse and path.exists():
+            continue
         path.unlink(missing_ok=True)
         try:
-            subprocess.run(base + ["--part", "engine", "--kv-cache-dtype", dtype], timeout=900,
-                           check=False)
+            subprocess.run(base + args, timeout=900, check=False)
         except subprocess.TimeoutExpired:
-            pass
-        engine.append(json.loads(path.read_text()) if path.exists()
-                      else {"kv_cache_dtype": dtype, "error": "no result (see stderr)"})
-    (out / "kernel.json").unlink(missing_ok=True)
-    subprocess.run(base + ["--part", "kernel"], timeout=900, check=False)
-    kernel = json.loads((out / "kernel.json").read_text()) if (out / "kernel.json").exists() \
-        else None
+            print(f"{' '.join(args)}: timed out", file=sys.stderr)
+    engine = [json.loads(p.read_text()) if p.exists()
+              else {"kv_cache_dtype": p.stem.split("_")[1], "error": "no result (see stderr)"}
+              for p, _ in parts[:2]]
+    kernel = json.loads(parts[2][0].read_text()) if parts[2][0].exists() else None
     cmd = (f"python benchmarks/bench_kv_fp8.py --out DIR --model {a.model} --batch {a.batch} "
            f"--context {a.context}" + (" --quick" if a.quick else ""))
     data = {"model": a.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
