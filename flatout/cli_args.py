@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from flatout.config import add_engine_args, engine_args_from
+from flatout.config import KV_CACHE_DTYPES, add_engine_args, engine_args_from
 from flatout.server.defaults import DEFAULT_MAX_BODY_BYTES
 from flatout.server.reasoning import PARSER_NAMES
 from flatout.server.tool_parsers import PARSERS as TOOL_PARSERS
@@ -42,6 +42,8 @@ def add_info_args(p: argparse.ArgumentParser) -> None:
                    help="the device the dtype is resolved for (auto dtype: bf16 on cuda)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--load-format", default="auto")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="the KV cache's dtype the bytes per token are counted in")
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -93,6 +95,9 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--gpu-bandwidth", type=float, default=None, help="GB/s per GPU")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="auto (the model's dtype) or fp8 (float8 e4m3: one byte per value, "
+                   "twice bf16's tokens)")
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
