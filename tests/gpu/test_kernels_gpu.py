@@ -42,7 +42,9 @@ def tol(dtype: torch.dtype) -> dict:
 
 
 def upcast(args):
-    return [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+    # fp8 caches stay fp8: the references dequantize them with their scales
+    return [a.float() if torch.is_tensor(a) and a.is_floating_point() and a.element_size() > 1
+            else a for a in args]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
