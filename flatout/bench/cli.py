@@ -15,7 +15,7 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from flatout.bench import datasets
+from flatout.bench import datasets, images
 from flatout.bench.client import BenchRequest, Endpoint
 from flatout.bench.metrics import parse_slo
 from flatout.bench.output import print_compare, run_table, sweep_table
@@ -61,14 +61,33 @@ def build_requests(ns: argparse.Namespace, tok: datasets.Tokenizer | None) -> li
     if ns.dataset_name == "sharegpt":
         if not ns.dataset_path:
             raise ValueError("--dataset-name sharegpt needs --dataset-path FILE")
+        if ns.images_per_request:
+            raise ValueError("--images-per-request goes with the random dataset")
         return datasets.sharegpt_requests(ns.dataset_path, ns.num_prompts, ns.seed, tok,
                                           ns.sharegpt_output_len)
     if tok is None and ns.api == "chat":
         raise ValueError("random prompts for the chat API need a tokenizer: give --tokenizer "
                          "PATH, or use a server with /tokenize")
-    return datasets.random_requests(ns.num_prompts, ns.input_len, ns.output_len, ns.range_ratio,
+    reqs = datasets.random_requests(ns.num_prompts, ns.input_len, ns.output_len, ns.range_ratio,
                                     ns.seed, tok, prefix_len=ns.prefix_len,
                                     num_prefixes=ns.num_prefixes)
+    if ns.images_per_request:
+        add_images(reqs, ns)
+    return reqs
+
+
+def add_images(reqs: list[BenchRequest], ns: argparse.Namespace) -> None:
+    """Give each request `--images-per-request` synthetic screenshots (encoded before the run)."""
+    if ns.images_per_request < 0:
+        raise ValueError("--images-per-request must be >= 0")
+    if ns.api != "chat":
+        raise ValueError("--images-per-request needs --api chat (images travel as image_url "
+                         "content parts)")
+    spec = images.ImageSpec.parse(ns.image_size, ns.image_format)
+    per = ns.images_per_request
+    urls = images.screenshot_urls(spec, per * len(reqs), ns.seed, ns.num_unique_images)
+    for i, req in enumerate(reqs):
+        req.images = urls[i * per:(i + 1) * per]
 
 
 def run_bench(ns: argparse.Namespace) -> int:
@@ -104,7 +123,9 @@ def run_bench(ns: argparse.Namespace) -> int:
         "workload": {"dataset": ns.dataset_name, "input_len": ns.input_len,
                      "output_len": ns.output_len, "range_ratio": ns.range_ratio,
                      "prefix_len": ns.prefix_len, "num_prompts": ns.num_prompts,
-                     "prompts": "text" if tok is not None else "token ids"},
+                     "prompts": "text" if tok is not None else "token ids",
+                     "images_per_request": ns.images_per_request,
+                     "image_size": ns.image_size if ns.images_per_request else None},
         "runs": [],
     }
     progress = None if ns.no_progress else Progress(
