@@ -129,11 +129,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="shared prompt prefix in tokens (exercises prefix caching)")
     w.add_argument("--num-prefixes", type=int, default=1, help="distinct shared prefixes")
     w.add_argument("--sharegpt-output-len", type=int, default=None)
-    w.add_argument("--images-per-request", type=int, default=0,
+    w.add_argument("--images-per-request", type=int, default=None,
                    help="synthetic screenshots per request, sent as image_url parts before the "
-                        "text (needs --api chat)")
-    w.add_argument("--image-size", default="1080x2400", metavar="WxH",
-                   help="screenshot size in pixels")
+                        "text (needs --api chat; default 1 when --image-size is given)")
+    w.add_argument("--image-size", default=None, metavar="WxH",
+                   help="screenshot size in pixels (default 1080x2400 when "
+                        "--images-per-request is given)")
     w.add_argument("--image-format", choices=["png", "jpeg", "webp"], default="png")
     w.add_argument("--num-unique-images", type=int, default=None,
                    help="distinct screenshots, sent in turn (default: every image differs)")

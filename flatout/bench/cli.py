@@ -61,8 +61,8 @@ def build_requests(ns: argparse.Namespace, tok: datasets.Tokenizer | None) -> li
     if ns.dataset_name == "sharegpt":
         if not ns.dataset_path:
             raise ValueError("--dataset-name sharegpt needs --dataset-path FILE")
-        if ns.images_per_request:
-            raise ValueError("--images-per-request goes with the random dataset")
+        if ns.images_per_request is not None or ns.image_size is not None:
+            raise ValueError("--images-per-request / --image-size go with the random dataset")
         return datasets.sharegpt_requests(ns.dataset_path, ns.num_prompts, ns.seed, tok,
                                           ns.sharegpt_output_len)
     if tok is None and ns.api == "chat":
@@ -71,20 +71,20 @@ def build_requests(ns: argparse.Namespace, tok: datasets.Tokenizer | None) -> li
     reqs = datasets.random_requests(ns.num_prompts, ns.input_len, ns.output_len, ns.range_ratio,
                                     ns.seed, tok, prefix_len=ns.prefix_len,
                                     num_prefixes=ns.num_prefixes)
-    if ns.images_per_request:
+    if ns.images_per_request is not None or ns.image_size is not None:
         add_images(reqs, ns)
     return reqs
 
 
 def add_images(reqs: list[BenchRequest], ns: argparse.Namespace) -> None:
     """Give each request `--images-per-request` synthetic screenshots (encoded before the run)."""
-    if ns.images_per_request < 0:
-        raise ValueError("--images-per-request must be >= 0")
+    per = 1 if ns.images_per_request is None else ns.images_per_request
+    if per < 1:
+        raise ValueError("--images-per-request must be >= 1")
     if ns.api != "chat":
-        raise ValueError("--images-per-request needs --api chat (images travel as image_url "
-                         "content parts)")
-    spec = images.ImageSpec.parse(ns.image_size, ns.image_format)
-    per = ns.images_per_request
+        raise ValueError("--images-per-request / --image-size need --api chat (images travel as "
+                         "image_url content parts)")
+    spec = images.ImageSpec.parse(ns.image_size or "1080x2400", ns.image_format)
     urls = images.screenshot_urls(spec, per * len(reqs), ns.seed, ns.num_unique_images)
     for i, req in enumerate(reqs):
         req.images = urls[i * per:(i + 1) * per]
@@ -117,6 +117,10 @@ def run_bench(ns: argparse.Namespace) -> int:
     err = Console(stderr=True)
     err.print(f"flatout bench: {len(requests)} requests per point against {ns.base_url} "
               f"({model}, {ns.api}); GPU samples: {'NVML' if nvml else 'server /metrics'}")
+    image_info = None
+    if requests[0].images:
+        image_info = {"per_request": len(requests[0].images),
+                      "size": ns.image_size or "1080x2400", "format": ns.image_format}
     result: dict[str, Any] = {
         "flatout_bench": 1, "command": shlex.join(["flatout", "bench", *sys.argv[2:]]),
         "base_url": ns.base_url, "model": model, "api": ns.api,
@@ -124,8 +128,7 @@ def run_bench(ns: argparse.Namespace) -> int:
                      "output_len": ns.output_len, "range_ratio": ns.range_ratio,
                      "prefix_len": ns.prefix_len, "num_prompts": ns.num_prompts,
                      "prompts": "text" if tok is not None else "token ids",
-                     "images_per_request": ns.images_per_request,
-                     "image_size": ns.image_size if ns.images_per_request else None},
+                     "images": image_info},
         "runs": [],
     }
     progress = None if ns.no_progress else Progress(

@@ -89,8 +89,16 @@ def test_cli_attaches_images_to_chat_requests_only() -> None:
     flat = [u for r in reqs for u in r.images]
     assert flat[0] == flat[4] and len(set(flat)) == 4  # 6 images, 4 distinct, in turn
     assert decode(flat[0]).size == (40, 80)
+    one = build_requests(bench_ns("--api", "chat", "--num-prompts", "2", "--input-len", "3",
+                                  "--image-size", "24x24"), WordTokenizer())
+    assert [len(r.images) for r in one] == [1, 1] and one[0].images != one[1].images
+    none = build_requests(bench_ns("--api", "chat", "--num-prompts", "2", "--input-len", "3"),
+                          WordTokenizer())
+    assert [r.images for r in none] == [[], []]
     with pytest.raises(ValueError, match="--api chat"):
         build_requests(bench_ns("--images-per-request", "1", "--num-prompts", "2"), None)
+    with pytest.raises(ValueError, match=">= 1"):
+        build_requests(bench_ns("--api", "chat", "--images-per-request", "0"), WordTokenizer())
     with pytest.raises(ValueError, match="random dataset"):
         build_requests(bench_ns("--api", "chat", "--images-per-request", "1", "--dataset-name",
                                 "sharegpt", "--dataset-path", "x.json"), WordTokenizer())
