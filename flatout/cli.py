@@ -47,7 +47,7 @@ def _cmd_info(ns: argparse.Namespace) -> int:
         model, dtype=ns.dtype, device_type=ns.device_type, max_model_len=ns.max_model_len,
         load_format=ns.load_format,
     )
-    for line in model_info_lines(cfg):
+    for line in model_info_lines(cfg, ns.kv_cache_dtype):
         print(line)
     return 0
 

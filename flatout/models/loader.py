@@ -18,6 +18,7 @@ from torch import nn
 
 from flatout.layers.linear import ShardId, get_shard_ids, get_weight_loader
 from flatout.layers.norm import RMSNorm
+from flatout.models.kv_scales import kv_scale_targets, load_kv_scale
 from flatout.models.weight_names import Target, WeightNameMap
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -110,13 +111,22 @@ def load_safetensors_weights(
         with safe_open(path, framework="pt") as f:
             names_by_file[path] = list(f.keys())
     all_names = [n for names in names_by_file.values() for n in names]
-    plan = plan_weight_loading(model, all_names, name_map, tied_lm_head)
+    kv_scales = kv_scale_targets(model, all_names)  # buffers, not parameters: loaded apart
+    plan = plan_weight_loading(model, [n for n in all_names if n not in kv_scales], name_map,
+                               tied_lm_head)
     params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
     # read straight onto the parameters' device: one tensor at a time in flight, sliced there
     device = str(next(iter(params.values())).device)
     for path, names in names_by_file.items():
         with safe_open(path, framework="pt", device=device) as f:
             for name in names:
+                if name in kv_scales:
+                    try:
+                        load_kv_scale(buffers[kv_scales[name]], f.get_tensor(name), name)
+                    except ValueError as e:
+                        raise CheckpointError(f"{path.name}: {e}") from None
+                    continue
                 target = plan.get(name)
                 if target is None:
                     continue
