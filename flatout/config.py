@@ -89,11 +89,21 @@ class ModelConfig:
     # M-RoPE (GLM-4.1V): the rotated pairs split into sections turned by the t, h, w positions
     mrope_section: tuple[int, ...] | None = None
     vision: VisionConfig | None = None  # vision-language models: the vision tower
+    # ChatGLM-6B v1 layout: LayerNorm with bias, GELU MLP with biases, per-head interleaved fused
+    # qkv, residual x * sqrt(2 * layers) + f(x), 2-D rotary (position id | block position id)
+    position_encoding_2d: bool = False
+    # prefix-LM attention: the prompt's tokens before <sop> (bos_token_id) see each other
+    # bidirectionally; <sop> and everything after it attend causally
+    prefix_lm: bool = False
+    mask_token_ids: tuple[int, ...] = ()  # [gMASK], [MASK]: the first present marks the prompt
 
     @property
     def num_params(self) -> int:
         """Parameter count computed from the shapes, without allocating anything."""
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        if self.position_encoding_2d:  # every linear and norm has a bias; the MLP is not gated
+            layer = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h
+            return self.num_hidden_layers * layer + 2 * v * h + 2 * h
         q = self.num_attention_heads * self.head_dim
         kv = self.num_key_value_heads * self.head_dim
         attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.attention_bias else 0)

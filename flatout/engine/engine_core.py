@@ -18,7 +18,13 @@ import time
 import torch
 
 from flatout.config import EngineArgs
-from flatout.engine.batch import BlockTableSync, SamplingInfo, ScheduledSeq, SchedulerOutput
+from flatout.engine.batch import (
+    BlockTableSync,
+    SamplingInfo,
+    ScheduledSeq,
+    SchedulerOutput,
+    prompt_layout,
+)
 from flatout.engine.block_manager import BlockManager
 from flatout.engine.messages import (
     EngineCoreOutput,
@@ -46,7 +52,7 @@ def scheduler_output(sched: Schedule, block_tables: BlockTableSync) -> Scheduler
         is_new, blocks = block_tables.delta(seq.seq_id, seq.block_table)
         sample = start + n == seq.num_tokens + seq.num_pending_tokens
         rows.append(ScheduledSeq(seq.seq_id, start, known, pending_row, is_new, blocks, sample,
-                                 sampling_info(seq) if sample else None))
+                                 sampling_info(seq) if sample else None, seq.prefix))
     return SchedulerOutput(rows, block_tables.take_finished())
 
 
@@ -136,6 +142,7 @@ class EngineCore:
     def add_request(self, req: EngineCoreRequest) -> None:
         if req.request_id in self.seqs:
             raise ValueError(f"request id {req.request_id!r} is already in use")
+        prefix = prompt_layout(self.model_config, req.prompt_token_ids)
         seqs = [
             Sequence(
                 seq_id=next(self._seq_ids),
@@ -146,6 +153,7 @@ class EngineCore:
                 max_tokens=req.max_tokens,
                 arrival_time=req.arrival_time,
                 eos_token_ids=req.eos_token_ids,
+                prefix=prefix,
             )
             for i in range(req.params.n)
         ]

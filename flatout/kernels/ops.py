@@ -28,9 +28,10 @@ class Ops:
     silu_and_mul: Callable[[Tensor], Tensor]
     # (k, v, k_cache, v_cache, slot_mapping)
     write_kv_cache: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]
-    # (q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len)
+    # (q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len,
+    #  prefix_lens or None: per sequence, the context tokens every query sees)
     paged_prefill_attention: Callable[
-        [Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float, int], Tensor
+        [Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float, int, Tensor | None], Tensor
     ]
     # (q, k_cache, v_cache, block_tables, seq_lens, scale)
     paged_decode_attention: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], Tensor]

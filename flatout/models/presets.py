@@ -121,6 +121,28 @@ PRESETS: dict[str, Preset] = {
         [2, 64795, 64797],  # </s>, <|user|>, <|observation|>
         "THUDM/chatglm3-6b",
     ),
+    "chatglm-6b": Preset(
+        {
+            "architectures": ["ChatGLMModel"],
+            "model_type": "chatglm",
+            "vocab_size": 130528,
+            "hidden_size": 4096,
+            "num_layers": 28,
+            "num_attention_heads": 32,
+            "inner_hidden_size": 16384,
+            "layernorm_epsilon": 1e-05,
+            "max_sequence_length": 2048,
+            "position_encoding_2d": True,
+            "bos_token_id": 130004,  # <sop>
+            "eos_token_id": 130005,  # <eop>
+            "mask_token_id": 130000,
+            "gmask_token_id": 130001,
+            "pad_token_id": 3,
+            "torch_dtype": "float16",
+        },
+        [130005],
+        "THUDM/chatglm-6b",
+    ),
     "llama-3-8b": Preset(
         {
             "architectures": ["LlamaForCausalLM"],

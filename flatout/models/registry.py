@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from flatout.config import EngineArgs, ModelConfig
+from flatout.models.chatglm_v1 import ChatGLMv1ForCausalLM
 from flatout.models.decoder import CausalLM
 from flatout.models.glm4v import Glm4vForConditionalGeneration
 from flatout.models.hf_config import (
@@ -22,6 +23,7 @@ from flatout.models.hf_config import (
 from flatout.models.loader import init_dummy_weights, load_safetensors_weights
 from flatout.models.presets import PRESETS
 from flatout.models.weight_names import (
+    CHATGLM_V1_WEIGHT_NAMES,
     CHATGLM_WEIGHT_NAMES,
     GLM4V_WEIGHT_NAMES,
     HF_WEIGHT_NAMES,
@@ -37,7 +39,9 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 _GREEDY_IGNORED = ("temperature", "top_p", "top_k", "min_p")
 
 
-def weight_names_for(architecture: str) -> WeightNameMap:
+def weight_names_for(architecture: str, position_encoding_2d: bool = False) -> WeightNameMap:
+    if position_encoding_2d:  # ChatGLM-6B v1: the model's names are the checkpoint's
+        return CHATGLM_V1_WEIGHT_NAMES
     if architecture in VISION_ARCHITECTURES:
         return GLM4V_WEIGHT_NAMES
     return CHATGLM_WEIGHT_NAMES if architecture in CHATGLM_ARCHITECTURES else HF_WEIGHT_NAMES
@@ -171,13 +175,16 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def load_model(
-    cfg: ModelConfig, device: torch.device
-) -> CausalLM | Glm4vForConditionalGeneration:
+Model = CausalLM | Glm4vForConditionalGeneration | ChatGLMv1ForCausalLM
+
+
+def load_model(cfg: ModelConfig, device: torch.device) -> Model:
     """Build the model for `cfg` on `device` in cfg.dtype and fill its weights (eval mode)."""
-    model: CausalLM | Glm4vForConditionalGeneration
+    model: Model
     with _default_dtype(TORCH_DTYPES[cfg.dtype]), torch.device(device):
-        if cfg.architecture in VISION_ARCHITECTURES:
+        if cfg.position_encoding_2d:
+            model = ChatGLMv1ForCausalLM(cfg)
+        elif cfg.architecture in VISION_ARCHITECTURES:
             model = Glm4vForConditionalGeneration(cfg)
         else:
             model = CausalLM(cfg)
@@ -185,7 +192,8 @@ def load_model(
         init_dummy_weights(model)
     else:
         load_safetensors_weights(
-            model, cfg.model, weight_names_for(cfg.architecture), cfg.tie_word_embeddings
+            model, cfg.model, weight_names_for(cfg.architecture, cfg.position_encoding_2d),
+            cfg.tie_word_embeddings,
         )
     model.eval()
     return model

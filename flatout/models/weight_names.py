@@ -103,3 +103,10 @@ GLM4V_WEIGHT_NAMES = WeightNameMap(
     ],
     droppable=[],
 )
+
+# ChatGLM-6B v1 as shipped: the model's parameters carry the checkpoint's names
+# (`transformer.layers.N.attention.query_key_value`, ...); only the rotary buffers are dropped.
+CHATGLM_V1_WEIGHT_NAMES = WeightNameMap(
+    rules=[],
+    droppable=["transformer.layers.*.attention.rotary_emb.inv_freq"],
+)
