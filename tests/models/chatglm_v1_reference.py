@@ -8,14 +8,19 @@ checkpoint's own attention mask and 2-D position ids.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+
+from flatout.tokenizers.chatglm_v1 import CHATGLM_V1_SPECIAL_TOKENS
+from tests.tokenizers.tokenizer_fixtures import SPM_CORPUS
 
 # the special ids sit at the top of the tiny vocabulary, in the real checkpoint's order
 MASK, GMASK, SOP, EOP = 140, 141, 144, 145
@@ -140,3 +145,25 @@ class DenseChatGLMv1:
         for _ in range(new_tokens):
             ids.append(int(self.logits(ids)[-1].argmax()))
         return ids[len(prompt) :]
+
+
+WHITESPACE_PIECES = ["<n>", "<|tab|>"] + [f"<|blank_{i}|>" for i in range(2, 81)]
+
+
+def train_ice_text(path: Path) -> Path:
+    """A SentencePiece model with the v1 special and whitespace pieces, like ice_text.model."""
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SPM_CORPUS * 30),
+        model_writer=proto,
+        vocab_size=700,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        user_defined_symbols=list(CHATGLM_V1_SPECIAL_TOKENS) + WHITESPACE_PIECES + ["<pad>"],
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+    )
+    path.write_bytes(proto.getvalue())
+    return path

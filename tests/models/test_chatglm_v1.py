@@ -146,3 +146,35 @@ def test_parameter_counts(v1) -> None:  # noqa: ANN001
         model = ChatGLMv1ForCausalLM(preset)
     assert preset.num_params == sum(p.numel() for p in model.parameters()) == 6_707_929_088
     assert preset.kv_bytes_per_token == 2 * 28 * 4096 * 4  # float32 on CPU
+
+
+def test_chat_through_the_engine_with_the_v1_tokenizer(tmp_path: Path) -> None:
+    import json
+
+    import sentencepiece as spm
+
+    from flatout.tokenizers import load_tokenizer
+    from tests.models.chatglm_v1_reference import train_ice_text
+
+    model = train_ice_text(tmp_path / "ice_text.model")
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    ids = {t: sp.piece_to_id(t) for t in ("[MASK]", "[gMASK]", "<sop>", "<eop>", "<pad>")}
+    path = make_tiny_v1_checkpoint(
+        tmp_path / "chatglm-6b", vocab_size=sp.get_piece_size(), mask_token_id=ids["[MASK]"],
+        gmask_token_id=ids["[gMASK]"], bos_token_id=ids["<sop>"], eos_token_id=ids["<eop>"],
+        pad_token_id=ids["<pad>"],
+    )
+    (path / "ice_text.model").write_bytes(model.read_bytes())
+    (path / "tokenizer_config.json").write_text(json.dumps({"num_image_tokens": 0}))
+    messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "hi"},
+                {"role": "user", "content": "今天天气  怎么样？\n"}]
+    tok = load_tokenizer(path)
+    prompt = tok.encode(tok.apply_chat_template(messages, tokenize=False,
+                                                add_generation_prompt=True),
+                        add_special_tokens=False)
+    assert prompt[-2:] == [ids["[gMASK]"], ids["<sop>"]]
+    llm = LLM(str(path), block_size=4, num_kv_blocks=128)
+    out = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[0]
+    assert out.token_ids == DenseChatGLMv1(path).greedy(prompt, 8)
+    assert out.text == tok.decode(out.token_ids, skip_special_tokens=True)
+    assert ids["<eop>"] in llm.engine.model_config.eos_token_ids
