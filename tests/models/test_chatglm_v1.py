@@ -178,3 +178,16 @@ def test_chat_through_the_engine_with_the_v1_tokenizer(tmp_path: Path) -> None:
     assert out.token_ids == DenseChatGLMv1(path).greedy(prompt, 8)
     assert out.text == tok.decode(out.token_ids, skip_special_tokens=True)
     assert ids["<eop>"] in llm.engine.model_config.eos_token_ids
+
+
+def test_tensor_parallel_equals_the_reference(v1) -> None:  # noqa: ANN001
+    """TP 2 over gloo: qkv regrouped per rank's heads, biased row-parallel reduces, prefix
+    metadata and 2-D positions sent to the other rank."""
+    path, prompts, expected = v1
+    llm = LLM(str(path), tensor_parallel_size=2, block_size=4, num_kv_blocks=128,
+              max_num_batched_tokens=20)
+    try:
+        outs = llm.generate(prompts, GREEDY)
+    finally:
+        llm.engine.core.shutdown()
+    assert [o.token_ids for o in outs] == expected
