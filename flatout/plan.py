@@ -84,7 +84,8 @@ def rank_param_count(cfg: ModelConfig, tp: int) -> int:
     vocab = -(-cfg.vocab_size // tp) * h
     embed = vocab * (1 if cfg.tie_word_embeddings else 2)
     final_norm = 2 * h if cfg.position_encoding_2d else h
-    return cfg.num_hidden_layers * (attn + mlp + norms) + embed + final_norm
+    tower = cfg.eva_vision.rank_num_params(tp) if cfg.eva_vision is not None else 0
+    return cfg.num_hidden_layers * (attn + mlp + norms) + embed + final_norm + tower
 
 
 def kv_bytes_per_token_per_rank(cfg: ModelConfig, tp: int) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flatout.config import VisionConfig
+from flatout.config import EvaVisionConfig, VisionConfig
 from flatout.layers.rotary import check_rope_scaling
 
 GLM_ARCHITECTURES = ("GlmForCausalLM", "Glm4ForCausalLM")
@@ -184,7 +184,7 @@ def _chatglm_fields(arch: str, raw: dict[str, Any]) -> tuple[dict[str, Any], int
     heads = int(_require(raw, "num_attention_heads"))
     head_dim = int(raw.get("kv_channels") or hidden // heads)
     kv_heads = int(raw["multi_query_group_num"]) if raw.get("multi_query_attention") else heads
-    fields = dict(
+    fields: dict[str, Any] = dict(
         vocab_size=int(raw.get("padded_vocab_size") or _require(raw, "vocab_size")),
         hidden_size=hidden,
         num_hidden_layers=int(_require(raw, "num_layers")),
@@ -204,7 +204,40 @@ def _chatglm_fields(arch: str, raw: dict[str, Any]) -> tuple[dict[str, Any], int
         sandwich_norm=False,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
     )
+    vis = raw.get("vision_config")
+    if vis is not None:  # GLM-4V-9B: the glm-4-9b-chat text stack plus an EVA2-CLIP tower
+        fields["eva_vision"] = _eva_vision(arch, raw, vis, fields)
     return fields, int(_require(raw, "seq_length"))
+
+
+def _eva_vision(arch: str, raw: dict[str, Any], vis: Any, text: dict[str, Any]) -> EvaVisionConfig:
+    if not isinstance(vis, dict):
+        raise ValueError(f"{arch}: vision_config must be an object")
+    if vis.get("hidden_act", "gelu") != "gelu":
+        raise _unsupported(arch, f"vision hidden_act {vis['hidden_act']!r} (only gelu)")
+    eva = EvaVisionConfig(
+        depth=int(_require(vis, "num_hidden_layers")),
+        hidden_size=int(_require(vis, "hidden_size")),
+        num_heads=int(_require(vis, "num_heads")),
+        intermediate_size=int(_require(vis, "intermediate_size")),
+        out_hidden_size=text["hidden_size"],
+        glu_intermediate_size=text["intermediate_size"],
+        image_size=int(vis.get("image_size", 1120)),
+        patch_size=int(vis.get("patch_size", 14)),
+        in_channels=int(vis.get("in_channels", 3)),
+        layer_norm_eps=float(vis.get("layer_norm_eps", 1e-6)),
+        scaling_factor=float(vis.get("scaling_factor", 8.0)),
+        boi_token_id=int(raw.get("boi_token_id", 151339)),
+        eoi_token_id=int(raw.get("eoi_token_id", 151340)),
+    )
+    if eva.grid % 2 or eva.hidden_size % eva.num_heads:
+        raise ValueError(f"{arch}: vision grid {eva.grid} must be even and hidden_size "
+                         f"{eva.hidden_size} a multiple of num_heads {eva.num_heads}")
+    positions = vis.get("num_positions")
+    if positions is not None and int(positions) != eva.grid**2 + 1:
+        raise ValueError(f"{arch}: vision num_positions {positions} != (image_size / patch_size)"
+                         f"^2 + 1 = {eva.grid**2 + 1}")
+    return eva
 
 
 def _chatglm_v1_fields(arch: str, raw: dict[str, Any]) -> tuple[dict[str, Any], int]:

@@ -14,6 +14,7 @@ from flatout.config import EngineArgs, ModelConfig
 from flatout.models.chatglm_v1 import ChatGLMv1ForCausalLM
 from flatout.models.decoder import CausalLM
 from flatout.models.glm4v import Glm4vForConditionalGeneration
+from flatout.models.glm4v_9b import ChatGLM4VForCausalLM
 from flatout.models.hf_config import (
     CHATGLM_ARCHITECTURES,
     VISION_ARCHITECTURES,
@@ -25,6 +26,7 @@ from flatout.models.presets import PRESETS
 from flatout.models.weight_names import (
     CHATGLM_V1_WEIGHT_NAMES,
     CHATGLM_WEIGHT_NAMES,
+    GLM4V_9B_WEIGHT_NAMES,
     GLM4V_WEIGHT_NAMES,
     HF_WEIGHT_NAMES,
     WeightNameMap,
@@ -39,9 +41,13 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 _GREEDY_IGNORED = ("temperature", "top_p", "top_k", "min_p")
 
 
-def weight_names_for(architecture: str, position_encoding_2d: bool = False) -> WeightNameMap:
+def weight_names_for(
+    architecture: str, position_encoding_2d: bool = False, eva_vision: bool = False
+) -> WeightNameMap:
     if position_encoding_2d:  # ChatGLM-6B v1: the model's names are the checkpoint's
         return CHATGLM_V1_WEIGHT_NAMES
+    if eva_vision:  # GLM-4V-9B
+        return GLM4V_9B_WEIGHT_NAMES
     if architecture in VISION_ARCHITECTURES:
         return GLM4V_WEIGHT_NAMES
     return CHATGLM_WEIGHT_NAMES if architecture in CHATGLM_ARCHITECTURES else HF_WEIGHT_NAMES
@@ -175,7 +181,8 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-Model = CausalLM | Glm4vForConditionalGeneration | ChatGLMv1ForCausalLM
+Model = (CausalLM | Glm4vForConditionalGeneration | ChatGLMv1ForCausalLM
+         | ChatGLM4VForCausalLM)
 
 
 def load_model(cfg: ModelConfig, device: torch.device) -> Model:
@@ -184,6 +191,8 @@ def load_model(cfg: ModelConfig, device: torch.device) -> Model:
     with _default_dtype(TORCH_DTYPES[cfg.dtype]), torch.device(device):
         if cfg.position_encoding_2d:
             model = ChatGLMv1ForCausalLM(cfg)
+        elif cfg.eva_vision is not None:
+            model = ChatGLM4VForCausalLM(cfg)
         elif cfg.architecture in VISION_ARCHITECTURES:
             model = Glm4vForConditionalGeneration(cfg)
         else:
@@ -192,7 +201,9 @@ def load_model(cfg: ModelConfig, device: torch.device) -> Model:
         init_dummy_weights(model)
     else:
         load_safetensors_weights(
-            model, cfg.model, weight_names_for(cfg.architecture, cfg.position_encoding_2d),
+            model, cfg.model,
+            weight_names_for(cfg.architecture, cfg.position_encoding_2d,
+                             cfg.eva_vision is not None),
             cfg.tie_word_embeddings,
         )
     model.eval()
@@ -209,7 +220,8 @@ def model_info_lines(cfg: ModelConfig) -> list[str]:
         f"{cfg.num_attention_heads} (kv {cfg.num_key_value_heads}, head_dim {cfg.head_dim}), "
         f"intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size}",
         f"parameters: {cfg.num_params / 1e9:.2f} B ({cfg.num_params:,})"
-        + (f", vision tower {cfg.vision.num_params / 1e9:.2f} B" if cfg.vision else ""),
+        + (f", vision tower {cfg.vision.num_params / 1e9:.2f} B" if cfg.vision else "")
+        + (f", vision tower {cfg.eva_vision.num_params / 1e9:.2f} B" if cfg.eva_vision else ""),
         f"weights: {cfg.weight_bytes / 1e9:.2f} GB in {cfg.dtype}",
         f"KV cache: {kv / 1024:.1f} KiB per token, {kv * cfg.max_model_len / 2**30:.2f} GiB "
         f"for one sequence of max_model_len {cfg.max_model_len}",

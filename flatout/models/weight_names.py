@@ -35,6 +35,7 @@ def _module_pattern(path: str) -> str:
 
 class WeightNameMap:
     def __init__(self, rules: list[WeightRule], droppable: list[str]) -> None:
+        self.rules = list(rules)
         self._rules = [
             (re.compile(rf"^{_module_pattern(r.checkpoint)}\.(weight|bias)$"), r) for r in rules
         ]
@@ -87,6 +88,19 @@ CHATGLM_WEIGHT_NAMES = WeightNameMap(
         WeightRule(f"{_C}.mlp.dense_4h_to_h", f"{_L}.mlp.down_proj"),
         WeightRule("transformer.encoder.final_layernorm", "model.norm"),
         WeightRule("transformer.output_layer", "lm_head"),
+    ],
+    droppable=["transformer.rotary_pos_emb.inv_freq"],
+)
+
+_G = "transformer.vision.linear_proj"
+
+# GLM-4V-9B: ChatGLM's text names; the tower's `transformer.vision.*` are our names, except the
+# adapter's gate_proj / dense_h_to_4h, which fill the two halves of its fused gate_up_proj.
+GLM4V_9B_WEIGHT_NAMES = WeightNameMap(
+    rules=[
+        *CHATGLM_WEIGHT_NAMES.rules,
+        WeightRule(f"{_G}.gate_proj", f"{_G}.gate_up_proj", 0),
+        WeightRule(f"{_G}.dense_h_to_4h", f"{_G}.gate_up_proj", 1),
     ],
     droppable=["transformer.rotary_pos_emb.inv_freq"],
 )

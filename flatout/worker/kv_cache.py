@@ -23,8 +23,10 @@ if TYPE_CHECKING:
     from flatout.models.chatglm_v1 import ChatGLMv1ForCausalLM
     from flatout.models.decoder import CausalLM
     from flatout.models.glm4v import Glm4vForConditionalGeneration
+    from flatout.models.glm4v_9b import ChatGLM4VForCausalLM
 
-    Model: TypeAlias = CausalLM | Glm4vForConditionalGeneration | ChatGLMv1ForCausalLM
+    Model: TypeAlias = (CausalLM | Glm4vForConditionalGeneration | ChatGLMv1ForCausalLM
+                        | ChatGLM4VForCausalLM)
 
 CPU_DEFAULT_KV_CACHE_MEMORY = 1 << 30
 
