@@ -251,6 +251,10 @@ def _chatglm_v1_fields(arch: str, raw: dict[str, Any]) -> tuple[dict[str, Any], 
     head_dim = hidden // heads
     if head_dim % 4:
         raise ValueError(f"head_dim {head_dim} must split into two even rotary halves")
+    if raw.get("pre_seq_len"):
+        raise _unsupported(arch, f"P-tuning prefixes (pre_seq_len {raw['pre_seq_len']})")
+    if raw.get("quantization_bit"):
+        raise _unsupported(arch, f"quantization_bit {raw['quantization_bit']} checkpoints")
     _require(raw, "bos_token_id")  # <sop>: where the bidirectional prompt ends
     gmask, mask = int(raw.get("gmask_token_id", 130001)), int(raw.get("mask_token_id", 130000))
     fields = dict(

@@ -169,6 +169,10 @@ def test_unsupported_variants_fail_clearly(tmp_path: Path) -> None:
     v1 = {k: v for k, v in PRESETS["chatglm-6b"].config.items() if k != "bos_token_id"}
     with pytest.raises(ValueError, match="bos_token_id"):
         resolve_model_config(_write_config(tmp_path, v1))
+    for key, value in (("pre_seq_len", 128), ("quantization_bit", 4)):
+        v1 = {**PRESETS["chatglm-6b"].config, key: value}
+        with pytest.raises(ValueError, match=key):
+            resolve_model_config(_write_config(tmp_path, v1))
     qwen = {**PRESETS["qwen2.5-7b"].config, "use_sliding_window": True, "sliding_window": 4096,
             "max_window_layers": 4}
     with pytest.raises(ValueError, match="sliding-window"):
