@@ -49,6 +49,54 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
+class EvaVisionConfig:
+    """GLM-4V-9B's EVA2-CLIP tower (`vision_config` of a ChatGLMModel config) and its adapter.
+
+    Fixed image_size^2 input in patches of patch_size, plus a CLS token (one learned position
+    each); post-norm blocks; CLS dropped, a 2x2 stride-2 conv to the text width, a GLU, learned
+    boi/eoi vectors around the patches, all divided by scaling_factor."""
+
+    depth: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int  # the blocks' GELU MLP
+    out_hidden_size: int  # = the text model's hidden size
+    glu_intermediate_size: int  # the adapter's GLU (the text model's ffn_hidden_size)
+    image_size: int = 1120
+    patch_size: int = 14
+    in_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    scaling_factor: float = 8.0
+    boi_token_id: int = 151339
+    eoi_token_id: int = 151340
+
+    @property
+    def grid(self) -> int:  # patches per side
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patch_embeds(self) -> int:  # after the 2x2 conv: 1600 at 1120 / 14
+        return (self.grid // 2) ** 2
+
+    @property
+    def num_params(self) -> int:
+        h, i, o, g = self.hidden_size, self.intermediate_size, self.out_hidden_size, \
+            self.glu_intermediate_size
+        embed = self.in_channels * self.patch_size**2 * h + h + h + (self.grid**2 + 1) * h
+        block = 4 * h + 3 * h * h + 3 * h + h * h + h + h * i + i + i * h + h
+        adapter = h * o * 4 + o + o * o + 2 * o + 3 * o * g + 2 * o
+        return embed + self.depth * block + adapter
+
+    def rank_num_params(self, tp: int) -> int:
+        """Parameters one tensor-parallel rank holds: the blocks' linears and the adapter's
+        gated MLP are split, the rest replicated."""
+        h, i, o, g = self.hidden_size, self.intermediate_size, self.out_hidden_size, \
+            self.glu_intermediate_size
+        split = self.depth * (3 * h * h + 3 * h + h * h + h * i + i + i * h) + 3 * o * g
+        return self.num_params - split + split // tp
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything the model code needs, normalised across checkpoint layouts.
 
@@ -89,11 +137,22 @@ class ModelConfig:
     # M-RoPE (GLM-4.1V): the rotated pairs split into sections turned by the t, h, w positions
     mrope_section: tuple[int, ...] | None = None
     vision: VisionConfig | None = None  # vision-language models: the vision tower
+    # ChatGLM-6B v1 layout: LayerNorm with bias, GELU MLP with biases, per-head interleaved fused
+    # qkv, residual x * sqrt(2 * layers) + f(x), 2-D rotary (position id | block position id)
+    position_encoding_2d: bool = False
+    # prefix-LM attention: the prompt's tokens before <sop> (bos_token_id) see each other
+    # bidirectionally; <sop> and everything after it attend causally
+    prefix_lm: bool = False
+    mask_token_ids: tuple[int, ...] = ()  # [gMASK], [MASK]: the first present marks the prompt
+    eva_vision: EvaVisionConfig | None = None  # GLM-4V-9B: the EVA2-CLIP tower
 
     @property
     def num_params(self) -> int:
         """Parameter count computed from the shapes, without allocating anything."""
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        if self.position_encoding_2d:  # every linear and norm has a bias; the MLP is not gated
+            layer = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h
+            return self.num_hidden_layers * layer + 2 * v * h + 2 * h
         q = self.num_attention_heads * self.head_dim
         kv = self.num_key_value_heads * self.head_dim
         attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.attention_bias else 0)
@@ -103,6 +162,7 @@ class ModelConfig:
         per_layer = attn + mlp + norms
         embed = v * h * (1 if self.tie_word_embeddings else 2)
         vision = self.vision.num_params if self.vision is not None else 0
+        vision += self.eva_vision.num_params if self.eva_vision is not None else 0
         return self.num_hidden_layers * per_layer + embed + h + vision
 
     @property

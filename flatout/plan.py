@@ -80,9 +80,15 @@ def rank_param_count(cfg: ModelConfig, tp: int) -> int:
     attn += h if cfg.o_proj_bias else 0
     mlp = 3 * h * (cfg.intermediate_size // tp)
     norms = h * (4 if cfg.sandwich_norm else 2) + (2 * hd if cfg.qk_norm else 0)
+    if cfg.position_encoding_2d:  # ChatGLM-6B v1: a plain GELU MLP, biases and LayerNorms
+        i = cfg.intermediate_size // tp
+        mlp = 2 * h * i + i + h
+        norms = 4 * h
     vocab = -(-cfg.vocab_size // tp) * h
     embed = vocab * (1 if cfg.tie_word_embeddings else 2)
-    return cfg.num_hidden_layers * (attn + mlp + norms) + embed + h
+    final_norm = 2 * h if cfg.position_encoding_2d else h
+    tower = cfg.eva_vision.rank_num_params(tp) if cfg.eva_vision is not None else 0
+    return cfg.num_hidden_layers * (attn + mlp + norms) + embed + final_norm + tower
 
 
 def kv_bytes_per_token_per_rank(cfg: ModelConfig, tp: int, kv_cache_dtype: str = "auto") -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from flatout.config import ModelConfig
 from flatout.sampling_params import SamplingParams
 
 
@@ -33,6 +34,54 @@ class SamplingInfo:
         return self.params.logprobs
 
 
+@dataclass(frozen=True)
+class PrefixLayout:
+    """Where a prefix-LM prompt (ChatGLM-6B v1) marks itself, as the checkpoint's code reads it.
+
+    Tokens before `context_len` (the first <sop>) attend to each other bidirectionally; <sop>
+    and everything after it attend causally. 2-D positions of token t: (t, 0) before
+    context_len, else (mask_position, t - context_len + 1), mask_position being the index of the
+    prompt's first [gMASK] (or, without one, its first [MASK])."""
+
+    context_len: int
+    mask_position: int
+
+    @classmethod
+    def of(cls, prompt_token_ids: list[int], sop_token_id: int,
+           mask_token_ids: tuple[int, ...]) -> PrefixLayout:
+        """The layout of a prompt; ValueError naming what the prompt lacks."""
+        if sop_token_id not in prompt_token_ids:
+            raise ValueError(
+                f"prompt lacks the <sop> token (id {sop_token_id}) that ends the bidirectional "
+                f"context of this prefix-LM model (ChatGLM-6B prompts end with [gMASK] <sop>)"
+            )
+        mask = next((m for m in mask_token_ids if m in prompt_token_ids), None)
+        if mask is None:
+            raise ValueError(
+                f"prompt lacks a mask token (ids {list(mask_token_ids)}: [gMASK] or [MASK]) that "
+                f"places the generated span of this prefix-LM model"
+            )
+        return cls(prompt_token_ids.index(sop_token_id), prompt_token_ids.index(mask))
+
+    def positions(self, start: int, end: int) -> list[int]:
+        """The 2-D positions of tokens [start, end), flat: (position, block position) pairs."""
+        out: list[int] = []
+        c = self.context_len
+        for t in range(start, end):
+            out.extend((t, 0) if t < c else (self.mask_position, t - c + 1))
+        return out
+
+
+def prompt_layout(model: ModelConfig, prompt_token_ids: list[int]) -> PrefixLayout | None:
+    """The prompt's PrefixLayout under a prefix-LM model (ValueError when it lacks its marks);
+    None for every other model."""
+    if not model.prefix_lm:
+        return None
+    if model.bos_token_id is None:
+        raise ValueError(f"{model.model}: a prefix-LM config needs bos_token_id (<sop>)")
+    return PrefixLayout.of(prompt_token_ids, model.bos_token_id, model.mask_token_ids)
+
+
 @dataclass
 class ScheduledSeq:
     """One sequence in one step: compute positions [start, start + num_tokens)."""
@@ -50,12 +99,13 @@ class ScheduledSeq:
     new_block_ids: list[int]
     sample: bool  # all its tokens are computed after this step: its next token is sampled
     sampling: SamplingInfo | None = None  # rank 0, rows that sample; never pickled
+    prefix: PrefixLayout | None = None  # prefix-LM models: the prompt's layout
 
     def __reduce__(self) -> tuple[type[ScheduledSeq], tuple[object, ...]]:
         """Pickled (to the other tensor-parallel ranks) as its values without `sampling`,
         which only rank 0 reads: a few bytes per row."""
         return ScheduledSeq, (self.seq_id, self.start, self.token_ids, self.pending_row,
-                              self.is_new, self.new_block_ids, self.sample)
+                              self.is_new, self.new_block_ids, self.sample, None, self.prefix)
 
     @property
     def num_tokens(self) -> int:

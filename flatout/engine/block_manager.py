@@ -10,6 +10,10 @@ reference goes, a hashed block is not wiped: it joins an LRU of evictable cached
 later sequence with the same prefix can find it again, and from which the allocator takes the
 least recently freed block when no never-used block is left.
 
+A prefix-LM sequence (ChatGLM-6B v1) computes its prompt's K/V bidirectionally, so a block's K/V
+depend on the whole context, not only on the tokens before it: its chain starts from the hash of
+that context (`chain_seed`), and a block is reused only by a sequence with the same context.
+
 Every block is in exactly one state: free (ref 0, no hash), cached (ref 0, hashed, evictable) or
 used (ref > 0). `check_integrity` verifies free + cached + used == total.
 """
@@ -21,6 +25,13 @@ from array import array
 from collections import OrderedDict, deque
 
 from flatout.engine.request import Sequence
+
+
+def chain_seed(seq: Sequence) -> bytes | None:
+    """Where the sequence's hash chain starts: nothing, or a prefix-LM prompt's context."""
+    if seq.prefix is None:
+        return None
+    return chain_hash(b"prefix-lm", seq.prompt_token_ids[: seq.prefix.context_len])
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -78,7 +89,7 @@ class BlockManager:
         bs = self.block_size
         tokens = seq.token_ids
         max_full = (len(tokens) - 1) // bs
-        prev: bytes | None = None
+        prev = chain_seed(seq)
         for i in range(max_full):
             h = chain_hash(prev, tokens[i * bs : (i + 1) * bs])
             block = self.hash_to_block.get(h)
@@ -113,7 +124,9 @@ class BlockManager:
         # a pending token (sampled, not read back yet) keeps its block unhashed until it is known
         known = min(seq.num_computed_tokens, len(seq.token_ids))
         num_full = min(known // bs, len(seq.block_table))
-        prev = seq.block_hashes[-1] if seq.block_hashes else None
+        if len(seq.block_hashes) >= num_full:
+            return
+        prev = seq.block_hashes[-1] if seq.block_hashes else chain_seed(seq)
         for i in range(len(seq.block_hashes), num_full):
             h = chain_hash(prev, seq.token_ids[i * bs : (i + 1) * bs])
             seq.block_hashes.append(h)

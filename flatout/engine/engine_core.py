@@ -20,7 +20,13 @@ from concurrent.futures import wait as wait_futures
 import torch
 
 from flatout.config import EngineArgs
-from flatout.engine.batch import BlockTableSync, SamplingInfo, ScheduledSeq, SchedulerOutput
+from flatout.engine.batch import (
+    BlockTableSync,
+    SamplingInfo,
+    ScheduledSeq,
+    SchedulerOutput,
+    prompt_layout,
+)
 from flatout.engine.block_manager import BlockManager
 from flatout.engine.messages import (
     EngineCoreOutput,
@@ -55,7 +61,7 @@ def scheduler_output(sched: Schedule, block_tables: BlockTableSync) -> Scheduler
         is_new, blocks = block_tables.delta(seq.seq_id, seq.block_table)
         sample = start + n == seq.num_tokens + seq.num_pending_tokens
         rows.append(ScheduledSeq(seq.seq_id, start, known, pending_row, is_new, blocks, sample,
-                                 sampling_info(seq) if sample else None))
+                                 sampling_info(seq) if sample else None, seq.prefix))
     return SchedulerOutput(rows, block_tables.take_finished())
 
 
@@ -158,6 +164,7 @@ class EngineCore:
         grammar is compiled, in the compiler's threads."""
         if req.request_id in self.seqs or req.request_id in self._compiling:
             raise ValueError(f"request id {req.request_id!r} is already in use")
+        prompt_layout(self.model_config, req.prompt_token_ids)  # a bad prompt fails here, now
         so = req.params.structured_outputs
         if so is None:
             self._schedule(req)
@@ -203,6 +210,7 @@ class EngineCore:
             self._seq_grammars[seq.seq_id] = SequenceGrammar.start(compiled, so, stop_ids)
 
     def _schedule(self, req: EngineCoreRequest) -> list[Sequence]:
+        prefix = prompt_layout(self.model_config, req.prompt_token_ids)
         seqs = [
             Sequence(
                 seq_id=next(self._seq_ids),
@@ -213,6 +221,7 @@ class EngineCore:
                 max_tokens=req.max_tokens,
                 arrival_time=req.arrival_time,
                 eos_token_ids=req.eos_token_ids,
+                prefix=prefix,
             )
             for i in range(req.params.n)
         ]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flatout.config import ModelConfig
+from flatout.engine.batch import prompt_layout
 from flatout.engine.messages import RequestError
 from flatout.sampling_params import SamplingParams
 
@@ -57,6 +58,10 @@ class InputProcessor:
         n = len(prompt_token_ids)
         if n == 0:
             raise RequestError("prompt is empty")
+        try:  # a prefix-LM prompt (ChatGLM-6B) must mark its context and generated span
+            prompt_layout(self.model_config, prompt_token_ids)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
         vocab = self.model_config.vocab_size
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from flatout.engine.batch import PrefixLayout
 from flatout.engine.messages import FinishReason, TokenLogprobs
 from flatout.sampling_params import SamplingParams
 
@@ -73,6 +74,9 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None  # when it was first admitted (queue time ends)
     first_token_time: float | None = None
+    # prefix-LM models: the prompt's layout; its bidirectional context is computed in one step
+    # (never split across chunks) and seeds the prefix cache's block hashes
+    prefix: PrefixLayout | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -108,6 +112,14 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) + self.num_pending_tokens - self.num_computed_tokens
+
+    @property
+    def min_chunk(self) -> int:
+        """The fewest tokens its next step may compute: the rest of a prefix-LM prompt's
+        bidirectional context (whose K/V depend on all of it), else 1."""
+        if self.prefix is None:
+            return 1
+        return max(1, self.prefix.context_len - self.num_computed_tokens)
 
     @property
     def is_finished(self) -> bool:

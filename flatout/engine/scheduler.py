@@ -5,6 +5,10 @@ Running sequences go first — decodes (one token each) before unfinished prefil
 prompt being prefilled in chunks never stalls the decodes beside it — then waiting sequences
 are admitted first-come first-served, their prompts cut to whatever budget is left.
 
+Prefix-LM models (ChatGLM-6B v1): a prompt's bidirectional context is computed in one step, never
+cut into chunks (each of its tokens' K/V depends on all of it); one longer than the budget left
+waits for the next step, and one longer than the whole budget runs alone in a step of its own.
+
 When the KV cache runs out, the most recently admitted running sequence is preempted: its blocks
 are released (they stay in the prefix cache while nobody needs them) and it goes back to the
 front of the queue, to be recomputed from its prompt and the tokens it had produced.
@@ -79,6 +83,10 @@ class Scheduler:
             if seq.seq_id in preempted or self._last_token_pending(seq):
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
+            if n < seq.min_chunk:  # a prefix-LM context that does not fit beside the others
+                if out.seqs:
+                    continue
+                n = seq.min_chunk  # alone in its step, past the budget
             while not bm.can_grow(seq, n):
                 victim = self._pick_victim(scheduled)
                 self._preempt(victim)
@@ -91,7 +99,7 @@ class Scheduler:
                 out.seqs.append(seq)
                 out.num_new_tokens.append(n)
                 scheduled.add(seq.seq_id)
-                budget -= n
+                budget = max(0, budget - n)
 
         # admit waiting sequences, unless this step already had to preempt
         while (
@@ -105,6 +113,11 @@ class Scheduler:
                 break
             bm.admit(seq)
             n = min(seq.num_uncomputed_tokens, budget)
+            if n < seq.min_chunk:  # a prefix-LM context longer than what is left of the budget
+                if out.seqs:
+                    bm.free(seq)  # admitted next step, alone if it must
+                    break
+                n = seq.min_chunk
             if not bm.can_grow(seq, n):
                 bm.free(seq)  # give the prefix hits back; try again next step
                 break
@@ -116,7 +129,7 @@ class Scheduler:
             self.running.append(seq)
             out.seqs.append(seq)
             out.num_new_tokens.append(n)
-            budget -= n
+            budget = max(0, budget - n)
         return out
 
     def _last_token_pending(self, seq: Sequence) -> bool:

@@ -32,10 +32,10 @@ class Ops:
         [Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None], None
     ]
     # (q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len,
-    #  k_scale, v_scale)
+    #  k_scale, v_scale, prefix_lens or None: per sequence, the context tokens every query sees)
     paged_prefill_attention: Callable[
         [Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float, int, Tensor | None,
-         Tensor | None], Tensor
+         Tensor | None, Tensor | None], Tensor
     ]
     # (q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale)
     paged_decode_attention: Callable[

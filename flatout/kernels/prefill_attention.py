@@ -2,7 +2,8 @@
 
 Each sequence brings a chunk of n new queries; query j sits at position seq_len - n + j and
 attends causally to the whole context in the cache (the cached prefix plus the chunk itself, whose
-K/V were written before the call).
+K/V were written before the call). With `prefix_lens` (prefix-LM, ChatGLM-6B v1), the first
+prefix_lens[b] context tokens of sequence b are visible to all its queries as well.
 
 Grid: (query tile, sequence, kv head). A program takes BLOCK_Q consecutive queries of one
 sequence together with all G query heads of one KV head, as one [BLOCK_Q * G, D] matrix whose row
@@ -32,6 +33,7 @@ BLOCK_N = 64  # context tokens per tile
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, k_scale_ptr, v_scale_ptr,
+    prefix_lens_ptr,
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
@@ -42,6 +44,7 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
 ):  # fmt: skip
     q_tile = tl.program_id(0)
     b = tl.program_id(1)
@@ -70,6 +73,10 @@ def _prefill_kernel(
     # Keys that the tile's last query can see; key 0 is visible to every row, so the running max
     # is finite after the first tile and no row ever computes exp2(-inf - -inf).
     kv_end = tl.minimum(seq_len, first_pos + (q_tile + 1) * BLOCK_Q)
+    prefix_len = 0
+    if HAS_PREFIX:  # the bidirectional prefix is visible to every query
+        prefix_len = tl.load(prefix_lens_ptr + b)
+        kv_end = tl.minimum(seq_len, tl.maximum(kv_end, prefix_len))
 
     m_i = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q * BLOCK_G], tl.float32)
@@ -83,7 +90,8 @@ def _prefill_kernel(
         k = tl.load(k_cache_ptr + k_row[None, :] + d[:, None] * stride_kd,
                     mask=t_mask[None, :] & d_mask[:, None], other=0.0)  # [D, N]
         s = tl.dot(q, k.to(DOT_DTYPE), input_precision=DOT_PRECISION) * qk_scale  # [M, N]
-        visible = (tok[None, :] <= q_pos[:, None]) & t_mask[None, :]
+        visible = (tok[None, :] <= q_pos[:, None]) | (tok[None, :] < prefix_len)
+        visible = visible & t_mask[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -114,8 +122,10 @@ def paged_prefill_attention(
     max_query_len: int,  # host int: longest chunk in the batch (sizes the grid)
     k_scale: torch.Tensor | None = None,  # [] fp32, of an fp8 cache (None: 1)
     v_scale: torch.Tensor | None = None,
+    prefix_lens: torch.Tensor | None = None,  # [B] int32: context tokens every query sees
 ) -> torch.Tensor:  # [T, H, D]
-    """Causal attention of each sequence's new chunk over its whole paged context.
+    """Causal attention of each sequence's new chunk over its whole paged context (plus, with
+    prefix_lens, each sequence's bidirectional prefix).
 
     Tokens not covered by any sequence's chunk (batch padding past query_start_loc[-1]) are left
     unwritten in the output."""
@@ -140,6 +150,7 @@ def paged_prefill_attention(
     grid = (triton.cdiv(max_query_len, block_q), batch, num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, k_scale, v_scale,
+        prefix_lens if prefix_lens is not None else seq_lens,  # unread without a prefix
         scale * math.log2(math.e),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         block_tables.stride(0),
@@ -147,6 +158,7 @@ def paged_prefill_attention(
         HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)),
         PAGE_SIZE=block_size, BLOCK_N=BLOCK_N,
         DOT_DTYPE=dot_type, DOT_PRECISION=dot_precision(q.dtype), FP8=fp8,
+        HAS_PREFIX=prefix_lens is not None,
         num_warps=8 if block_q * block_g >= 128 else 4, num_stages=2,
     )  # fmt: skip
     return out

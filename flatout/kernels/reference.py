@@ -122,8 +122,12 @@ def causal_attention(
     k: torch.Tensor,  # [S, KVH, D]: the whole context
     v: torch.Tensor,
     scale: float,
+    prefix_len: int = 0,
 ) -> torch.Tensor:  # [N, H, D]
-    """Attention of one sequence's last N positions over its context, causally, in fp32."""
+    """Attention of one sequence's last N positions over its context, causally, in fp32.
+
+    The first `prefix_len` context tokens are visible to every query (prefix-LM: ChatGLM-6B's
+    prompt attends to itself bidirectionally)."""
     n, num_heads, _ = q.shape
     s, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads
@@ -132,7 +136,7 @@ def causal_attention(
     vh = v.transpose(0, 1).float().repeat_interleave(group, dim=0)
     q_pos = torch.arange(s - n, s, device=q.device)[:, None]
     k_pos = torch.arange(s, device=q.device)[None, :]
-    mask = k_pos <= q_pos  # [N, S]
+    mask = (k_pos <= q_pos) | (k_pos < prefix_len)  # [N, S]
     o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
     return o.transpose(0, 1).to(q.dtype)
 
@@ -143,17 +147,21 @@ def varlen_causal_attention(
     v: torch.Tensor,
     query_start_loc: list[int],  # [B+1] boundaries of the sequences in the batch
     scale: float,
+    prefix_lens: list[int] | None = None,  # [B] bidirectional prefix of each sequence
 ) -> torch.Tensor:  # [T, H, D]
-    """Each sequence of a flattened batch attends causally to its own tokens only (no cache)."""
+    """Each sequence of a flattened batch attends causally to its own tokens only (no cache),
+    and to all of its first prefix_lens[i] tokens."""
     out = torch.empty_like(q)
     for i in range(len(query_start_loc) - 1):
         s, e = query_start_loc[i], query_start_loc[i + 1]
-        out[s:e] = causal_attention(q[s:e], k[s:e], v[s:e], scale)
+        prefix = prefix_lens[i] if prefix_lens is not None else 0
+        out[s:e] = causal_attention(q[s:e], k[s:e], v[s:e], scale, prefix)
     return out
 
 
 def _context(
-    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, scale: torch.Tensor | None
+    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [S, KVH, D]
     """One sequence's first `seq_len` cached tokens, gathered through its block table (an fp8
     cache's dequantized to fp32)."""
@@ -173,18 +181,22 @@ def paged_prefill_attention(
     max_query_len: int,  # accepted for the kernel's signature
     k_scale: torch.Tensor | None = None,  # [] fp32, of an fp8 cache (None: 1)
     v_scale: torch.Tensor | None = None,
+    prefix_lens: torch.Tensor | None = None,  # [B]: context tokens every query sees
 ) -> torch.Tensor:  # [T, H, D]
     """Causal attention of each sequence's new chunk over its whole paged context: query j of a
-    chunk of n sits at position seq_len - n + j. Tokens past query_start_loc[-1] come out 0."""
+    chunk of n sits at position seq_len - n + j. With prefix_lens, the first prefix_lens[i]
+    tokens of sequence i are visible to all its queries (prefix-LM). Tokens past
+    query_start_loc[-1] come out 0."""
     out = torch.zeros_like(q)
     starts = query_start_loc.tolist()
+    prefixes = prefix_lens.tolist() if prefix_lens is not None else [0] * len(seq_lens)
     for i, seq_len in enumerate(seq_lens.tolist()):
         start, end = starts[i], starts[i + 1]
         if end == start:
             continue
         k = _context(k_cache, block_tables[i], seq_len, k_scale)
         v = _context(v_cache, block_tables[i], seq_len, v_scale)
-        out[start:end] = causal_attention(q[start:end], k, v, scale)
+        out[start:end] = causal_attention(q[start:end], k, v, scale, prefixes[i])
     return out
 
 

@@ -2,7 +2,8 @@
 
 One forward handles prefill chunks and decodes together: the batch is the concatenation of each
 sequence's new tokens (`query_start_loc` marks the boundaries), and every sequence attends to its
-cached prefix (read through its block table) plus its own new tokens, causally.
+cached prefix (read through its block table) plus its own new tokens, causally; a prefix-LM
+sequence also sees all of its first `prefix_lens` tokens (its prompt, bidirectionally).
 
 The per-forward metadata lives in an `AttentionMetadata` object that the model runner installs for
 the duration of one forward with `forward_context(meta)`; attention layers read it with
@@ -39,6 +40,10 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     max_query_len: int
     max_seq_len: int
+    # prefix-LM models (ChatGLM-6B v1): per sequence, the leading context tokens every query
+    # sees (its bidirectional prompt part; 0: causal); None: every sequence is causal
+    prefix_lens: torch.Tensor | None = None  # [B] int32
+    prefix_lens_cpu: list[int] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -46,7 +51,8 @@ class AttentionMetadata:
 
     @classmethod
     def for_prefill_without_cache(
-        cls, seq_lens: list[int], device: torch.device | str = "cpu"
+        cls, seq_lens: list[int], device: torch.device | str = "cpu",
+        prefix_lens: list[int] | None = None,
     ) -> AttentionMetadata:
         """Metadata for whole prompts attending only to themselves (no KV cache bound).
 
@@ -63,6 +69,9 @@ class AttentionMetadata:
             seq_lens_cpu=list(seq_lens),
             max_query_len=max(seq_lens, default=0),
             max_seq_len=max(seq_lens, default=0),
+            prefix_lens=(None if prefix_lens is None
+                         else torch.tensor(prefix_lens, dtype=torch.int32, device=device)),
+            prefix_lens_cpu=None if prefix_lens is None else list(prefix_lens),
         )
 
 
@@ -126,7 +135,8 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.k_cache is None or self.v_cache is None:
-            out = reference.varlen_causal_attention(q, k, v, meta.query_start_loc_cpu, self.scale)
+            out = reference.varlen_causal_attention(q, k, v, meta.query_start_loc_cpu, self.scale,
+                                                    meta.prefix_lens_cpu)
             return out.view(t, -1)
         return self._paged(q, k, v, meta, self.k_cache, self.v_cache).view(t, -1)
 
@@ -138,11 +148,12 @@ class Attention(nn.Module):
         device tensors of `meta` on CUDA, so decode steps can be captured in CUDA graphs."""
         ks, vs = self.k_scale, self.v_scale
         self.ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, ks, vs)
+        # a lone query sits at its context's end and sees all of it: no prefix to apply
         if meta.max_query_len == 1:  # q: [B, H, D], one query per sequence
             return self.ops.paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale, ks, vs
             )
         return self.ops.paged_prefill_attention(
             q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-            self.scale, meta.max_query_len, ks, vs,
+            self.scale, meta.max_query_len, ks, vs, meta.prefix_lens,
         )  # fmt: skip

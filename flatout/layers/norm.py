@@ -1,8 +1,10 @@
-"""RMSNorm, with an optional fused residual add (and all-reduce, for a pending reduce)."""
+"""RMSNorm, with an optional fused residual add (and all-reduce, for a pending reduce), and
+LayerNorm with a bias (ChatGLM-6B v1)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flatout.distributed import PendingReduce
@@ -39,6 +41,27 @@ class RMSNorm(nn.Module):
                 return x.symmetric.add_rms_norm(residual, self.weight, self.eps)
             x = x.finish()
         return self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class LayerNorm(nn.Module):
+    """y = w * (x - mean) / sqrt(var + eps) + b over the last dim (ChatGLM-6B v1), computed in
+    float32 and rounded once to the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(hidden_size), requires_grad=False)
+        set_weight_loader(self.weight, default_weight_loader)
+        set_weight_loader(self.bias, default_weight_loader)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., hidden]
+        y = F.layer_norm(x.float(), self.weight.shape, self.weight.float(), self.bias.float(),
+                         self.eps)
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -5,6 +5,8 @@ Layouts handled:
   partial_rotary_factor, scaling keys...}
 - transformers 4: top-level `rope_theta`, `partial_rotary_factor`, and `rope_scaling`
   {type | rope_type, scaling keys...}
+- ChatGLM-6B v1 (`position_encoding_2d`): num_layers, inner_hidden_size, max_sequence_length,
+  bos (<sop>) / mask / gmask token ids; LayerNorm, GELU, 2-D rotary, prefix-LM attention.
 - remote-code ChatGLM (`model_type: chatglm`): num_layers, ffn_hidden_size, kv_channels,
   multi_query_group_num, padded_vocab_size, seq_length, layernorm_epsilon, rope_ratio
   (base 10000 * rope_ratio), rotary on half of each head.
@@ -15,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from flatout.config import VisionConfig
+from flatout.config import EvaVisionConfig, VisionConfig
 from flatout.layers.rotary import check_rope_scaling
 
 GLM_ARCHITECTURES = ("GlmForCausalLM", "Glm4ForCausalLM")
@@ -87,7 +89,7 @@ def parse_hf_config(raw: dict[str, Any]) -> ParsedConfig:
         raw = {**raw["text_config"], **top, "eos_token_id": _glm4v_eos(raw)}
     else:
         fields, max_pos = _hf_fields(arch, raw)
-    if raw.get("hidden_act", "silu") != "silu":
+    if fields.get("hidden_act", "silu") == "silu" and raw.get("hidden_act", "silu") != "silu":
         raise _unsupported(arch, f"hidden_act {raw['hidden_act']!r} (only silu)")
     if fields["num_attention_heads"] % fields["num_key_value_heads"]:
         raise ValueError(
@@ -99,7 +101,7 @@ def parse_hf_config(raw: dict[str, Any]) -> ParsedConfig:
         eos_token_ids=tuple(eos_list(raw.get("eos_token_id"))),
         bos_token_id=raw.get("bos_token_id"),
         pad_token_id=raw.get("pad_token_id"),
-        hidden_act="silu",
+        hidden_act=fields.get("hidden_act", "silu"),
     )
     dtype = raw.get("dtype") or raw.get("torch_dtype")
     return ParsedConfig(fields, int(max_pos), str(dtype) if dtype else None)
@@ -169,7 +171,7 @@ def _hf_fields(arch: str, raw: dict[str, Any]) -> tuple[dict[str, Any], int]:
 
 def _chatglm_fields(arch: str, raw: dict[str, Any]) -> tuple[dict[str, Any], int]:
     if raw.get("position_encoding_2d") or "inner_hidden_size" in raw:
-        raise _unsupported(arch, "ChatGLM-6B v1 (2-D positions, GELU, LayerNorm)")
+        return _chatglm_v1_fields(arch, raw)
     for key, bad, what in [
         ("rmsnorm", False, "LayerNorm (rmsnorm: false)"),
         ("post_layer_norm", False, "no final norm (post_layer_norm: false)"),
@@ -182,7 +184,7 @@ def _chatglm_fields(arch: str, raw: dict[str, Any]) -> tuple[dict[str, Any], int
     heads = int(_require(raw, "num_attention_heads"))
     head_dim = int(raw.get("kv_channels") or hidden // heads)
     kv_heads = int(raw["multi_query_group_num"]) if raw.get("multi_query_attention") else heads
-    fields = dict(
+    fields: dict[str, Any] = dict(
         vocab_size=int(raw.get("padded_vocab_size") or _require(raw, "vocab_size")),
         hidden_size=hidden,
         num_hidden_layers=int(_require(raw, "num_layers")),
@@ -202,7 +204,81 @@ def _chatglm_fields(arch: str, raw: dict[str, Any]) -> tuple[dict[str, Any], int
         sandwich_norm=False,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
     )
+    vis = raw.get("vision_config")
+    if vis is not None:  # GLM-4V-9B: the glm-4-9b-chat text stack plus an EVA2-CLIP tower
+        fields["eva_vision"] = _eva_vision(arch, raw, vis, fields)
     return fields, int(_require(raw, "seq_length"))
+
+
+def _eva_vision(arch: str, raw: dict[str, Any], vis: Any, text: dict[str, Any]) -> EvaVisionConfig:
+    if not isinstance(vis, dict):
+        raise ValueError(f"{arch}: vision_config must be an object")
+    if vis.get("hidden_act", "gelu") != "gelu":
+        raise _unsupported(arch, f"vision hidden_act {vis['hidden_act']!r} (only gelu)")
+    eva = EvaVisionConfig(
+        depth=int(_require(vis, "num_hidden_layers")),
+        hidden_size=int(_require(vis, "hidden_size")),
+        num_heads=int(_require(vis, "num_heads")),
+        intermediate_size=int(_require(vis, "intermediate_size")),
+        out_hidden_size=text["hidden_size"],
+        glu_intermediate_size=text["intermediate_size"],
+        image_size=int(vis.get("image_size", 1120)),
+        patch_size=int(vis.get("patch_size", 14)),
+        in_channels=int(vis.get("in_channels", 3)),
+        layer_norm_eps=float(vis.get("layer_norm_eps", 1e-6)),
+        scaling_factor=float(vis.get("scaling_factor", 8.0)),
+        boi_token_id=int(raw.get("boi_token_id", 151339)),
+        eoi_token_id=int(raw.get("eoi_token_id", 151340)),
+    )
+    if eva.grid % 2 or eva.hidden_size % eva.num_heads:
+        raise ValueError(f"{arch}: vision grid {eva.grid} must be even and hidden_size "
+                         f"{eva.hidden_size} a multiple of num_heads {eva.num_heads}")
+    positions = vis.get("num_positions")
+    if positions is not None and int(positions) != eva.grid**2 + 1:
+        raise ValueError(f"{arch}: vision num_positions {positions} != (image_size / patch_size)"
+                         f"^2 + 1 = {eva.grid**2 + 1}")
+    return eva
+
+
+def _chatglm_v1_fields(arch: str, raw: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """ChatGLM-6B v1 (THUDM/chatglm-6b): GLM-130B-style blocks, 2-D rotary, prefix-LM."""
+    if not raw.get("position_encoding_2d", False):
+        raise _unsupported(arch, "ChatGLM-6B v1 without position_encoding_2d")
+    hidden = int(_require(raw, "hidden_size"))
+    heads = int(_require(raw, "num_attention_heads"))
+    if hidden % (2 * heads):
+        raise ValueError(f"hidden_size {hidden} is not a multiple of 2 x {heads} heads")
+    head_dim = hidden // heads
+    if head_dim % 4:
+        raise ValueError(f"head_dim {head_dim} must split into two even rotary halves")
+    if raw.get("pre_seq_len"):
+        raise _unsupported(arch, f"P-tuning prefixes (pre_seq_len {raw['pre_seq_len']})")
+    if raw.get("quantization_bit"):
+        raise _unsupported(arch, f"quantization_bit {raw['quantization_bit']} checkpoints")
+    _require(raw, "bos_token_id")  # <sop>: where the bidirectional prompt ends
+    gmask, mask = int(raw.get("gmask_token_id", 130001)), int(raw.get("mask_token_id", 130000))
+    fields = dict(
+        vocab_size=int(_require(raw, "vocab_size")),
+        hidden_size=hidden,
+        num_hidden_layers=int(_require(raw, "num_layers")),
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=head_dim,
+        intermediate_size=int(raw.get("inner_hidden_size") or 4 * hidden),
+        rms_norm_eps=float(raw.get("layernorm_epsilon", 1e-5)),  # LayerNorm's eps here
+        rope_theta=10000.0,  # hard-coded in the checkpoint's code
+        rotary_dim=head_dim // 2,  # each half of a head is rotated by one of the 2-D positions
+        rope_interleaved=False,  # NeoX halves within each half of the head
+        rope_scaling=None,
+        attention_bias=True,
+        o_proj_bias=True,
+        tie_word_embeddings=False,
+        hidden_act="gelu_tanh",
+        position_encoding_2d=True,
+        prefix_lm=True,
+        mask_token_ids=(gmask, mask),
+    )
+    return fields, int(raw.get("max_sequence_length") or 2048)
 
 
 def _glm4v_eos(raw: dict[str, Any]) -> Any:

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from torch import nn
 
 from flatout.layers.linear import ShardId, get_shard_ids, get_weight_loader
-from flatout.layers.norm import RMSNorm
+from flatout.layers.norm import LayerNorm, RMSNorm
 from flatout.models.kv_scales import kv_scale_targets, load_kv_scale
 from flatout.models.weight_names import Target, WeightNameMap
 
@@ -144,13 +144,15 @@ def load_safetensors_weights(
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     """Random weights at the real shapes without reading files (benchmarks, profiling).
 
-    Norm weights are 1 and everything else is uniform in +-1e-3: activations stay small and
-    finite in every dtype, so timings are those of real data paths."""
-    norm_weights = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    Norm weights are 1 (LayerNorm biases 0) and everything else is uniform in +-1e-3:
+    activations stay small and finite in every dtype, so timings are those of real data paths."""
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm | LayerNorm)]
+    norm_weights = {id(m.weight) for m in norms}
+    norm_biases = {id(m.bias) for m in norms if isinstance(m, LayerNorm)}
     generators: dict[torch.device, torch.Generator] = {}
     for param in model.parameters():
-        if id(param) in norm_weights:
-            param.fill_(1.0)
+        if id(param) in norm_weights or id(param) in norm_biases:
+            param.fill_(1.0 if id(param) in norm_weights else 0.0)
             continue
         gen = generators.get(param.device)
         if gen is None:

@@ -11,8 +11,10 @@ from typing import Any
 import torch
 
 from flatout.config import EngineArgs, ModelConfig, normalize_kv_cache_dtype
+from flatout.models.chatglm_v1 import ChatGLMv1ForCausalLM
 from flatout.models.decoder import CausalLM
 from flatout.models.glm4v import Glm4vForConditionalGeneration
+from flatout.models.glm4v_9b import ChatGLM4VForCausalLM
 from flatout.models.hf_config import (
     CHATGLM_ARCHITECTURES,
     VISION_ARCHITECTURES,
@@ -22,7 +24,9 @@ from flatout.models.hf_config import (
 from flatout.models.loader import init_dummy_weights, load_safetensors_weights
 from flatout.models.presets import PRESETS
 from flatout.models.weight_names import (
+    CHATGLM_V1_WEIGHT_NAMES,
     CHATGLM_WEIGHT_NAMES,
+    GLM4V_9B_WEIGHT_NAMES,
     GLM4V_WEIGHT_NAMES,
     HF_WEIGHT_NAMES,
     WeightNameMap,
@@ -37,7 +41,13 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 _GREEDY_IGNORED = ("temperature", "top_p", "top_k", "min_p")
 
 
-def weight_names_for(architecture: str) -> WeightNameMap:
+def weight_names_for(
+    architecture: str, position_encoding_2d: bool = False, eva_vision: bool = False
+) -> WeightNameMap:
+    if position_encoding_2d:  # ChatGLM-6B v1: the model's names are the checkpoint's
+        return CHATGLM_V1_WEIGHT_NAMES
+    if eva_vision:  # GLM-4V-9B
+        return GLM4V_9B_WEIGHT_NAMES
     if architecture in VISION_ARCHITECTURES:
         return GLM4V_WEIGHT_NAMES
     return CHATGLM_WEIGHT_NAMES if architecture in CHATGLM_ARCHITECTURES else HF_WEIGHT_NAMES
@@ -171,13 +181,19 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def load_model(
-    cfg: ModelConfig, device: torch.device
-) -> CausalLM | Glm4vForConditionalGeneration:
+Model = (CausalLM | Glm4vForConditionalGeneration | ChatGLMv1ForCausalLM
+         | ChatGLM4VForCausalLM)
+
+
+def load_model(cfg: ModelConfig, device: torch.device) -> Model:
     """Build the model for `cfg` on `device` in cfg.dtype and fill its weights (eval mode)."""
-    model: CausalLM | Glm4vForConditionalGeneration
+    model: Model
     with _default_dtype(TORCH_DTYPES[cfg.dtype]), torch.device(device):
-        if cfg.architecture in VISION_ARCHITECTURES:
+        if cfg.position_encoding_2d:
+            model = ChatGLMv1ForCausalLM(cfg)
+        elif cfg.eva_vision is not None:
+            model = ChatGLM4VForCausalLM(cfg)
+        elif cfg.architecture in VISION_ARCHITECTURES:
             model = Glm4vForConditionalGeneration(cfg)
         else:
             model = CausalLM(cfg)
@@ -185,7 +201,10 @@ def load_model(
         init_dummy_weights(model)
     else:
         load_safetensors_weights(
-            model, cfg.model, weight_names_for(cfg.architecture), cfg.tie_word_embeddings
+            model, cfg.model,
+            weight_names_for(cfg.architecture, cfg.position_encoding_2d,
+                             cfg.eva_vision is not None),
+            cfg.tie_word_embeddings,
         )
     model.eval()
     return model
@@ -203,7 +222,8 @@ def model_info_lines(cfg: ModelConfig, kv_cache_dtype: str = "auto") -> list[str
         f"{cfg.num_attention_heads} (kv {cfg.num_key_value_heads}, head_dim {cfg.head_dim}), "
         f"intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size}",
         f"parameters: {cfg.num_params / 1e9:.2f} B ({cfg.num_params:,})"
-        + (f", vision tower {cfg.vision.num_params / 1e9:.2f} B" if cfg.vision else ""),
+        + (f", vision tower {cfg.vision.num_params / 1e9:.2f} B" if cfg.vision else "")
+        + (f", vision tower {cfg.eva_vision.num_params / 1e9:.2f} B" if cfg.eva_vision else ""),
         f"weights: {cfg.weight_bytes / 1e9:.2f} GB in {cfg.dtype}",
         f"KV cache: {kv / 1024:.1f} KiB per token in {kv_dtype}, "
         f"{kv * cfg.max_model_len / 2**30:.2f} GiB "

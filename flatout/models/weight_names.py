@@ -35,6 +35,7 @@ def _module_pattern(path: str) -> str:
 
 class WeightNameMap:
     def __init__(self, rules: list[WeightRule], droppable: list[str]) -> None:
+        self.rules = list(rules)
         self._rules = [
             (re.compile(rf"^{_module_pattern(r.checkpoint)}\.(weight|bias)$"), r) for r in rules
         ]
@@ -91,6 +92,19 @@ CHATGLM_WEIGHT_NAMES = WeightNameMap(
     droppable=["transformer.rotary_pos_emb.inv_freq"],
 )
 
+_G = "transformer.vision.linear_proj"
+
+# GLM-4V-9B: ChatGLM's text names; the tower's `transformer.vision.*` are our names, except the
+# adapter's gate_proj / dense_h_to_4h, which fill the two halves of its fused gate_up_proj.
+GLM4V_9B_WEIGHT_NAMES = WeightNameMap(
+    rules=[
+        *CHATGLM_WEIGHT_NAMES.rules,
+        WeightRule(f"{_G}.gate_proj", f"{_G}.gate_up_proj", 0),
+        WeightRule(f"{_G}.dense_h_to_4h", f"{_G}.gate_up_proj", 1),
+    ],
+    droppable=["transformer.rotary_pos_emb.inv_freq"],
+)
+
 _V = "model.language_model.layers.*"
 
 # GLM-4.1V as shipped: model.visual.* and lm_head.* carry our names; the text decoder sits under
@@ -102,4 +116,11 @@ GLM4V_WEIGHT_NAMES = WeightNameMap(
         WeightRule(f"{_V}.self_attn.v_proj", f"{_V}.self_attn.qkv_proj", "v"),
     ],
     droppable=[],
+)
+
+# ChatGLM-6B v1 as shipped: the model's parameters carry the checkpoint's names
+# (`transformer.layers.N.attention.query_key_value`, ...); only the rotary buffers are dropped.
+CHATGLM_V1_WEIGHT_NAMES = WeightNameMap(
+    rules=[],
+    droppable=["transformer.layers.*.attention.rotary_emb.inv_freq"],
 )

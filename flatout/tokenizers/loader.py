@@ -8,7 +8,7 @@ Formats, in the order they are looked for:
 - `tokenizer.model` in tiktoken format (glm-4-9b-chat remote code): a byte-level BPE built here.
 - `tokenizer.model` in SentencePiece format (chatglm2-6b, chatglm3-6b):
   `ChatGLMSentencePieceTokenizer`.
-- `ice_text.model` (chatglm-6b v1): rejected, not supported yet.
+- `ice_text.model` (chatglm-6b v1): `ChatGLMv1Tokenizer` (its text normalisation included).
 Python files shipped with a checkpoint are never imported or executed (`trust_remote_code` is off).
 """
 
@@ -26,9 +26,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
 from flatout.tokenizers.chatglm_sp import CHATGLM3_ROLE_TOKENS, ChatGLMSentencePieceTokenizer
+from flatout.tokenizers.chatglm_v1 import ChatGLMv1Tokenizer
 from flatout.tokenizers.templates import (
     CHATGLM2_CHAT_TEMPLATE,
     CHATGLM3_CHAT_TEMPLATE,
+    CHATGLM_V1_CHAT_TEMPLATE,
     GLM4_CHAT_TEMPLATE,
 )
 from flatout.tokenizers.tiktoken_bpe import (
@@ -196,13 +198,27 @@ def _load_chatglm_sentencepiece(
     )
 
 
+def _load_chatglm_v1(folder: Path, tokenizer_config: dict[str, Any]) -> PreTrainedTokenizerBase:
+    for key in ("do_lower_case", "remove_space"):
+        if tokenizer_config.get(key):
+            raise ValueError(f"{folder}: tokenizer_config {key}: true is not supported")
+    return ChatGLMv1Tokenizer(
+        str(folder / "ice_text.model"),
+        # the original class's default when the config does not say (chatglm-6b's says 0)
+        num_image_tokens=int(tokenizer_config.get("num_image_tokens", 20000)),
+        name_or_path=str(folder),
+        chat_template=_checkpoint_chat_template(folder, tokenizer_config)
+        or CHATGLM_V1_CHAT_TEMPLATE,
+    )
+
+
 def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
     """Load a checkpoint folder's tokenizer, whatever format it ships, without running its code.
 
     Returns a transformers tokenizer (encode, decode, convert_ids_to_tokens, all_special_ids,
     eos_token_id, apply_chat_template). GLM checkpoints that ship no chat template get a
-    built-in one. Raises FileNotFoundError when the folder holds no tokenizer, NotImplementedError
-    for chatglm-6b (v1), ValueError for malformed files.
+    built-in one. Raises FileNotFoundError when the folder holds no tokenizer, ValueError for
+    malformed files.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -218,9 +234,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
             return _load_glm4_tiktoken(folder, tokenizer_config)
         return _load_chatglm_sentencepiece(folder, tokenizer_config)
     if (folder / "ice_text.model").is_file():
-        raise NotImplementedError(
-            f"{folder}: ChatGLM-6B (v1) tokenizers (ice_text.model) are not supported yet"
-        )
+        return _load_chatglm_v1(folder, tokenizer_config)
     if (folder / "vocab.json").is_file() and not _names_remote_code(tokenizer_config):
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     raise FileNotFoundError(

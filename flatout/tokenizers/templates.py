@@ -105,3 +105,30 @@ CHATGLM2_CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}"
 )
+
+# chatglm-6b (v1), as its chat(): a lone question is the prompt itself; with history each round
+# is `[Round i]\n问：{question}\n答：{answer}\n` (i from 0) and the last one ends at `答：`. The
+# prompt then ends with `[gMASK]<sop>`, which the model needs (its bidirectional context ends at
+# <sop>). The model has no system role.
+CHATGLM_V1_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message.role not in ('user', 'assistant') -%}"
+    "{{- raise_exception('chatglm-6b chat supports the roles user and assistant only') -}}"
+    "{%- elif (message.role == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{- raise_exception('chatglm-6b chat needs user and assistant turns in alternation, "
+    "starting with user') -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if messages | length == 1 -%}"
+    "{{- messages[0].content -}}"
+    "{%- else -%}"
+    "{%- for message in messages -%}"
+    "{%- if message.role == 'user' -%}"
+    "{{- '[Round ' + (loop.index0 // 2) | string + ']\\n问：' + message.content + '\\n答：' -}}"
+    "{%- else -%}"
+    "{{- message.content + '\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '[gMASK]<sop>' -}}"
+)

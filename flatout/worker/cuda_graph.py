@@ -46,6 +46,7 @@ class DecodeGraphs:
         max_blocks_per_seq: int,
         block_size: int,
         device: torch.device,
+        position_dims: int = 1,  # 2: positions are [B, 2] (ChatGLM-6B v1)
     ) -> None:
         self.max_seq_len = max_blocks_per_seq * block_size
         self.forward = forward
@@ -53,7 +54,8 @@ class DecodeGraphs:
         self.max_bs = self.sizes[-1]
         n, dev = self.max_bs, device
         self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
+        shape = (n,) if position_dims == 1 else (n, position_dims)
+        self.positions = torch.zeros(shape, dtype=torch.long, device=dev)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, device=dev)
@@ -102,7 +104,7 @@ class DecodeGraphs:
     def replay(
         self,
         input_ids: torch.Tensor,  # [B]
-        positions: torch.Tensor,  # [B]
+        positions: torch.Tensor,  # [B] or [B, position_dims]
         slot_mapping: torch.Tensor,  # [B]
         seq_lens: torch.Tensor,  # [B]
         block_tables: torch.Tensor,  # [B, W], W <= max_blocks_per_seq

@@ -8,7 +8,7 @@ decodes side by side, row i's tokens at [query_start_loc[i], query_start_loc[i +
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -51,13 +51,19 @@ class InputBatch:
     seq_lens: list[int]  # context length of each row after this step
     block_tables: list[int]  # [num rows * max_blocks], each table padded with block 0
     max_blocks: int
+    # prefix-LM rows: their bidirectional context length (0 for causal rows)
+    prefix_lens: list[int] = field(default_factory=list)
+    # 2: positions hold (position, block position) pairs per token (ChatGLM-6B v1)
+    position_dims: int = 1
 
     @classmethod
-    def build(cls, batch: SchedulerOutput, tables: list[list[int]], block_size: int
-              ) -> InputBatch:
-        """Flatten `batch`'s rows; `tables` is each row's block table (BlockTables.apply)."""
+    def build(cls, batch: SchedulerOutput, tables: list[list[int]], block_size: int,
+              position_dims: int = 1) -> InputBatch:
+        """Flatten `batch`'s rows; `tables` is each row's block table (BlockTables.apply).
+        position_dims 2: each token's 2-D position from its row's PrefixLayout."""
         bs = block_size
-        flat = cls([], [], [], [], [], [], [0], [], [], max(len(t) for t in tables))
+        flat = cls([], [], [], [], [], [], [0], [], [], max(len(t) for t in tables),
+                   position_dims=position_dims)
         for s, table in zip(batch.seqs, tables, strict=True):
             start, end = s.start, s.end
             flat.input_ids.extend(s.token_ids)
@@ -65,7 +71,13 @@ class InputBatch:
                 flat.pending_at.append(len(flat.input_ids))
                 flat.pending_rows.append(s.pending_row)
                 flat.input_ids.append(0)
-            flat.positions.extend(range(start, end))
+            if position_dims == 2:
+                if s.prefix is None:
+                    raise ValueError(f"sequence {s.seq_id}: 2-D positions need its PrefixLayout")
+                flat.positions.extend(s.prefix.positions(start, end))
+            else:
+                flat.positions.extend(range(start, end))
+            flat.prefix_lens.append(s.prefix.context_len if s.prefix is not None else 0)
             flat.slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             flat.query_start_loc.append(flat.query_start_loc[-1] + s.num_tokens)
             flat.seq_lens.append(end)
@@ -86,13 +98,16 @@ class InputBatch:
 
     def to_device(self, device: torch.device) -> DeviceInputs:
         """Every index tensor of the step in one host-to-device copy."""
-        ids, pos, slots, rows, pend_at, pend_rows, qsl, lens, tables = upload(
+        ids, pos, slots, rows, pend_at, pend_rows, qsl, lens, tables, prefix = upload(
             device, self.input_ids, self.positions, self.slot_mapping, self.logits_rows,
             self.pending_at, self.pending_rows, self.query_start_loc, self.seq_lens,
-            self.block_tables,
+            self.block_tables, self.prefix_lens if any(self.prefix_lens) else [],
         )
+        if self.position_dims > 1:
+            pos = pos.view(-1, self.position_dims)
         return DeviceInputs(ids, pos, slots, rows, pend_at, pend_rows, qsl, lens,
-                            tables.view(self.num_rows, self.max_blocks))
+                            tables.view(self.num_rows, self.max_blocks),
+                            prefix if any(self.prefix_lens) else None)
 
 
 @dataclass
@@ -100,7 +115,7 @@ class DeviceInputs:
     """`InputBatch` as int64 tensors on the device."""
 
     input_ids: torch.Tensor
-    positions: torch.Tensor
+    positions: torch.Tensor  # [T], or [T, 2] for 2-D positions
     slot_mapping: torch.Tensor
     logits_rows: torch.Tensor
     pending_at: torch.Tensor
@@ -108,6 +123,7 @@ class DeviceInputs:
     query_start_loc: torch.Tensor
     seq_lens: torch.Tensor
     block_tables: torch.Tensor  # [num rows, max_blocks]
+    prefix_lens: torch.Tensor | None = None  # [num rows]; None: no row has a prefix
 
 
 def upload(device: torch.device, *lists: list[int]) -> list[torch.Tensor]:

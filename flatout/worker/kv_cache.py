@@ -23,10 +23,13 @@ from flatout.layers.attention import Attention, AttentionMetadata, forward_conte
 if TYPE_CHECKING:
     from typing import TypeAlias
 
+    from flatout.models.chatglm_v1 import ChatGLMv1ForCausalLM
     from flatout.models.decoder import CausalLM
     from flatout.models.glm4v import Glm4vForConditionalGeneration
+    from flatout.models.glm4v_9b import ChatGLM4VForCausalLM
 
-    Model: TypeAlias = CausalLM | Glm4vForConditionalGeneration
+    Model: TypeAlias = (CausalLM | Glm4vForConditionalGeneration | ChatGLMv1ForCausalLM
+                        | ChatGLM4VForCausalLM)
 
 CPU_DEFAULT_KV_CACHE_MEMORY = 1 << 30
 # the Triton kernels convert float8_e4m3fn in registers: NVIDIA GPUs from Ada/Hopper (sm_89) on
@@ -119,6 +122,9 @@ def profile_peak_memory(model: Model, num_tokens: int, num_seqs: int,
     lens[-1] += num_tokens - sum(lens)
     ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
     pos = torch.cat([torch.arange(n, device=device) for n in lens])
+    dims = getattr(model, "position_dims", 1)
+    if dims > 1:  # [T, dims]: the same position on every axis
+        pos = pos[:, None].expand(-1, dims).contiguous()
     with forward_context(AttentionMetadata.for_prefill_without_cache(lens, device)):
         hidden = model(ids, pos)
     ends = torch.tensor(lens, device=device).cumsum(0) - 1

@@ -88,6 +88,8 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.tp_rank, self.tp_size = distributed.get_tp_rank(), distributed.get_tp_size()
         self.model = load_model(config, device)
+        # 2: the model takes [T, 2] positions (ChatGLM-6B v1's position and block position)
+        self.position_dims: int = getattr(self.model, "position_dims", 1)
         self.memory = MemoryUse()
         if (self.tp_size > 1 and device.type == "cuda"
                 and not engine.parallel.disable_custom_all_reduce and self.model.fuses_reduce):
@@ -138,6 +140,7 @@ class ModelRunner:
                 max_blocks_per_seq=-(-config.max_model_len // self.block_size),
                 block_size=self.block_size,
                 device=self.device,
+                position_dims=self.position_dims,
             )
             before = torch.cuda.memory_reserved(device)
             self.graphs.capture()
@@ -231,7 +234,8 @@ class ModelRunner:
         The same calls in the same order on every rank: the layers' collectives pair up."""
         for sid in batch.finished_seq_ids:
             self.generators.pop(sid, None)
-        flat = InputBatch.build(batch, self.block_tables.apply(batch), self.block_size)
+        flat = InputBatch.build(batch, self.block_tables.apply(batch), self.block_size,
+                                self.position_dims)
         t = flat.to_device(self.device)
         if flat.pending_at:  # the tokens sampled last step, read on the device (rank 0 has them)
             prev = self._prev_tokens
@@ -255,6 +259,8 @@ class ModelRunner:
                 seq_lens_cpu=flat.seq_lens,
                 max_query_len=max_query_len,
                 max_seq_len=max(flat.seq_lens),
+                prefix_lens=None if t.prefix_lens is None else t.prefix_lens.to(torch.int32),
+                prefix_lens_cpu=flat.prefix_lens if t.prefix_lens is not None else None,
             )
             with forward_context(meta):
                 hidden = self.model(t.input_ids, t.positions)

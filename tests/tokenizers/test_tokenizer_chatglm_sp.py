@@ -126,14 +126,6 @@ def test_chatglm2_round_template(tmp_path: Path, spm_model: Path) -> None:
         tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
 
 
-def test_chatglm_v1_is_rejected(tmp_path: Path) -> None:
-    folder = tmp_path / "chatglm-6b"
-    folder.mkdir()
-    (folder / "ice_text.model").write_bytes(b"\x0a\x00")
-    with pytest.raises(NotImplementedError, match="not supported yet"):
-        load_tokenizer(folder)
-
-
 def test_not_a_sentencepiece_model(tmp_path: Path) -> None:
     folder = tmp_path / "broken"
     folder.mkdir()

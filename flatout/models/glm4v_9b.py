@@ -1,0 +1,239 @@
+"""GLM-4V-9B (THUDM/glm-4v-9b: `ChatGLMModel` with a `vision_config`): the glm-4-9b-chat text
+stack of decoder.py plus an EVA2-CLIP tower.
+
+Tower (weights `transformer.vision.*`, as shipped): a fixed S x S image in P x P patches (a conv
+with kernel = stride = P) plus a CLS token, each with a learned position; `depth` post-norm blocks
+    x = x + LN1(Attn(x));  x = x + LN2(MLP(x))      (full attention, fused q|k|v with bias,
+                                                     GELU MLP with biases)
+then the adapter: CLS dropped, the (S/P)^2 patches as a grid through a 2x2 stride-2 conv to the
+text width, a GLU (linear_proj, LayerNorm, GELU, then dense_4h_to_h(silu(gate_proj) *
+dense_h_to_4h)), the learned boi and eoi vectors around the patches, all divided by
+scaling_factor: 2 + (S/2P)^2 embeddings per image (1602 at 1120 / 14).
+
+Prompt: the image span in ids is boi, one placeholder, eoi; the span is replaced by the image's
+embeddings. Positions (as the checkpoint's code assigns them): boi keeps its position p, every
+patch embedding takes p + 1, eoi p + 2 and the text after it continues from there, so a token at
+index t of the expanded sequence (after the image) sits at t - (embeddings - 3).
+
+Under tensor parallelism the tower's blocks and the adapter's gated MLP are split over the ranks
+like the text model (heads, MLP columns; a reduce after each), the rest is replicated: every rank
+ends with the whole image embedding on the device of its own text embedding, so it never moves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flatout.config import EvaVisionConfig, ModelConfig
+from flatout.distributed import PendingReduce
+from flatout.layers.activation import SiluAndMul
+from flatout.layers.embedding import ParallelLMHead
+from flatout.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from flatout.layers.norm import LayerNorm
+from flatout.models.decoder import DecoderModel, fuses_reduce
+
+
+def expand_image_prompt(
+    input_ids: Sequence[int], eva: EvaVisionConfig
+) -> tuple[list[int], list[int], int]:
+    """The prompt with each image span (boi, placeholder, eoi) widened to the image's embedding
+    slots, the positions the checkpoint's code gives them, and the position delta of what
+    follows (decode token at expanded index t sits at t + delta).
+
+    The slots keep boi / eoi at their ends and the placeholder's id in between."""
+    ids = list(input_ids)
+    n = eva.num_patch_embeds
+    out_ids: list[int] = []
+    positions: list[int] = []
+    i = pos = 0
+    while i < len(ids):
+        if ids[i] != eva.boi_token_id:
+            out_ids.append(ids[i])
+            positions.append(pos)
+            i, pos = i + 1, pos + 1
+            continue
+        if i + 2 >= len(ids) or ids[i + 2] != eva.eoi_token_id:
+            raise ValueError(f"image span at {i}: boi ({eva.boi_token_id}) must be followed by "
+                             f"one placeholder and eoi ({eva.eoi_token_id})")
+        out_ids += [ids[i]] + [ids[i + 1]] * n + [ids[i + 2]]
+        positions += [pos] + [pos + 1] * n + [pos + 2]
+        i, pos = i + 3, pos + 3
+    return out_ids, positions, pos - len(out_ids)
+
+
+class EvaPatchEmbedding(nn.Module):
+    def __init__(self, eva: EvaVisionConfig) -> None:
+        super().__init__()
+        h = eva.hidden_size
+        self.proj = nn.Conv2d(eva.in_channels, h, kernel_size=eva.patch_size,
+                              stride=eva.patch_size)
+        self.cls_embedding = nn.Parameter(torch.zeros(1, h), requires_grad=False)
+        self.position_embedding = nn.Embedding(eva.grid**2 + 1, h)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # [N, C, S, S] -> [N, 1 + G^2, h]
+        x = self.proj(images.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.cls_embedding.expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight
+
+
+def _reduced(out: torch.Tensor | PendingReduce) -> torch.Tensor:
+    assert isinstance(out, torch.Tensor), "row-parallel linears here reduce their own results"
+    return out
+
+
+class EvaAttention(nn.Module):
+    """Heads split over the tensor-parallel ranks, like the text model's."""
+
+    def __init__(self, eva: EvaVisionConfig) -> None:
+        super().__init__()
+        h, heads = eva.hidden_size, eva.num_heads
+        self.query_key_value = QKVParallelLinear(h, h // heads, heads, heads, bias=True)
+        self.dense = RowParallelLinear(h, h, bias=True)
+        self.num_heads = self.query_key_value.num_heads  # this rank's
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, L, h]
+        n, length, h = x.shape
+        qkv = self.query_key_value(x.reshape(n * length, h))  # q | k | v blocks of this rank
+        q, k, v = qkv.view(n, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # [N, H, L, D]: full attention per image
+        out = self.dense(out.transpose(1, 2).reshape(n * length, -1))
+        return _reduced(out).view(n, length, h)
+
+
+class EvaMLP(nn.Module):
+    def __init__(self, eva: EvaVisionConfig) -> None:
+        super().__init__()
+        self.fc1 = MergedColumnParallelLinear(eva.hidden_size, [eva.intermediate_size], bias=True)
+        self.fc2 = RowParallelLinear(eva.intermediate_size, eva.hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        out = self.fc2(F.gelu(self.fc1(x.reshape(-1, shape[-1]))))
+        return _reduced(out).view(shape)
+
+
+class EvaBlock(nn.Module):
+    """Post-norm: the norms apply to the branch outputs, before the residual add."""
+
+    def __init__(self, eva: EvaVisionConfig) -> None:
+        super().__init__()
+        self.input_layernorm = LayerNorm(eva.hidden_size, eva.layer_norm_eps)
+        self.attention = EvaAttention(eva)
+        self.mlp = EvaMLP(eva)
+        self.post_attention_layernorm = LayerNorm(eva.hidden_size, eva.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.input_layernorm(self.attention(x))
+        return x + self.post_attention_layernorm(self.mlp(x))
+
+
+class EvaTransformer(nn.Module):
+    def __init__(self, eva: EvaVisionConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EvaBlock(eva) for _ in range(eva.depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class EvaGLU(nn.Module):
+    """linear_proj (replicated), LayerNorm, GELU, then the gated MLP split over the ranks: the
+    checkpoint's gate_proj and dense_h_to_4h load as the halves of gate_up_proj."""
+
+    def __init__(self, eva: EvaVisionConfig) -> None:
+        super().__init__()
+        o, g = eva.out_hidden_size, eva.glu_intermediate_size
+        self.linear_proj = nn.Linear(o, o, bias=False)
+        self.norm1 = LayerNorm(o, 1e-5)  # torch's LayerNorm default in the checkpoint's code
+        self.gate_up_proj = MergedColumnParallelLinear(o, [g, g], bias=False)
+        self.dense_4h_to_h = RowParallelLinear(g, o, bias=False)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, L, o]
+        shape = x.shape
+        x = F.gelu(self.norm1(self.linear_proj(x))).reshape(-1, shape[-1])
+        return _reduced(self.dense_4h_to_h(self.act(self.gate_up_proj(x)))).view(shape)
+
+
+class EVA2CLIP(nn.Module):
+    def __init__(self, eva: EvaVisionConfig) -> None:
+        super().__init__()
+        self.eva = eva
+        o = eva.out_hidden_size
+        self.patch_embedding = EvaPatchEmbedding(eva)
+        self.transformer = EvaTransformer(eva)
+        self.conv = nn.Conv2d(eva.hidden_size, o, kernel_size=2, stride=2)
+        self.linear_proj = EvaGLU(eva)
+        self.boi = nn.Parameter(torch.zeros(1, 1, o), requires_grad=False)
+        self.eoi = nn.Parameter(torch.zeros(1, 1, o), requires_grad=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [N, C, S, S] (preprocessed) -> [N, 2 + (G/2)^2, out_hidden_size]."""
+        x = self.transformer(self.patch_embedding(images))[:, 1:]  # CLS dropped
+        n, _, h = x.shape
+        g = self.eva.grid
+        x = self.conv(x.reshape(n, g, g, h).permute(0, 3, 1, 2))  # [N, o, G/2, G/2]
+        x = self.linear_proj(x.flatten(2).transpose(1, 2))
+        x = torch.cat([self.boi.expand(n, 1, -1), x, self.eoi.expand(n, 1, -1)], dim=1)
+        return x / self.eva.scaling_factor
+
+
+class _VisionHolder(nn.Module):
+    """Gives the tower its checkpoint path, `transformer.vision`."""
+
+    def __init__(self, eva: EvaVisionConfig) -> None:
+        super().__init__()
+        self.vision = EVA2CLIP(eva)
+
+
+class ChatGLM4VForCausalLM(nn.Module):
+    """The CausalLM interface plus images.
+
+    encode_images(images [N, C, S, S]) -> [N, slots, hidden]; forward(input_ids [T], positions
+    [T], image_embeds [N, slots, hidden] or None) -> hidden [T, hidden], input_ids being the
+    expanded prompt of `expand_image_prompt` (each image's slots start at its boi)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.eva_vision is None:
+            raise ValueError(f"{cfg.model}: config has no vision_config")
+        self.config = cfg
+        self.eva = cfg.eva_vision
+        self.fuses_reduce = fuses_reduce(cfg)
+        self.model = DecoderModel(cfg, self.fuses_reduce)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+        self.transformer = _VisionHolder(cfg.eva_vision)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.transformer.vision(images)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if image_embeds is None:
+            return self.model(input_ids, positions)
+        embeds: torch.Tensor = self.model.embed_tokens(input_ids)  # [T, hidden]
+        starts = (input_ids == self.eva.boi_token_id).nonzero().flatten().tolist()
+        slots = image_embeds.shape[1]
+        if len(starts) != image_embeds.shape[0]:
+            raise ValueError(f"{image_embeds.shape[0]} images for {len(starts)} image spans")
+        embeds = embeds.clone()
+        for start, image in zip(starts, image_embeds, strict=True):
+            end = start + slots
+            if end > len(input_ids) or int(input_ids[end - 1]) != self.eva.eoi_token_id:
+                raise ValueError(f"image span at {start} is not {slots} slots wide "
+                                 f"(expand the prompt with expand_image_prompt)")
+            embeds[start:end] = image.to(embeds.dtype)
+        return self.model(input_ids, positions, inputs_embeds=embeds)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
