@@ -61,6 +61,19 @@ GEMV_WINS_UP_TO: dict[tuple[int, int], int] = {
     (4096, 13696): 64,
     (151552, 4096): 64,
 }
+# int8 weights (W8A16): tiles from benchmarks/results/int8_gemv_h200.md (rows 1 and 32)
+TUNED_INT8: dict[tuple[int, int, int], GemvConfig] = {
+    (4608, 4096, 16): GemvConfig(64, 512, 4, 3),
+    (4608, 4096, 32): GemvConfig(64, 512, 4, 3),
+    (4096, 4096, 16): GemvConfig(32, 256, 4, 4),
+    (4096, 4096, 32): GemvConfig(32, 512, 4, 3),
+    (27392, 4096, 16): GemvConfig(128, 256, 4, 3),
+    (27392, 4096, 32): GemvConfig(128, 256, 4, 3),
+    (4096, 13696, 16): GemvConfig(32, 512, 4, 4),
+    (4096, 13696, 32): GemvConfig(32, 512, 4, 4),
+    (151552, 4096, 16): GemvConfig(64, 256, 4, 4),
+    (151552, 4096, 32): GemvConfig(128, 256, 4, 3),
+}
 DEFAULT = GemvConfig(block_n=32, block_k=256, num_warps=4, num_stages=4)
 INTERPRET_CONFIG = GemvConfig(block_n=16, block_k=32, num_warps=1, num_stages=1)
 
@@ -107,10 +120,13 @@ def padded_rows(m: int) -> int:
     return max(16, next_pow2(m))
 
 
-def config_for(n: int, k: int, m: int) -> GemvConfig:
+def config_for(n: int, k: int, m: int, int8: bool = False) -> GemvConfig:
     if INTERPRET:
         return INTERPRET_CONFIG
-    return TUNED.get((n, k, padded_rows(m)), DEFAULT)
+    key = (n, k, padded_rows(m))
+    if int8 and key in TUNED_INT8:
+        return TUNED_INT8[key]
+    return TUNED.get(key, DEFAULT)
 
 
 def gemv(
@@ -134,7 +150,7 @@ def gemv(
     if weight.dtype != (x.dtype if scale is None else torch.int8):
         raise ValueError(f"gemv: a {weight.dtype} weight with {x.dtype} input needs "
                          "int8 weights with a scale, or weights of the input's dtype")
-    cfg = config or config_for(n, k, m)
+    cfg = config or config_for(n, k, m, int8=scale is not None)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
@@ -166,8 +182,10 @@ def linear_w8a16(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:  # x: [M, K], qweight: int8 [N, K], scale: fp32 [N]
     """(x @ qweight.T) * scale + bias: the GEMV reads int8 weights for up to MAX_ROWS rows;
-    more rows (prefill) dequantize to x's dtype and go through cuBLAS."""
+    more rows (prefill) convert the weight to x's dtype (exact for int8), multiply through
+    cuBLAS and scale the output channels (computed in fp32, in place)."""
     if x.dim() == 2 and x.shape[0] <= MAX_ROWS:
         return gemv(x, qweight, bias, scale=scale)
-    weight = (qweight.to(torch.float32) * scale[:, None]).to(x.dtype)
-    return torch.nn.functional.linear(x, weight, bias)
+    y = torch.nn.functional.linear(x, qweight.to(x.dtype))
+    y.mul_(scale)
+    return y if bias is None else y.add_(bias)

@@ -16,8 +16,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from flatout.layers.linear import ShardId, get_shard_ids, get_weight_loader
+from flatout.layers.embedding import ParallelLMHead
+from flatout.layers.linear import LinearBase, ShardId, get_shard_ids, get_weight_loader
 from flatout.layers.norm import RMSNorm
+from flatout.layers.quantization import is_filled_with_weight
 from flatout.models.weight_names import Target, WeightNameMap
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -89,6 +91,8 @@ def plan_weight_loading(
         filled[t.param].add(t.shard_id)
     missing = []
     for pname, param in params.items():
+        if is_filled_with_weight(param):
+            continue
         got = filled.get(pname, set())
         needed = set(get_shard_ids(param))
         if None not in got and not (needed and needed <= got):
@@ -138,11 +142,23 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     finite in every dtype, so timings are those of real data paths."""
     norm_weights = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
     generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(device: torch.device) -> torch.Generator:
+        gen = generators.get(device)
+        if gen is None:
+            gen = generators[device] = torch.Generator(device).manual_seed(seed)
+        return gen
+
+    filled: set[int] = set()
+    for module in model.modules():  # quantized layers: random values quantized as on load
+        if isinstance(module, LinearBase | ParallelLMHead) and module.weight_scale is not None:
+            module.fill_dummy(-DUMMY_WEIGHT_RANGE, DUMMY_WEIGHT_RANGE,
+                              generator(module.weight.device))
+            filled |= {id(module.weight), id(module.weight_scale)}
     for param in model.parameters():
+        if id(param) in filled:
+            continue
         if id(param) in norm_weights:
             param.fill_(1.0)
             continue
-        gen = generators.get(param.device)
-        if gen is None:
-            gen = generators[param.device] = torch.Generator(param.device).manual_seed(seed)
-        param.uniform_(-DUMMY_WEIGHT_RANGE, DUMMY_WEIGHT_RANGE, generator=gen)
+        param.uniform_(-DUMMY_WEIGHT_RANGE, DUMMY_WEIGHT_RANGE, generator=generator(param.device))

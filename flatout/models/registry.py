@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from flatout.config import EngineArgs, ModelConfig
+from flatout.config import QUANTIZATION_METHODS, EngineArgs, ModelConfig
+from flatout.layers.quantization import check_device
 from flatout.models.decoder import CausalLM
 from flatout.models.glm4v import Glm4vForConditionalGeneration
 from flatout.models.hf_config import (
@@ -57,6 +58,8 @@ def resolve_model(args: EngineArgs, device_type: str) -> ModelConfig:
         max_model_len=args.max_model_len,
         load_format=args.load_format,
         tokenizer=args.tokenizer,
+        quantization=args.quantization,
+        quantize_lm_head=args.quantize_lm_head,
     )
 
 
@@ -68,14 +71,18 @@ def resolve_model_config(
     max_model_len: int | None = None,
     load_format: str = "auto",
     tokenizer: str | None = None,
+    quantization: str | None = None,
+    quantize_lm_head: bool = False,
 ) -> ModelConfig:
     """Resolve a checkpoint folder or preset name into a ModelConfig.
 
     dtype "auto": float32 on CPU; on a GPU the checkpoint's bf16/fp16 dtype, else bfloat16 (fp16
     on GPUs without bf16). max_model_len defaults to the model's context length and may not
-    exceed it. Sampling defaults come from generation_config.json: temperature/top_p/top_k/min_p
-    only when it does not say do_sample: false (then they describe a sampler the authors switched
-    off), repetition_penalty always. EOS ids are config.json's followed by generation_config's.
+    exceed it. quantization (int8 | fp8) quantizes the decoder's linears on load (see
+    `resolve_quantization`). Sampling defaults come from generation_config.json:
+    temperature/top_p/top_k/min_p only when it does not say do_sample: false (then they describe
+    a sampler the authors switched off), repetition_penalty always. EOS ids are config.json's
+    followed by generation_config's.
     """
     folder = Path(model)
     if folder.is_dir():
@@ -108,6 +115,9 @@ def resolve_model_config(
         )
     elif max_model_len < 1:
         raise ValueError(f"max_model_len must be >= 1 (got {max_model_len})")
+    quantization = resolve_quantization(
+        quantization, quantize_lm_head, raw, bool(fields["tie_word_embeddings"])
+    )
     eos = list(fields.pop("eos_token_ids"))
     eos += [i for i in eos_list(generation.get("eos_token_id")) if i not in eos]
     return ModelConfig(
@@ -120,7 +130,36 @@ def resolve_model_config(
         tokenizer=tokenizer,
         load_format=load_format,
         hf_config=raw,
+        quantization=quantization,
+        quantize_lm_head=quantize_lm_head,
     )
+
+
+def resolve_quantization(
+    method: str | None, quantize_lm_head: bool, raw: dict[str, Any], tied_embeddings: bool
+) -> str | None:
+    """The weight quantization to serve with, checked before anything is loaded."""
+    if method is not None and method not in QUANTIZATION_METHODS:
+        raise ValueError(
+            f"quantization: unknown method {method!r} (choose from "
+            f"{', '.join(QUANTIZATION_METHODS)})"
+        )
+    qcfg = raw.get("quantization_config") or raw.get("compression_config")
+    if qcfg:
+        found = qcfg.get("quant_method") if isinstance(qcfg, dict) else qcfg
+        raise ValueError(
+            f"quantization_config: this checkpoint is already quantized (quant_method "
+            f"{found!r}), which flatout cannot load; serve its bf16/fp16 original with "
+            f"--quantization int8 or fp8"
+        )
+    if quantize_lm_head and method is None:
+        raise ValueError("quantize_lm_head: needs --quantization int8 or fp8")
+    if quantize_lm_head and tied_embeddings:
+        raise ValueError(
+            "quantize_lm_head: the LM head is tied to the embedding table here, which stays "
+            "in the model dtype; drop --quantize-lm-head"
+        )
+    return method
 
 
 def _read_json(path: Path, required: bool) -> dict[str, Any]:
@@ -176,6 +215,7 @@ def load_model(
 ) -> CausalLM | Glm4vForConditionalGeneration:
     """Build the model for `cfg` on `device` in cfg.dtype and fill its weights (eval mode)."""
     model: CausalLM | Glm4vForConditionalGeneration
+    check_device(cfg.quantization, device)
     with _default_dtype(TORCH_DTYPES[cfg.dtype]), torch.device(device):
         if cfg.architecture in VISION_ARCHITECTURES:
             model = Glm4vForConditionalGeneration(cfg)
@@ -202,7 +242,9 @@ def model_info_lines(cfg: ModelConfig) -> list[str]:
         f"intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size}",
         f"parameters: {cfg.num_params / 1e9:.2f} B ({cfg.num_params:,})"
         + (f", vision tower {cfg.vision.num_params / 1e9:.2f} B" if cfg.vision else ""),
-        f"weights: {cfg.weight_bytes / 1e9:.2f} GB in {cfg.dtype}",
+        f"weights: {cfg.weight_bytes / 1e9:.2f} GB in {cfg.dtype}"
+        + (f" (linears {cfg.quantization}" + (" incl. LM head" if cfg.quantize_lm_head else "")
+           + " + fp32 per-channel scales)" if cfg.quantization else ""),
         f"KV cache: {kv / 1024:.1f} KiB per token, {kv * cfg.max_model_len / 2**30:.2f} GiB "
         f"for one sequence of max_model_len {cfg.max_model_len}",
         f"eos token ids: {list(cfg.eos_token_ids)}",
