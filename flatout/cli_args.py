@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from flatout.config import add_engine_args, engine_args_from
+from flatout.config import ENGINE_HELP, QUANTIZATION_METHODS, add_engine_args, engine_args_from
 from flatout.server.defaults import DEFAULT_MAX_BODY_BYTES
 from flatout.server.reasoning import PARSER_NAMES
 from flatout.server.tool_parsers import PARSERS as TOOL_PARSERS
@@ -42,6 +42,15 @@ def add_info_args(p: argparse.ArgumentParser) -> None:
                    help="the device the dtype is resolved for (auto dtype: bf16 on cuda)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--load-format", default="auto")
+    add_quantization_args(p)
+
+
+def add_quantization_args(p: argparse.ArgumentParser) -> None:
+    """--quantization / --quantize-lm-head as serve has them (plan, info)."""
+    p.add_argument("--quantization", default=None, choices=list(QUANTIZATION_METHODS),
+                   help=ENGINE_HELP["quantization"])
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help=ENGINE_HELP["quantize_lm_head"])
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -93,6 +102,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--gpu-bandwidth", type=float, default=None, help="GB/s per GPU")
+    add_quantization_args(p)
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:

@@ -293,7 +293,7 @@ class EngineArgs:
 
 
 # -- the engine flags on the command line (flatout generate / serve, the TP worker) ------------
-_HELP = {
+ENGINE_HELP = {
     "model": "checkpoint folder, or a preset name with --load-format dummy (default: demo model)",
     "dtype": "auto, float32, bfloat16 or float16 (auto: bf16 on GPU, fp32 on CPU)",
     "kv_cache_memory": "bytes for the KV cache (CPU default 1 GiB; GPU: sized from free memory)",
@@ -312,6 +312,8 @@ _HELP = {
                                  "one-shot all-reduce + add + RMSNorm kernel over NVLink",
 }
 
+_CHOICES: dict[str, tuple[str, ...]] = {"quantization": QUANTIZATION_METHODS}
+
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """One flag per EngineArgs field, named as vLLM's (--max-num-seqs, ...)."""
@@ -324,10 +326,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=f.default,
-                help=_HELP.get(f.name),
+                help=ENGINE_HELP.get(f.name),
             )
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=_HELP.get(f.name))
+            parser.add_argument(flag, type=kind, default=f.default, help=ENGINE_HELP.get(f.name),
+                                choices=_CHOICES.get(f.name))
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:

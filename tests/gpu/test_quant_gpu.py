@@ -58,3 +58,25 @@ def test_quantized_linear_matches_reference(method: str, rows: int, n: int, k: i
         assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
         rel = ((got.float() - want).norm() / want.norm()).item()
         assert rel < 1e-2, rel
+
+
+@pytest.mark.parametrize("method", ["int8", "fp8"])
+def test_quantized_engine_same_tokens_with_and_without_cuda_graphs(tmp_path, method) -> None:
+    """Decode replayed from CUDA graphs runs the same quantized kernels as eager steps."""
+    if method == "fp8" and not supports_fp8(CUDA):
+        pytest.skip("no FP8 tensor cores")
+    from flatout import LLM, SamplingParams
+    from tests.helpers.tiny_checkpoints import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint("GlmForCausalLM", tmp_path / "glm")
+    prompts = [[5, 17, 42, 99, 7, 3], list(range(10, 90)), [200, 201]]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    outs = []
+    for eager in (True, False):
+        llm = LLM(str(path), quantization=method, enforce_eager=eager, max_model_len=256,
+                  num_kv_blocks=64)
+        try:
+            outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
+        finally:
+            llm.engine.core.shutdown()
+    assert outs[0] == outs[1]
