@@ -112,6 +112,7 @@ class LinearBase(nn.Module):
                 out_per_rank, in_per_rank
             )
             mark_filled_with_weight(self.weight_scale)
+            set_weight_loader(self.weight_scale, self.scale_loader)
             self.quantized_linear = self.weight_format.kernel(self.ops)
         set_weight_loader(self.weight, self.weight_loader)
         if bias:
@@ -125,6 +126,27 @@ class LinearBase(nn.Module):
     ) -> None:
         raise NotImplementedError
 
+    def scale_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId | None = None
+    ) -> None:
+        """A pre-quantized checkpoint's scales of the weight (or of one shard id's part):
+        per output channel ([N] or [N, 1]) or one for the tensor; a column-parallel layer keeps
+        its rows' scales, a row-parallel one all of them (scales span the whole row)."""
+        raise NotImplementedError
+
+    def _fill_scale_rows(self, loaded: torch.Tensor, full_rows: int, start: int, rows: int,
+                         offset: int) -> None:
+        # rows [start, start + rows) of a `full_rows`-row checkpoint tensor's scales, at `offset`
+        assert self.weight_scale is not None
+        flat = loaded.float().reshape(-1)
+        dst = self.weight_scale.data.narrow(0, offset, rows)
+        if flat.numel() == 1:
+            dst.fill_(flat[0])
+        elif flat.numel() == full_rows:
+            dst.copy_(flat.narrow(0, start, rows))
+        else:
+            raise ValueError(f"expected 1 or {full_rows} scales, got {tuple(loaded.shape)}")
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x @ W.T + bias through the kernel of the weight's format."""
         if self.weight_scale is None:
@@ -137,7 +159,12 @@ class LinearBase(nn.Module):
         (s = tp_size for a row-parallel layer, else 1). A quantized format scales each row by
         its whole width, before the columns are split."""
         rows, cols = loaded.shape[0], self.weight.shape[1]
-        if self.weight_format is None or self.weight_scale is None:
+        if self.weight_format is None or self.weight_scale is None or loaded.element_size() == 1:
+            # full precision, or already quantized (a pre-quantized checkpoint: the scales come
+            # through scale_loader)
+            if loaded.dtype != self.weight.dtype and loaded.element_size() == 1:
+                raise ValueError(f"the checkpoint's weight is {loaded.dtype}, this layer holds "
+                                 f"{self.weight.dtype}")
             copy_checked(self.weight.data.narrow(0, row, rows), loaded.narrow(1, col, cols))
             return
         q, scale = self.weight_format.quantize(loaded)
@@ -176,9 +203,9 @@ class FusedColumnParallelLinear(LinearBase):
             self.parts[shard_id] = _Part(full_rows, rows, offset, index)
             offset += rows
         super().__init__(input_size, offset, bias, quantization)
-        set_shard_ids(self.weight, tuple(self.parts))
-        if self.bias is not None:
-            set_shard_ids(self.bias, tuple(self.parts))
+        for param in (self.weight, self.bias, self.weight_scale):
+            if param is not None:
+                set_shard_ids(param, tuple(self.parts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
@@ -210,6 +237,25 @@ class FusedColumnParallelLinear(LinearBase):
             self.store_weight(src, part.offset, 0)
         else:
             copy_checked(param.data.narrow(0, part.offset, part.rows), src)
+
+
+    def scale_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId | None = None
+    ) -> None:
+        if shard_id is None:  # scales of the fused tensor: one, or one per fused row
+            sizes = [p.full_rows for p in self.parts.values()]
+            if loaded.numel() not in (1, sum(sizes)):
+                raise ValueError(f"expected 1 or {sum(sizes)} scales, got {tuple(loaded.shape)}")
+            flat = loaded.float().reshape(-1)
+            pieces = [flat] * len(sizes) if flat.numel() == 1 else flat.split(sizes)
+            for sid, piece in zip(self.parts, pieces, strict=True):
+                self.scale_loader(param, piece, sid)
+            return
+        part = self.parts.get(shard_id)
+        if part is None:
+            raise ValueError(f"unknown shard id {shard_id!r} (have {list(self.parts)})")
+        self._fill_scale_rows(loaded, part.full_rows, part.index * part.rows, part.rows,
+                              part.offset)
 
 
 class MergedColumnParallelLinear(FusedColumnParallelLinear):
@@ -294,6 +340,14 @@ class RowParallelLinear(LinearBase):
         if loaded.shape[0] != param.shape[0]:
             raise ValueError(f"expected {param.shape[0]} rows, got {tuple(loaded.shape)}")
         self.store_weight(loaded, 0, self.tp_rank * cols)
+
+    def scale_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId | None = None
+    ) -> None:
+        if shard_id is not None:
+            raise ValueError(f"unsharded parameter got shard id {shard_id!r}")
+        rows = param.shape[0]
+        self._fill_scale_rows(loaded, rows, 0, rows, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | PendingReduce:
         if not self.reduce_results:

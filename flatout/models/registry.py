@@ -21,6 +21,7 @@ from flatout.models.hf_config import (
     parse_hf_config,
 )
 from flatout.models.loader import init_dummy_weights, load_safetensors_weights
+from flatout.models.prequantized import parse_checkpoint_quantization
 from flatout.models.presets import PRESETS
 from flatout.models.weight_names import (
     CHATGLM_WEIGHT_NAMES,
@@ -138,20 +139,19 @@ def resolve_model_config(
 def resolve_quantization(
     method: str | None, quantize_lm_head: bool, raw: dict[str, Any], tied_embeddings: bool
 ) -> str | None:
-    """The weight quantization to serve with, checked before anything is loaded."""
+    """The weight quantization to serve with, checked before anything is loaded: the one asked
+    for, or the checkpoint's own (its quantization_config) when it ships quantized."""
     if method is not None and method not in QUANTIZATION_METHODS:
         raise ValueError(
             f"quantization: unknown method {method!r} (choose from "
             f"{', '.join(QUANTIZATION_METHODS)})"
         )
-    qcfg = raw.get("quantization_config") or raw.get("compression_config")
-    if qcfg:
-        found = qcfg.get("quant_method") if isinstance(qcfg, dict) else qcfg
-        raise ValueError(
-            f"quantization_config: this checkpoint is already quantized (quant_method "
-            f"{found!r}), which flatout cannot load; serve its bf16/fp16 original with "
-            f"--quantization int8 or fp8"
-        )
+    checkpoint = parse_checkpoint_quantization(raw)
+    if checkpoint is not None:
+        method = checkpoint.served_method(method)
+        if quantize_lm_head:
+            raise ValueError("quantize_lm_head: not with a pre-quantized checkpoint (its LM "
+                             "head is stored unquantized)")
     if quantize_lm_head and method is None:
         raise ValueError("quantize_lm_head: needs --quantization int8 or fp8")
     if quantize_lm_head and tied_embeddings:
@@ -225,7 +225,8 @@ def load_model(
         init_dummy_weights(model)
     else:
         load_safetensors_weights(
-            model, cfg.model, weight_names_for(cfg.architecture), cfg.tie_word_embeddings
+            model, cfg.model, weight_names_for(cfg.architecture), cfg.tie_word_embeddings,
+            parse_checkpoint_quantization(cfg.hf_config),
         )
     model.eval()
     return model
