@@ -5,7 +5,8 @@
 
 Each method runs in a process of its own (so GPU memory never meets), on the model's real shapes
 with dummy weights (load_format="dummy"):
-  1. decode step time (steady state, CUDA graphs) at batch 1 and 32 with 512 tokens of context,
+  1. decode step time (steady state, CUDA graphs) at batch 1, 32, 128, 256 with 512 tokens of
+     context,
      against the floor of (weight bytes + KV bytes read) / measured copy bandwidth, and the
      kernels one batch-1 step spends its time in;
   2. prefill of 8 x 512 tokens (best of 3; one step of 4096 batched tokens).
@@ -40,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from decode_timing import profile_decode, steady_decode  # noqa: E402 - beside this file
 
 METHODS = ("bf16", "int8", "fp8")
+DECODE_BATCHES = (1, 32, 128, 256)
 CUDA = torch.cuda.is_available()
 
 
@@ -69,7 +71,7 @@ def run_speed(model: str, method: str, quick: bool) -> dict:
 
     t0 = time.monotonic()
     llm = LLM(model, load_format="dummy", quantization=quantization(method),
-              max_model_len=1024 if quick else 2048, max_num_seqs=64,
+              max_model_len=1024 if quick else 2048, max_num_seqs=256,
               max_num_batched_tokens=4096, enable_prefix_caching=False,
               **({} if CUDA else {"num_kv_blocks": 256}))
     core = llm.engine.core
@@ -91,7 +93,7 @@ def run_speed(model: str, method: str, quick: bool) -> dict:
 
     ctx = 64 if quick else 512
     decode = []
-    for bs in (1, 32):
+    for bs in (1, 4) if quick else DECODE_BATCHES:
         for i in range(bs):
             add(f"d{bs}-{i}", ctx, 40)
         timing = steady_decode(core)
@@ -223,19 +225,23 @@ def report(device: dict, parts: dict, acc: dict, cmd: str, model: str) -> str:
         lines += [f"Device: {device['name']}, torch {device['torch']}; measured copy bandwidth "
                   f"{bw / 1e12:.2f} TB/s. Dummy weights; floor = (weights read + KV read) / "
                   f"copy bandwidth (the embedding table is gathered, not read).", ""]
-    lines += ["| method | weights GB | KV blocks | decode b1 ms | floor | MBU | decode b32 ms | "
-              "floor | MBU | prefill 8x512 ms | vs bf16 (b1 / b32 / prefill) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = parts.get("bf16", {})
+    batches = next((r["decode"] for r in parts.values() if "decode" in r), [])
+    lines += ["Decode steps (context ~512): ms, and MBU = floor / step; prefill: best of 3; "
+              "x bf16 = time / bf16's time.", "",
+              "| method | weights GB | KV blocks | "
+              + " | ".join(f"decode b{d['batch']} ms (MBU)" for d in batches)
+              + " | prefill ms | x bf16 (" + " / ".join(f"b{d['batch']}" for d in batches)
+              + " / prefill) |", "|---|---|---|" + "---|" * (len(batches) + 2)]
     for m, r in parts.items():
         if "error" in r:
             lines.append(f"| {m} | failed: {r['error'][:200]} |")
             continue
         cells = [m, f"{r['weight_bytes'] / 1e9:.2f}", str(r["num_kv_blocks"])]
         for d in r["decode"]:
-            floor = d["bytes"] / bw * 1e3 if bw else float("nan")
-            cells += [f"{d['step_ms']:.2f}", f"{floor:.2f}", f"{floor / d['step_ms']:.0%}"]
-        cells.append(f"{r['prefill']['s'] * 1e3:.1f}")
+            mbu = f" ({d['bytes'] / bw * 1e3 / d['step_ms']:.0%})" if bw else ""
+            cells.append(f"{d['step_ms']:.2f}{mbu}")
+        cells.append(f"{r['prefill']['s'] * 1e3:.1f} ({r['prefill']['shape']})")
         if "decode" in base:
             ratios = [d["step_ms"] / b["step_ms"] for d, b in zip(r["decode"], base["decode"],
                                                                   strict=True)]

@@ -24,6 +24,7 @@ import triton.language as tl
 from flatout.kernels._utils import INTERPRET, dot_dtype, dot_precision, next_pow2
 
 MAX_ROWS = 64
+CHUNKED_ROWS = 4 * MAX_ROWS  # int8 decode batches up to this many rows: GEMV chunks
 FP8_MAX: tl.constexpr = tl.constexpr(448.0)  # largest finite e4m3
 
 
@@ -204,11 +205,15 @@ def linear(
 def linear_w8a16(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:  # x: [M, K], qweight: int8 [N, K], scale: fp32 [N]
-    """(x @ qweight.T) * scale + bias: the GEMV reads int8 weights for up to MAX_ROWS rows;
-    more rows (prefill) convert the weight to x's dtype (exact for int8), multiply through
-    cuBLAS and scale the output channels (computed in fp32, in place)."""
+    """(x @ qweight.T) * scale + bias: the GEMV reads int8 weights for up to MAX_ROWS rows,
+    and in MAX_ROWS-row chunks up to CHUNKED_ROWS (each chunk reads the int8 weight again: 4
+    chunks still read fewer bytes than converting it); more rows (prefill) convert the weight
+    to x's dtype (exact for int8), multiply through cuBLAS and scale the output channels
+    (computed in fp32, in place)."""
     if x.dim() == 2 and x.shape[0] <= MAX_ROWS:
         return gemv(x, qweight, bias, scale=scale)
+    if x.dim() == 2 and x.shape[0] <= CHUNKED_ROWS:
+        return torch.cat([gemv(c, qweight, bias, scale=scale) for c in x.split(MAX_ROWS)])
     y = torch.nn.functional.linear(x, qweight.to(x.dtype))
     y.mul_(scale)
     return y if bias is None else y.add_(bias)

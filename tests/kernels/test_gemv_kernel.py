@@ -59,7 +59,7 @@ def test_gemv_refuses_bad_shapes() -> None:
         gemv(randn(2, 8), randn(16, 9))
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16, 40, 70])  # 70: the prefill path
+@pytest.mark.parametrize("rows", [1, 5, 16, 40, 70, 300])  # 70: GEMV chunks; 300: prefill
 @pytest.mark.parametrize("bias", [False, True])
 def test_int8_gemv_matches_dequantized_reference(rows: int, bias: bool) -> None:
     from flatout.kernels.gemv import linear_w8a16
