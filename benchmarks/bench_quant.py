@@ -144,21 +144,19 @@ def per_linear_error(model_name: str, methods: list[str], quick: bool) -> dict:
     g = torch.Generator(device).manual_seed(0)
     rows_list = (4, 80) if quick else (32, 512)
     errors: dict[str, dict[str, list[float]]] = {}
-    for layer in model.model.layers:
-        for name, lin in (("qkv", layer.self_attn.qkv_proj), ("o", layer.self_attn.o_proj),
-                          ("gate_up", layer.mlp.gate_up_proj), ("down", layer.mlp.down_proj)):
-            w = lin.weight
-            for rows in rows_list:
-                x = torch.randn(rows, w.shape[1], device=device, generator=g).bfloat16()
-                exact = x.float() @ w.float().T
-                key = f"{name} x{rows}"
-                errors.setdefault(key, {}).setdefault("bf16", []).append(
-                    _rel(torch.nn.functional.linear(x, w), exact))
-                for m in methods:
-                    if m == "bf16":
-                        continue
-                    q, s = kernels[m][0](w)
-                    errors[key].setdefault(m, []).append(_rel(kernels[m][1](x, q, s, None), exact))
+    linears = [(name, lin.weight) for layer in model.model.layers for name, lin in (
+        ("qkv", layer.self_attn.qkv_proj), ("o", layer.self_attn.o_proj),
+        ("gate_up", layer.mlp.gate_up_proj), ("down", layer.mlp.down_proj))]
+    linears.append(("lm_head (--quantize-lm-head)", model.lm_head.weight))
+    for name, w in linears:
+        quantized = {m: kernels[m][0](w) for m in methods if m != "bf16"}
+        for rows in rows_list:
+            x = torch.randn(rows, w.shape[1], device=device, generator=g).bfloat16()
+            exact = x.float() @ w.float().T
+            per = errors.setdefault(f"{name} x{rows}", {})
+            per.setdefault("bf16", []).append(_rel(torch.nn.functional.linear(x, w), exact))
+            for m, (q, s) in quantized.items():
+                per.setdefault(m, []).append(_rel(kernels[m][1](x, q, s, None), exact))
     del model
     if CUDA:
         torch.cuda.empty_cache()
