@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from flatout.config import ENGINE_HELP, QUANTIZATION_METHODS, add_engine_args, engine_args_from
+from flatout.config import QUANTIZATION_METHODS, add_engine_args, engine_args_from
 from flatout.server.defaults import DEFAULT_MAX_BODY_BYTES
 from flatout.server.reasoning import PARSER_NAMES
 from flatout.server.tool_parsers import PARSERS as TOOL_PARSERS
@@ -48,9 +48,10 @@ def add_info_args(p: argparse.ArgumentParser) -> None:
 def add_quantization_args(p: argparse.ArgumentParser) -> None:
     """--quantization / --quantize-lm-head as serve has them (plan, info)."""
     p.add_argument("--quantization", default=None, choices=list(QUANTIZATION_METHODS),
-                   help=ENGINE_HELP["quantization"])
+                   help="count the decoder's linears as int8 / fp8 weights with fp32 "
+                        "per-channel scales (as `flatout serve --quantization` holds them)")
     p.add_argument("--quantize-lm-head", action="store_true",
-                   help=ENGINE_HELP["quantize_lm_head"])
+                   help="with --quantization: the LM head too")
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:

@@ -293,7 +293,7 @@ class EngineArgs:
 
 
 # -- the engine flags on the command line (flatout generate / serve, the TP worker) ------------
-ENGINE_HELP = {
+_HELP = {
     "model": "checkpoint folder, or a preset name with --load-format dummy (default: demo model)",
     "dtype": "auto, float32, bfloat16 or float16 (auto: bf16 on GPU, fp32 on CPU)",
     "kv_cache_memory": "bytes for the KV cache (CPU default 1 GiB; GPU: sized from free memory)",
@@ -326,10 +326,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=f.default,
-                help=ENGINE_HELP.get(f.name),
+                help=_HELP.get(f.name),
             )
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=ENGINE_HELP.get(f.name),
+            parser.add_argument(flag, type=kind, default=f.default, help=_HELP.get(f.name),
                                 choices=_CHOICES.get(f.name))
 
 
