@@ -52,6 +52,9 @@ def main() -> None:
         default = decode_num_splits(batch, kv, width, bs_, dev)
         kv_bytes = batch * ctx * kv * D * 2 * 2
         tensors = (q, k, v, tables, lens)
+        # do_bench_cudagraph runs on a stream of its own that does not wait for the default one:
+        # unsynchronised, the kernel could read a block table not yet written (an illegal address)
+        torch.cuda.synchronize()
         for splits, block_n, warps, stages in itertools.product(
             sorted({1, 2, 4, 8, 16, 32, default}), [fam_block_n], [fam_warps], [2]
         ):

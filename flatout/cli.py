@@ -48,7 +48,7 @@ def _cmd_info(ns: argparse.Namespace) -> int:
         load_format=ns.load_format, quantization=ns.quantization,
         quantize_lm_head=ns.quantize_lm_head,
     )
-    for line in model_info_lines(cfg):
+    for line in model_info_lines(cfg, ns.kv_cache_dtype):
         print(line)
     return 0
 

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import argparse
 
-from flatout.config import QUANTIZATION_METHODS, add_engine_args, engine_args_from
+from flatout.config import (
+    KV_CACHE_DTYPES,
+    QUANTIZATION_METHODS,
+    add_engine_args,
+    engine_args_from,
+)
 from flatout.server.defaults import DEFAULT_MAX_BODY_BYTES
 from flatout.server.reasoning import PARSER_NAMES
 from flatout.server.tool_parsers import PARSERS as TOOL_PARSERS
@@ -42,6 +47,8 @@ def add_info_args(p: argparse.ArgumentParser) -> None:
                    help="the device the dtype is resolved for (auto dtype: bf16 on cuda)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--load-format", default="auto")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="the KV cache's dtype the bytes per token are counted in")
     add_quantization_args(p)
 
 
@@ -103,6 +110,9 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--gpu-bandwidth", type=float, default=None, help="GB/s per GPU")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="auto (the model's dtype) or fp8 (float8 e4m3: one byte per value, "
+                   "twice bf16's tokens)")
     add_quantization_args(p)
 
 
@@ -135,6 +145,15 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="shared prompt prefix in tokens (exercises prefix caching)")
     w.add_argument("--num-prefixes", type=int, default=1, help="distinct shared prefixes")
     w.add_argument("--sharegpt-output-len", type=int, default=None)
+    w.add_argument("--images-per-request", type=int, default=None,
+                   help="synthetic screenshots per request, sent as image_url parts before the "
+                        "text (needs --api chat; default 1 when --image-size is given)")
+    w.add_argument("--image-size", default=None, metavar="WxH",
+                   help="screenshot size in pixels (default 1080x2400 when "
+                        "--images-per-request is given)")
+    w.add_argument("--image-format", choices=["png", "jpeg", "webp"], default="png")
+    w.add_argument("--num-unique-images", type=int, default=None,
+                   help="distinct screenshots, sent in turn (default: every image differs)")
     w.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="let the model stop early (default: ignore_eos + min_tokens)")
     w.add_argument("--temperature", type=float, default=0.0)

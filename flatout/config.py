@@ -146,10 +146,34 @@ class ModelConfig:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """K and V for one token over all layers."""
-        return (
-            2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * self.dtype_bytes
+        """K and V for one token over all layers, stored in the model's dtype."""
+        return self.kv_cache_bytes_per_token("auto")
+
+    def kv_cache_bytes_per_token(self, kv_cache_dtype: str) -> int:
+        """K and V for one token over all layers in a cache of `kv_cache_dtype`."""
+        elem = kv_cache_element_bytes(kv_cache_dtype, self.dtype)
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * elem
+
+
+# --kv-cache-dtype: "auto" stores K/V in the model's dtype; "fp8" as float8_e4m3fn, each layer's
+# K and V divided by a per-tensor scale (1.0 unless the checkpoint gives one)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def normalize_kv_cache_dtype(kv_cache_dtype: str) -> str:
+    """"auto" or "fp8" ("fp8_e4m3" is vLLM's other name for the same format)."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(
+            f"kv_cache_dtype: must be one of {', '.join(KV_CACHE_DTYPES)} (got {kv_cache_dtype!r})"
         )
+    return "fp8" if kv_cache_dtype.startswith("fp8") else "auto"
+
+
+def kv_cache_element_bytes(kv_cache_dtype: str, model_dtype: str) -> int:
+    """Bytes of one cached K or V element."""
+    if normalize_kv_cache_dtype(kv_cache_dtype) == "fp8":
+        return 1
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[model_dtype]
 
 
 @dataclass(frozen=True)
@@ -163,6 +187,7 @@ class CacheConfig:
     num_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
     kv_cache_memory: int | None = None  # bytes for the KV cache (CPU default: 1 GiB)
+    cache_dtype: str = "auto"  # "auto": the model's dtype | "fp8": float8_e4m3fn + scales
 
     @property
     def planned_num_blocks(self) -> int:
@@ -226,6 +251,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # fix the KV cache size in blocks
     kv_cache_memory: int | None = None  # bytes for the KV cache (CPU default: 1 GiB)
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 (float8_e4m3fn, scaled)
     load_format: str = "auto"  # auto | safetensors | dummy
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
@@ -263,6 +289,7 @@ class EngineArgs:
                 raise bad(name, "must be > 0")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise bad("load_format", "must be auto, safetensors or dummy")
+        normalize_kv_cache_dtype(self.kv_cache_dtype)  # raises naming the field
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise bad("quantization", f"must be one of {', '.join(QUANTIZATION_METHODS)}")
 
@@ -276,6 +303,7 @@ class EngineArgs:
                 num_blocks=self.num_kv_blocks,
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 kv_cache_memory=self.kv_cache_memory,
+                cache_dtype=normalize_kv_cache_dtype(self.kv_cache_dtype),
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,
@@ -298,6 +326,9 @@ _HELP = {
     "dtype": "auto, float32, bfloat16 or float16 (auto: bf16 on GPU, fp32 on CPU)",
     "kv_cache_memory": "bytes for the KV cache (CPU default 1 GiB; GPU: sized from free memory)",
     "num_kv_blocks": "fix the KV cache size in blocks",
+    "kv_cache_dtype": "auto (K/V in the model's dtype) or fp8 (float8 e4m3 with per-layer K and V "
+                      "scales, 1.0 unless the checkpoint has k_scale/v_scale: twice the tokens, "
+                      "half the KV bytes per decode step; GPUs of compute capability 8.9+)",
     "load_format": "auto (safetensors) or dummy (random weights, real shapes)",
     "peak_memory_bandwidth": "device copy bandwidth in bytes/s for MBU (default: measured)",
     "peak_flops": "device matmul FLOP/s in the model's dtype for MFU (default: measured)",
@@ -312,7 +343,9 @@ _HELP = {
                                  "one-shot all-reduce + add + RMSNorm kernel over NVLink",
 }
 
-_CHOICES: dict[str, tuple[str, ...]] = {"quantization": QUANTIZATION_METHODS}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "kv_cache_dtype": KV_CACHE_DTYPES, "quantization": QUANTIZATION_METHODS,
+}
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

@@ -1,13 +1,16 @@
 """Memory planning from the config alone: will this model fit these GPUs, and how well?
 
-    flatout plan --model glm-4-9b --gpus 2x24GB [--tp 2] [--max-model-len 32768]
+    flatout plan --model glm-4-9b --gpus 2x24GB [--tp 2] [--max-model-len 32768] \
+                 [--kv-cache-dtype fp8]
 
 Per GPU (one tensor-parallel rank each): the weight shard (vocab-parallel embedding and head,
 heads split, KV heads replicated when ranks outnumber them), an activation reserve for the
 largest batch the scheduler forms, the runtime overhead, and what is left for the KV cache, in
 tokens and in concurrent sequences at a context length; the decode floor per step is the bytes
-one step must read (weights + KV) at the GPU's memory bandwidth. The engine refuses at startup,
-with the same text, a configuration this says cannot fit.
+one step must read (weights + KV) at the GPU's memory bandwidth. An fp8 KV cache stores one byte
+per value (half of bf16's), so the same memory holds twice the tokens and a decode step reads
+half the KV bytes. The engine refuses at startup, with the same text, a configuration this says
+cannot fit.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from flatout.config import ModelConfig
+from flatout.config import ModelConfig, kv_cache_element_bytes, normalize_kv_cache_dtype
 
 GIB = 1 << 30
 # memory (GiB as sold, i.e. 1e9 bytes) and bandwidth (bytes/s) of common GPUs
@@ -88,9 +91,10 @@ def rank_weight_bytes(cfg: ModelConfig, tp: int) -> int:
     return cfg.quantized_weight_bytes(rank_param_count(cfg, tp), tp)
 
 
-def kv_bytes_per_token_per_rank(cfg: ModelConfig, tp: int) -> int:
+def kv_bytes_per_token_per_rank(cfg: ModelConfig, tp: int, kv_cache_dtype: str = "auto") -> int:
     kv = max(1, cfg.num_key_value_heads // tp)
-    return 2 * cfg.num_hidden_layers * kv * cfg.head_dim * cfg.dtype_bytes
+    elem = kv_cache_element_bytes(kv_cache_dtype, cfg.dtype)
+    return 2 * cfg.num_hidden_layers * kv * cfg.head_dim * elem
 
 
 def activation_reserve(cfg: ModelConfig, tp: int, max_tokens: int, max_seqs: int) -> int:
@@ -126,6 +130,7 @@ class Plan:
     kv_per_token: int
     block_size: int
     context: int
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) | "fp8"
 
     @property
     def kv_tokens(self) -> int:
@@ -181,7 +186,8 @@ class Plan:
             f"  activations   {self.activations / GIB:8.2f} GiB (reserve for the largest batch)",
             f"  runtime       {self.overhead / GIB:8.2f} GiB (CUDA context, NCCL, graphs)",
             f"  KV cache      {max(self.kv_budget, 0) / GIB:8.2f} GiB = {self.kv_tokens} tokens "
-            f"({self.kv_per_token / 1024:.1f} KiB/token on each GPU)",
+            f"({self.kv_per_token / 1024:.1f} KiB/token on each GPU, "
+            f"{'float8_e4m3fn' if self.kv_cache_dtype == 'fp8' else cfg.dtype})",
             f"  concurrency   {seqs} sequences of {self.context} tokens",
             f"decode floor  {self.decode_floor(1) * 1e3:.2f} ms/step at batch 1, "
             f"{self.decode_floor(32) * 1e3:.2f} ms at batch 32 (context {self.context})",
@@ -196,7 +202,7 @@ class Plan:
 def make_plan(
     cfg: ModelConfig, gpus: GpuSpec, tp: int | None = None, *, utilization: float = 0.9,
     max_num_batched_tokens: int = 4096, max_num_seqs: int = 256, block_size: int = 16,
-    context: int | None = None,
+    context: int | None = None, kv_cache_dtype: str = "auto",
 ) -> Plan:
     from flatout.worker.parallel import check_tensor_parallel
 
@@ -208,9 +214,10 @@ def make_plan(
     act = activation_reserve(cfg, tp, max_num_batched_tokens, max_num_seqs)
     overhead = runtime_overhead(tp)
     budget = int(gpus.memory * utilization) - weights - act - overhead
+    kv_cache_dtype = normalize_kv_cache_dtype(kv_cache_dtype)
     return Plan(cfg, gpus, tp, utilization, weights, act, overhead, budget,
-                kv_bytes_per_token_per_rank(cfg, tp), block_size,
-                min(context or cfg.max_model_len, cfg.max_model_len))
+                kv_bytes_per_token_per_rank(cfg, tp, kv_cache_dtype), block_size,
+                min(context or cfg.max_model_len, cfg.max_model_len), kv_cache_dtype)
 
 
 def run_plan(ns: Any) -> int:
@@ -231,7 +238,7 @@ def run_plan(ns: Any) -> int:
         cfg, parse_gpus(ns.gpus, bw), ns.tp,
         utilization=ns.gpu_memory_utilization,
         max_num_batched_tokens=ns.max_num_batched_tokens,
-        max_num_seqs=ns.max_num_seqs, context=ns.context,
+        max_num_seqs=ns.max_num_seqs, context=ns.context, kv_cache_dtype=ns.kv_cache_dtype,
     )
     print("\n".join(plan.lines()))
     return 0 if plan.fits else 1
@@ -245,7 +252,8 @@ def check_fits(cfg: ModelConfig, args: Any, total_memory: int, gpu_name: str = "
     gpus = GpuSpec(tp, total_memory, bw, gpu_name, args.peak_memory_bandwidth is not None)
     plan = make_plan(cfg, gpus, tp, utilization=args.gpu_memory_utilization,
                      max_num_batched_tokens=args.max_num_batched_tokens,
-                     max_num_seqs=args.max_num_seqs, block_size=args.block_size)
+                     max_num_seqs=args.max_num_seqs, block_size=args.block_size,
+                     kv_cache_dtype=args.kv_cache_dtype)
     fixed_kv = args.num_kv_blocks is not None or args.kv_cache_memory is not None
     if not plan.fits and not (fixed_kv and plan.kv_budget > 0):
         raise ValueError(

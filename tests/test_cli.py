@@ -17,6 +17,8 @@ def test_info_glm_4_9b_preset(capsys: pytest.CaptureFixture[str]) -> None:
     assert 9.3e9 < params < 9.5e9
     assert "40.0 KiB per token" in out  # 2 (K,V) x 40 layers x 2 kv heads x 128 x 2 bytes
     assert "18.80 GB" in out
+    assert main(["info", "--model", "glm-4-9b", "--kv-cache-dtype", "fp8"]) == 0
+    assert "KV cache: 20.0 KiB per token in float8_e4m3fn" in capsys.readouterr().out
 
 
 def test_info_unknown_model_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,7 +15,7 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from flatout.bench import datasets
+from flatout.bench import datasets, images
 from flatout.bench.client import BenchRequest, Endpoint
 from flatout.bench.metrics import parse_slo
 from flatout.bench.output import print_compare, run_table, sweep_table
@@ -61,14 +61,33 @@ def build_requests(ns: argparse.Namespace, tok: datasets.Tokenizer | None) -> li
     if ns.dataset_name == "sharegpt":
         if not ns.dataset_path:
             raise ValueError("--dataset-name sharegpt needs --dataset-path FILE")
+        if ns.images_per_request is not None or ns.image_size is not None:
+            raise ValueError("--images-per-request / --image-size go with the random dataset")
         return datasets.sharegpt_requests(ns.dataset_path, ns.num_prompts, ns.seed, tok,
                                           ns.sharegpt_output_len)
     if tok is None and ns.api == "chat":
         raise ValueError("random prompts for the chat API need a tokenizer: give --tokenizer "
                          "PATH, or use a server with /tokenize")
-    return datasets.random_requests(ns.num_prompts, ns.input_len, ns.output_len, ns.range_ratio,
+    reqs = datasets.random_requests(ns.num_prompts, ns.input_len, ns.output_len, ns.range_ratio,
                                     ns.seed, tok, prefix_len=ns.prefix_len,
                                     num_prefixes=ns.num_prefixes)
+    if ns.images_per_request is not None or ns.image_size is not None:
+        add_images(reqs, ns)
+    return reqs
+
+
+def add_images(reqs: list[BenchRequest], ns: argparse.Namespace) -> None:
+    """Give each request `--images-per-request` synthetic screenshots (encoded before the run)."""
+    per = 1 if ns.images_per_request is None else ns.images_per_request
+    if per < 1:
+        raise ValueError("--images-per-request must be >= 1")
+    if ns.api != "chat":
+        raise ValueError("--images-per-request / --image-size need --api chat (images travel as "
+                         "image_url content parts)")
+    spec = images.ImageSpec.parse(ns.image_size or "1080x2400", ns.image_format)
+    urls = images.screenshot_urls(spec, per * len(reqs), ns.seed, ns.num_unique_images)
+    for i, req in enumerate(reqs):
+        req.images = urls[i * per:(i + 1) * per]
 
 
 def run_bench(ns: argparse.Namespace) -> int:
@@ -98,13 +117,18 @@ def run_bench(ns: argparse.Namespace) -> int:
     err = Console(stderr=True)
     err.print(f"flatout bench: {len(requests)} requests per point against {ns.base_url} "
               f"({model}, {ns.api}); GPU samples: {'NVML' if nvml else 'server /metrics'}")
+    image_info = None
+    if requests[0].images:
+        image_info = {"per_request": len(requests[0].images),
+                      "size": ns.image_size or "1080x2400", "format": ns.image_format}
     result: dict[str, Any] = {
         "flatout_bench": 1, "command": shlex.join(["flatout", "bench", *sys.argv[2:]]),
         "base_url": ns.base_url, "model": model, "api": ns.api,
         "workload": {"dataset": ns.dataset_name, "input_len": ns.input_len,
                      "output_len": ns.output_len, "range_ratio": ns.range_ratio,
                      "prefix_len": ns.prefix_len, "num_prompts": ns.num_prompts,
-                     "prompts": "text" if tok is not None else "token ids"},
+                     "prompts": "text" if tok is not None else "token ids",
+                     "images": image_info},
         "runs": [],
     }
     progress = None if ns.no_progress else Progress(

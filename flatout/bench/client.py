@@ -16,8 +16,9 @@ from flatout.bench.metrics import RequestRecord
 class BenchRequest:
     index: int
     prompt: str | list[int]  # text, or token ids (completions API only)
-    prompt_len: int
+    prompt_len: int  # text tokens (the server's usage adds the image tokens)
     output_len: int | None  # None: let the model stop by itself
+    images: list[str] = field(default_factory=list)  # data: URLs, sent before the text (chat)
 
 
 @dataclass
@@ -47,7 +48,13 @@ class Endpoint:
             if not isinstance(req.prompt, str):
                 raise ValueError("the chat API needs text prompts: give --tokenizer, or use "
                                  "a server with /tokenize")
-            body["messages"] = [{"role": "user", "content": req.prompt}]
+            content: str | list[dict[str, Any]] = req.prompt
+            if req.images:
+                content = [{"type": "image_url", "image_url": {"url": url}} for url in req.images]
+                content.append({"type": "text", "text": req.prompt})
+            body["messages"] = [{"role": "user", "content": content}]
+        elif req.images:
+            raise ValueError("images need the chat API (--api chat)")
         else:
             body["prompt"] = req.prompt
         if req.output_len is not None:

@@ -29,7 +29,8 @@ from flatout.engine.messages import (
 )
 from flatout.engine.request import Sequence
 from flatout.engine.scheduler import Schedule, Scheduler
-from flatout.models.registry import resolve_model
+from flatout.models.registry import TORCH_DTYPES, resolve_model
+from flatout.worker.kv_cache import kv_cache_dtype
 from flatout.worker.model_runner import LaunchedStep, ModelRunner
 from flatout.worker.parallel import TensorParallelGroup, resolve_device
 
@@ -92,6 +93,8 @@ class EngineCore:
         torch.manual_seed(args.seed)
         self.model_config = resolve_model(args, self.device.type)
         config = args.resolve(self.model_config)  # every component's, before anything loads
+        # an fp8 KV cache on a GPU without fp8 conversions: refused before any rank starts
+        kv_cache_dtype(config.cache, TORCH_DTYPES[self.model_config.dtype], self.device)
         if self.device.type == "cuda":  # refuse what cannot fit before loading anything
             from flatout.plan import check_fits
 

@@ -9,6 +9,10 @@ merges the splits. With one split the main kernel writes the output directly and
 Splits divide each sequence's real length evenly (tile-aligned), so short sequences leave the
 high splits empty; the number of splits is chosen from static shapes only, which keeps the call
 CUDA-graph capturable (no host syncs, no data-dependent shapes).
+
+An fp8 cache (float8_e4m3fn) is read as it is stored, one byte per value, and converted to the
+dot's operand type in registers (exact: e4m3 values are bf16/fp16 values); the per-tensor scales
+are folded in, k_scale into the softmax scale and v_scale into the output, so no tile is scaled.
 """
 
 from __future__ import annotations
@@ -20,31 +24,34 @@ import triton
 import triton.language as tl
 
 from flatout.kernels._utils import dot_dtype, dot_precision, next_pow2, num_sms
+from flatout.kernels.kv_cache import is_fp8, scale_or_one
 
 BLOCK_N = 64  # context tokens per tile
 MAX_SPLITS = 64
-MIN_TOKENS_PER_SPLIT = 512  # of the widest context the block table can hold, per split
+MIN_TOKENS_PER_SPLIT = 64  # of the widest context the block table can hold: one tile per split
+PROGRAMS_PER_SM = 4  # one program per SM leaves HBM idle; about four keep it busy (H200 sweep)
 
 
 def decode_num_splits(
     batch: int, num_kv_heads: int, max_blocks: int, block_size: int, device: torch.device
 ) -> int:
-    """Splits per sequence, from static shapes: enough (batch x kv head x split) programs to fill
-    every SM once, no more than the widest context (max_blocks * block_size) can use; a power of
-    two so that few variants of the merge kernel get compiled."""
-    programs = batch * num_kv_heads
-    sms = num_sms(device)
-    if programs >= sms:
-        return 1
+    """Splits per sequence, from static shapes: about PROGRAMS_PER_SM (batch x kv head x split)
+    programs per SM, no more than the widest context (max_blocks * block_size) can use; a power
+    of two (rounded down) so that few variants of the merge kernel get compiled.
+
+    Measured on H200 at GLM-4-9B's shapes (benchmarks/results/tune_decode_long_h200.md): with one
+    program per SM a 64 x 8k batch read its KV at 3.0 TB/s, with four at 3.9."""
+    programs = max(batch * num_kv_heads, 1)
+    want = max(1, PROGRAMS_PER_SM * num_sms(device) // programs)
+    want = 1 << (want.bit_length() - 1)  # round down to a power of two
     by_context = triton.cdiv(max_blocks * block_size, MIN_TOKENS_PER_SPLIT)
-    want = next_pow2(triton.cdiv(sms, max(programs, 1)))
     return max(1, min(want, next_pow2(by_context), MAX_SPLITS))
 
 
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    out_ptr, part_o_ptr, part_lse_ptr,
+    out_ptr, part_o_ptr, part_lse_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
     num_splits,
     stride_qb, stride_qh, stride_qd,
@@ -56,6 +63,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, DIRECT_OUT: tl.constexpr,
+    FP8: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -74,6 +82,8 @@ def _decode_split_kernel(
         q_ptr + b * stride_qb + head[:, None] * stride_qh + d[None, :] * stride_qd,
         mask=g_mask[:, None] & d_mask[None, :], other=0.0,
     ).to(DOT_DTYPE)  # [G, D]
+    if FP8:  # q . (k8 * k_scale) = (q . k8) * k_scale
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -103,6 +113,8 @@ def _decode_split_kernel(
     # An empty split (or a padding row, seq_len 0) has l_i == 0: output 0, lse -inf.
     has_tokens = l_i > 0
     o = acc / tl.where(has_tokens, l_i, 1.0)[:, None]
+    if FP8:  # sum p (v8 * v_scale) = (sum p v8) * v_scale
+        o = o * tl.load(v_scale_ptr)
     out_mask = g_mask[:, None] & d_mask[None, :]
     if DIRECT_OUT:
         o_ptrs = out_ptr + b * stride_ob + head[:, None] * stride_oh + d[None, :] * stride_od
@@ -148,6 +160,8 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # [B, max_blocks] int32
     seq_lens: torch.Tensor,  # [B] int32, context length including the new token
     scale: float,
+    k_scale: torch.Tensor | None = None,  # [] fp32, of an fp8 cache (None: 1)
+    v_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,  # [B, H, D]
     num_splits: int | None = None,
     block_n: int = BLOCK_N,
@@ -157,7 +171,8 @@ def paged_decode_attention(
     """Attention of each sequence's single new query over its whole cached context.
 
     The new token's K/V must already be in the cache. Rows with seq_len 0 (batch padding) get
-    zeros. `num_splits` defaults to `decode_num_splits(...)` of the static shapes."""
+    zeros. `num_splits` defaults to `decode_num_splits(...)` of the static shapes. An fp8 cache
+    holds K / k_scale and V / v_scale (kv_cache.write_kv_cache)."""
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     if num_heads % num_kv_heads:
@@ -171,6 +186,10 @@ def paged_decode_attention(
             batch, num_kv_heads, block_tables.shape[1], block_size, q.device
         )
     group = num_heads // num_kv_heads
+    fp8 = is_fp8(k_cache)
+    if fp8 != is_fp8(v_cache):
+        raise ValueError(f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
+    k_scale, v_scale = (scale_or_one(k_scale, q), scale_or_one(v_scale, q)) if fp8 else (q, q)
     direct = num_splits == 1
     if direct:
         part_o = part_lse = out  # unused
@@ -182,7 +201,7 @@ def paged_decode_attention(
     block_d = max(16, next_pow2(head_dim))
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens,
-        out, part_o, part_lse,
+        out, part_o, part_lse, k_scale, v_scale,
         scale * math.log2(math.e),
         num_splits,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
@@ -191,7 +210,7 @@ def paged_decode_attention(
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE_SIZE=block_size, BLOCK_N=block_n,
         DOT_DTYPE=dot_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype), DIRECT_OUT=direct,
-        num_warps=num_warps, num_stages=num_stages,
+        FP8=fp8, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if not direct:
         _decode_merge_kernel[(batch, num_heads)](

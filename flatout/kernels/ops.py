@@ -26,14 +26,21 @@ class Ops:
     # (positions, q, k, cos_sin_cache, head_dim, interleaved): rotates q and k in place
     rotary_embedding: Callable[[Tensor, Tensor, Tensor, Tensor, int, bool], tuple[Tensor, Tensor]]
     silu_and_mul: Callable[[Tensor], Tensor]
-    # (k, v, k_cache, v_cache, slot_mapping)
-    write_kv_cache: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]
-    # (q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len)
-    paged_prefill_attention: Callable[
-        [Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float, int], Tensor
+    # (k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale); the scales: [] fp32 tensors
+    # an fp8 cache's values are divided by (None: 1), ignored by caches of other dtypes
+    write_kv_cache: Callable[
+        [Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None], None
     ]
-    # (q, k_cache, v_cache, block_tables, seq_lens, scale)
-    paged_decode_attention: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], Tensor]
+    # (q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len,
+    #  k_scale, v_scale)
+    paged_prefill_attention: Callable[
+        [Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float, int, Tensor | None,
+         Tensor | None], Tensor
+    ]
+    # (q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale)
+    paged_decode_attention: Callable[
+        [Tensor, Tensor, Tensor, Tensor, Tensor, float, Tensor | None, Tensor | None], Tensor
+    ]
     # (x, weight, bias): x @ weight.T + bias
     linear: Callable[[Tensor, Tensor, Tensor | None], Tensor]
     # (x, int8 weight [N, K], fp32 scale [N], bias): W8A16, x @ (weight * scale).T + bias

@@ -8,6 +8,9 @@ Grid: (query tile, sequence, kv head). A program takes BLOCK_Q consecutive queri
 sequence together with all G query heads of one KV head, as one [BLOCK_Q * G, D] matrix whose row
 r is (query r // G, head r % G): every K/V tile is loaded once for the whole group, and a decode
 row mixed into the batch (n = 1) still fills G rows of the tensor-core tile instead of one.
+
+An fp8 cache is converted to the dot's operand type in registers, k_scale folded into the softmax
+scale and v_scale into the output, as in decode_attention.py.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import triton
 import triton.language as tl
 
 from flatout.kernels._utils import dot_dtype, dot_precision, next_pow2
+from flatout.kernels.kv_cache import is_fp8, scale_or_one
 
 BLOCK_M = 128  # rows (query x head) per program; half for fp32 (CUDA-core dots, many registers)
 BLOCK_N = 64  # context tokens per tile
@@ -27,7 +31,7 @@ BLOCK_N = 64  # context tokens per tile
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
+    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
     stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
@@ -37,7 +41,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):  # fmt: skip
     q_tile = tl.program_id(0)
     b = tl.program_id(1)
@@ -59,6 +63,8 @@ def _prefill_kernel(
     q_off = (q_start + qi).to(tl.int64) * stride_qt + head * stride_qh
     q = tl.load(q_ptr + q_off[:, None] + d[None, :] * stride_qd,
                 mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(DOT_DTYPE)  # [M, D]
+    if FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
     # Rows past the chunk get positions >= seq_len: they see every key < kv_end and stay finite.
     q_pos = first_pos + qi  # [M]
     # Keys that the tile's last query can see; key 0 is visible to every row, so the running max
@@ -90,6 +96,8 @@ def _prefill_kernel(
         m_i = m_new
 
     o = acc / l_i[:, None]
+    if FP8:
+        o = o * tl.load(v_scale_ptr)
     o_off = (q_start + qi).to(tl.int64) * stride_ot + head * stride_oh
     tl.store(out_ptr + o_off[:, None] + d[None, :] * stride_od, o.to(out_ptr.dtype.element_ty),
              mask=row_mask[:, None] & d_mask[None, :])
@@ -104,6 +112,8 @@ def paged_prefill_attention(
     block_tables: torch.Tensor,  # [B, max_blocks] int32
     scale: float,
     max_query_len: int,  # host int: longest chunk in the batch (sizes the grid)
+    k_scale: torch.Tensor | None = None,  # [] fp32, of an fp8 cache (None: 1)
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [T, H, D]
     """Causal attention of each sequence's new chunk over its whole paged context.
 
@@ -118,6 +128,10 @@ def paged_prefill_attention(
     if batch == 0 or max_query_len == 0:
         return out
     group = num_heads // num_kv_heads
+    fp8 = is_fp8(k_cache)
+    if fp8 != is_fp8(v_cache):
+        raise ValueError(f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
+    k_scale, v_scale = (scale_or_one(k_scale, q), scale_or_one(v_scale, q)) if fp8 else (q, q)
     block_g = next_pow2(group)
     dot_type = dot_dtype(q.dtype)
     block_m = BLOCK_M if dot_type != tl.float32 or head_dim <= 64 else BLOCK_M // 2
@@ -125,14 +139,14 @@ def paged_prefill_attention(
     block_q = max(block_q, 16 // block_g)  # tl.dot needs at least 16 rows
     grid = (triton.cdiv(max_query_len, block_q), batch, num_kv_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, k_scale, v_scale,
         scale * math.log2(math.e),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         block_tables.stride(0),
         GROUP=group, BLOCK_G=block_g, BLOCK_Q=block_q,
         HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)),
         PAGE_SIZE=block_size, BLOCK_N=BLOCK_N,
-        DOT_DTYPE=dot_type, DOT_PRECISION=dot_precision(q.dtype),
+        DOT_DTYPE=dot_type, DOT_PRECISION=dot_precision(q.dtype), FP8=fp8,
         num_warps=8 if block_q * block_g >= 128 else 4, num_stages=2,
     )  # fmt: skip
     return out

@@ -75,21 +75,46 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # x: [T, 2I] -> [T, I]
     return (F.silu(gate) * up).to(x.dtype)
 
 
+# --kv-cache-dtype fp8: K/V stored as float8_e4m3fn, x / scale rounded to nearest even and
+# saturated at the format's largest finite value (e4m3fn has no infinity)
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x / scale (fp32) as float8_e4m3fn, saturated at +-448; scale None means 1."""
+    xf = x.float() if scale is None else x.float() / scale.float()
+    return xf.clamp(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE)
+
+
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Cached K or V as fp32 values: fp8 times its scale; any other dtype unchanged."""
+    if x.dtype != FP8_KV_DTYPE:
+        return x
+    return x.float() if scale is None else x.float() * scale.float()
+
+
 def write_kv_cache(
     k: torch.Tensor,  # [T, KVH, D]
     v: torch.Tensor,  # [T, KVH, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [T]; -1 = padding, not stored
+    k_scale: torch.Tensor | None = None,  # [] fp32: an fp8 cache holds k / k_scale
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Store each new token's K/V at its slot (block slot // block_size, offset
-    slot % block_size), in place."""
+    slot % block_size), in place; an fp8 cache stores them quantized (`quantize_kv`)."""
     keep = slot_mapping >= 0
     if not bool(keep.all()):
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     slots = slot_mapping.long()
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+    for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        flat = cache.view(-1, *cache.shape[2:])
+        if cache.dtype == FP8_KV_DTYPE:  # index_copy_ has no fp8 kernel: copy the bytes
+            flat.view(torch.uint8).index_copy_(0, slots, quantize_kv(x, scale).view(torch.uint8))
+        else:
+            flat.index_copy_(0, slots, x.to(cache.dtype))
 
 
 def causal_attention(
@@ -128,11 +153,13 @@ def varlen_causal_attention(
 
 
 def _context(
-    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, scale: torch.Tensor | None
 ) -> torch.Tensor:  # [S, KVH, D]
-    """One sequence's first `seq_len` cached tokens, gathered through its block table."""
+    """One sequence's first `seq_len` cached tokens, gathered through its block table (an fp8
+    cache's dequantized to fp32)."""
     num_blocks = -(-seq_len // cache.shape[1])
-    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:seq_len]
+    gathered = cache[block_table[:num_blocks].long()].flatten(0, 1)[:seq_len]
+    return dequantize_kv(gathered, scale)
 
 
 def paged_prefill_attention(
@@ -144,6 +171,8 @@ def paged_prefill_attention(
     block_tables: torch.Tensor,  # [B, max_blocks]
     scale: float,
     max_query_len: int,  # accepted for the kernel's signature
+    k_scale: torch.Tensor | None = None,  # [] fp32, of an fp8 cache (None: 1)
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [T, H, D]
     """Causal attention of each sequence's new chunk over its whole paged context: query j of a
     chunk of n sits at position seq_len - n + j. Tokens past query_start_loc[-1] come out 0."""
@@ -153,8 +182,8 @@ def paged_prefill_attention(
         start, end = starts[i], starts[i + 1]
         if end == start:
             continue
-        k = _context(k_cache, block_tables[i], seq_len)
-        v = _context(v_cache, block_tables[i], seq_len)
+        k = _context(k_cache, block_tables[i], seq_len, k_scale)
+        v = _context(v_cache, block_tables[i], seq_len, v_scale)
         out[start:end] = causal_attention(q[start:end], k, v, scale)
     return out
 
@@ -166,6 +195,8 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # [B, max_blocks]
     seq_lens: torch.Tensor,  # [B], context length including the new token
     scale: float,
+    k_scale: torch.Tensor | None = None,  # [] fp32, of an fp8 cache (None: 1)
+    v_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,  # [B, H, D]
 ) -> torch.Tensor:  # [B, H, D]
     """Attention of each sequence's one new query over its whole cached context; rows with
@@ -176,8 +207,8 @@ def paged_decode_attention(
         if seq_len == 0:
             out[i] = 0
             continue
-        k = _context(k_cache, block_tables[i], seq_len)
-        v = _context(v_cache, block_tables[i], seq_len)
+        k = _context(k_cache, block_tables[i], seq_len, k_scale)
+        v = _context(v_cache, block_tables[i], seq_len, v_scale)
         out[i : i + 1] = causal_attention(q[i : i + 1], k, v, scale)
     return out
 

@@ -7,8 +7,10 @@ the frequency of rotated pair i. Only the first rotary_dim dims of each head tur
 - half-split (NeoX; Llama, Qwen): pair i = dims (i, i + R/2)
 Dims past rotary_dim pass through. Math in fp32, rounded once to the input dtype.
 
-One program per token rotates all q and k heads in place, so q and k (views into the fused qkv
-output) are read and written once, with no copies.
+Grid (token, head block): each program rotates HEADS_PER_PROGRAM heads of q or of k in place, so
+q and k (views into the fused qkv output) are read and written once, with no copies, and the q and
+k heads of a token are turned in parallel (one program per token was latency-bound: 4.9 us per
+layer at batch 1 on H200, benchmarks/results/profile_decode_h200.md).
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from flatout.kernels._utils import next_pow2
 
 @triton.jit
 def _rotate_heads(
-    x_ptr, cos, sin, num_heads,
+    x_ptr, cos, sin, head0, num_heads,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
     INTERLEAVED: tl.constexpr,
 ):  # fmt: skip
-    h = tl.arange(0, BLOCK_H)
+    h = head0 + tl.arange(0, BLOCK_H)
     i = tl.arange(0, BLOCK_R)
     if INTERLEAVED:
         first, second = 2 * i, 2 * i + 1
@@ -45,21 +47,26 @@ def _rotate_heads(
 def _rotary_kernel(
     positions_ptr, q_ptr, k_ptr, cos_sin_ptr,
     stride_qt, stride_kt, stride_cs,
-    num_heads, num_kv_heads,
-    HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr, BLOCK_R: tl.constexpr,
+    num_heads, num_kv_heads, q_blocks,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
     INTERLEAVED: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)  # [0, q_blocks): heads of q; past it: heads of k
     pos = tl.load(positions_ptr + t).to(tl.int64)
     i = tl.arange(0, BLOCK_R)
     row = cos_sin_ptr + pos * stride_cs
     cos = tl.load(row + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]  # [1, R/2]
     sin = tl.load(row + HALF + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
-    _rotate_heads(q_ptr + t * stride_qt, cos, sin, num_heads,
-                  HEAD_DIM, HALF, BLOCK_H, BLOCK_R, INTERLEAVED)
-    _rotate_heads(k_ptr + t * stride_kt, cos, sin, num_kv_heads,
-                  HEAD_DIM, HALF, BLOCK_KVH, BLOCK_R, INTERLEAVED)
+    if blk < q_blocks:
+        _rotate_heads(q_ptr + t * stride_qt, cos, sin, blk * BLOCK_H, num_heads,
+                      HEAD_DIM, HALF, BLOCK_H, BLOCK_R, INTERLEAVED)
+    else:
+        _rotate_heads(k_ptr + t * stride_kt, cos, sin, (blk - q_blocks) * BLOCK_H, num_kv_heads,
+                      HEAD_DIM, HALF, BLOCK_H, BLOCK_R, INTERLEAVED)
+
+
+HEADS_PER_PROGRAM = 4
 
 
 def _check(x: torch.Tensor, head_dim: int, name: str) -> None:
@@ -85,13 +92,14 @@ def rotary_embedding(
         raise ValueError(f"rotary_dim {rotary_dim} must be even and at most head_dim {head_dim}")
     num_heads, num_kv_heads = q.shape[1] // head_dim, k.shape[1] // head_dim
     if q.shape[0]:
-        _rotary_kernel[(q.shape[0],)](
+        block_h = min(HEADS_PER_PROGRAM, next_pow2(max(num_heads, num_kv_heads)))
+        q_blocks = triton.cdiv(num_heads, block_h)
+        _rotary_kernel[(q.shape[0], q_blocks + triton.cdiv(num_kv_heads, block_h))](
             positions, q, k, cos_sin_cache,
             q.stride(0), k.stride(0), cos_sin_cache.stride(0),
-            num_heads, num_kv_heads,
-            HEAD_DIM=head_dim, HALF=rotary_dim // 2,
-            BLOCK_H=next_pow2(num_heads), BLOCK_KVH=next_pow2(num_kv_heads),
+            num_heads, num_kv_heads, q_blocks,
+            HEAD_DIM=head_dim, HALF=rotary_dim // 2, BLOCK_H=block_h,
             BLOCK_R=next_pow2(rotary_dim // 2), INTERLEAVED=interleaved,
-            num_warps=4,
+            num_warps=1 if block_h * next_pow2(rotary_dim // 2) <= 128 else 2,
         )  # fmt: skip
     return q, k

@@ -93,6 +93,8 @@ class Attention(nn.Module):
 
     The model runner binds `k_cache`/`v_cache` ([num_blocks, block_size, KVH, D]) after the cache
     is allocated; without them (standalone forwards) each sequence attends to its new tokens only.
+    A float8_e4m3fn cache (--kv-cache-dtype fp8) holds K / k_scale and V / v_scale: per-tensor fp32
+    scales, 1.0 unless the checkpoint gives them; a cache in the model's dtype ignores them.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
@@ -105,6 +107,11 @@ class Attention(nn.Module):
         self.scale = scale
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        # [] fp32 on the layer's device, read by the kernels (no host sync, CUDA-graph safe)
+        self.k_scale: torch.Tensor
+        self.v_scale: torch.Tensor
+        self.register_buffer("k_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("v_scale", torch.ones((), dtype=torch.float32))
         self.ops = ops_for()
 
     def forward(
@@ -129,12 +136,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Writes the new K/V into the cache, then attends over it. A batch of decodes only reads
         device tensors of `meta` on CUDA, so decode steps can be captured in CUDA graphs."""
-        self.ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        ks, vs = self.k_scale, self.v_scale
+        self.ops.write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, ks, vs)
         if meta.max_query_len == 1:  # q: [B, H, D], one query per sequence
             return self.ops.paged_decode_attention(
-                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale, ks, vs
             )
         return self.ops.paged_prefill_attention(
             q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-            self.scale, meta.max_query_len,
+            self.scale, meta.max_query_len, ks, vs,
         )  # fmt: skip

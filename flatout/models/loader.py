@@ -21,6 +21,7 @@ from flatout.layers.embedding import ParallelLMHead
 from flatout.layers.linear import LinearBase, ShardId, get_shard_ids, get_weight_loader
 from flatout.layers.norm import RMSNorm
 from flatout.layers.quantization import is_filled_with_weight
+from flatout.models.kv_scales import kv_scale_targets, load_kv_scale
 from flatout.models.prequantized import (
     UNUSED_SUFFIXES,
     CheckpointQuantization,
@@ -130,9 +131,12 @@ def load_safetensors_weights(
     if quantized is not None:  # consumed with their weights (block scales), or unused
         skipped = UNUSED_SUFFIXES + (("." + quantized.scale_name,) if block else ())
     all_names = [n for n in file_of if not n.endswith(skipped)]
-    plan = plan_weight_loading(model, all_names, name_map, tied_lm_head,
+    kv_scales = kv_scale_targets(model, all_names)  # buffers, not parameters: loaded apart
+    plan = plan_weight_loading(model, [n for n in all_names if n not in kv_scales], name_map,
+                               tied_lm_head,
                                scales_in_checkpoint=quantized is not None and block is None)
     params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
     # read straight onto the parameters' device: one tensor at a time in flight, sliced there
     device = str(next(iter(params.values())).device)
     with contextlib.ExitStack() as stack:
@@ -140,6 +144,12 @@ def load_safetensors_weights(
                   for p in files}
         for path, names in names_by_file.items():
             for name in names:
+                if name in kv_scales:
+                    try:
+                        load_kv_scale(buffers[kv_scales[name]], opened[path].get_tensor(name), name)
+                    except ValueError as e:
+                        raise CheckpointError(f"{path.name}: {e}") from None
+                    continue
                 target = plan.get(name)
                 if target is None:
                     continue

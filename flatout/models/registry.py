@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from flatout.config import QUANTIZATION_METHODS, EngineArgs, ModelConfig
+from flatout.config import QUANTIZATION_METHODS, EngineArgs, ModelConfig, normalize_kv_cache_dtype
 from flatout.layers.quantization import check_device
 from flatout.models.decoder import CausalLM
 from flatout.models.glm4v import Glm4vForConditionalGeneration
@@ -232,10 +232,12 @@ def load_model(
     return model
 
 
-def model_info_lines(cfg: ModelConfig) -> list[str]:
-    """Human-readable sizes, computed from the config alone (no weights are allocated)."""
+def model_info_lines(cfg: ModelConfig, kv_cache_dtype: str = "auto") -> list[str]:
+    """Human-readable sizes, computed from the config alone (no weights are allocated); the KV
+    bytes are those of a cache of `kv_cache_dtype` ("auto": the model's dtype, or "fp8")."""
     weights = " (dummy weights)" if cfg.load_format == "dummy" else ""
-    kv = cfg.kv_bytes_per_token
+    kv = cfg.kv_cache_bytes_per_token(kv_cache_dtype)
+    kv_dtype = "float8_e4m3fn" if normalize_kv_cache_dtype(kv_cache_dtype) == "fp8" else cfg.dtype
     return [
         f"model: {cfg.model} [{cfg.architecture}]{weights}",
         f"layers {cfg.num_hidden_layers}, hidden {cfg.hidden_size}, heads "
@@ -246,7 +248,8 @@ def model_info_lines(cfg: ModelConfig) -> list[str]:
         f"weights: {cfg.weight_bytes / 1e9:.2f} GB in {cfg.dtype}"
         + (f" (linears {cfg.quantization}" + (" incl. LM head" if cfg.quantize_lm_head else "")
            + " + fp32 per-channel scales)" if cfg.quantization else ""),
-        f"KV cache: {kv / 1024:.1f} KiB per token, {kv * cfg.max_model_len / 2**30:.2f} GiB "
+        f"KV cache: {kv / 1024:.1f} KiB per token in {kv_dtype}, "
+        f"{kv * cfg.max_model_len / 2**30:.2f} GiB "
         f"for one sequence of max_model_len {cfg.max_model_len}",
         f"eos token ids: {list(cfg.eos_token_ids)}",
     ]

@@ -58,7 +58,7 @@ class StepCost:
     attn_flops_per_pair: int
 
     @classmethod
-    def of(cls, cfg: ModelConfig) -> StepCost:
+    def of(cls, cfg: ModelConfig, kv_cache_dtype: str = "auto") -> StepCost:
         embed = cfg.vocab_size * cfg.hidden_size
         # tied: one table serves as LM head (read every step); untied: the input table is only
         # looked up, and the layers' parameters are the rest less the LM head
@@ -67,7 +67,7 @@ class StepCost:
         return cls(
             # quantized linears at their real size (cfg.weight_bytes); the table stays 16-bit
             weight_bytes=cfg.weight_bytes - input_table * cfg.dtype_bytes,
-            kv_bytes_per_token=cfg.kv_bytes_per_token,
+            kv_bytes_per_token=cfg.kv_cache_bytes_per_token(kv_cache_dtype),
             linear_flops_per_token=2 * linear,
             lm_head_flops_per_row=2 * embed,
             attn_flops_per_pair=4 * cfg.num_hidden_layers * cfg.num_attention_heads

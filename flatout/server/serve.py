@@ -44,12 +44,13 @@ def banner_lines(state: Any, url: str, startup_seconds: float) -> list[str]:
     mc, cc = ready.model_config, ready.cache_config
     cache_tokens = cc.num_blocks * cc.block_size
     parser = state.reasoning.name if state.reasoning else "none"
+    kv_dtype = "float8_e4m3fn" if cc.cache_dtype == "fp8" else mc.dtype
     return [
         f"flatout {_version()} serving {state.model_name!r} on {url} (OpenAI API under /v1)",
         f"  model     {mc.model} ({mc.architecture}), dtype {mc.dtype}, device {ready.device}, "
         f"max_model_len {mc.max_model_len}",
         f"  KV cache  {cc.num_blocks} blocks x {cc.block_size} = {cache_tokens} tokens = "
-        f"{cache_tokens / mc.max_model_len:.1f} concurrent sequences at max length",
+        f"{cache_tokens / mc.max_model_len:.1f} concurrent sequences at max length, in {kv_dtype}",
         f"  chat      template: {state.renderer.source}; reasoning parser: {parser}",
         f"  limits    {state.admission.max_waiting} waiting sequences, request timeout "
         f"{_duration(state.admission.request_timeout)}",

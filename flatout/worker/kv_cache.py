@@ -5,6 +5,9 @@ On a GPU the cache takes what is left of `gpu_memory_utilization` x the card aft
 the peak of a profiled forward over the largest batch the scheduler can form (including the
 sampler's widest path), and the memory outside torch's allocator (CUDA context, NCCL). On the
 CPU it takes `kv_cache_memory` (1 GiB by default); `num_kv_blocks` fixes it anywhere.
+
+`--kv-cache-dtype fp8` stores K and V as float8_e4m3fn (one byte per value, so twice the blocks
+in the same memory); `auto` stores them in the model's dtype.
 """
 
 from __future__ import annotations
@@ -26,6 +29,28 @@ if TYPE_CHECKING:
     Model: TypeAlias = CausalLM | Glm4vForConditionalGeneration
 
 CPU_DEFAULT_KV_CACHE_MEMORY = 1 << 30
+# the Triton kernels convert float8_e4m3fn in registers: NVIDIA GPUs from Ada/Hopper (sm_89) on
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def kv_cache_dtype(cache: CacheConfig, model_dtype: torch.dtype,
+                   device: torch.device) -> torch.dtype:
+    """The torch dtype of the KV cache; raises ValueError (at startup, before anything is loaded)
+    for an fp8 cache on a GPU that cannot convert float8_e4m3fn."""
+    if cache.cache_dtype == "auto":
+        return model_dtype
+    if cache.cache_dtype != "fp8":
+        raise ValueError(f"kv_cache_dtype: unknown cache dtype {cache.cache_dtype!r}")
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < FP8_MIN_CAPABILITY:
+            name = torch.cuda.get_device_name(device)
+            raise ValueError(
+                f"kv_cache_dtype fp8: {name} (compute capability {capability[0]}.{capability[1]})"
+                f" cannot convert float8_e4m3fn in its attention kernels, which needs compute "
+                f"capability 8.9 or later (Ada, Hopper, Blackwell); use --kv-cache-dtype auto"
+            )
+    return torch.float8_e4m3fn
 
 
 @dataclass
@@ -110,7 +135,8 @@ def profile_peak_memory(model: Model, num_tokens: int, num_seqs: int,
 
 def allocate_kv_cache(attn_layers: list[Attention], num_blocks: int, block_size: int,
                       dtype: torch.dtype, device: torch.device) -> None:
-    """Give every attention layer its K and V cache: [num_blocks, block_size, KVH, D] each."""
+    """Give every attention layer its K and V cache: [num_blocks, block_size, KVH, D] each, of
+    `dtype` (`kv_cache_dtype`: the model's, or float8_e4m3fn)."""
     # zeroed on the GPU (kernels mask unused slots but must never meet NaN garbage); left
     # uninitialised on the CPU so that untouched blocks never take resident memory
     alloc = torch.zeros if device.type == "cuda" else torch.empty

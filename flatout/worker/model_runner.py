@@ -28,6 +28,7 @@ from flatout.worker.kv_cache import (
     MemoryUse,
     allocate_kv_cache,
     kv_block_bytes,
+    kv_cache_dtype,
     plan_num_blocks,
 )
 from flatout.worker.parallel import num_nodes
@@ -67,6 +68,7 @@ class ModelRunner:
         self.config = config
         self.device = device
         self.dtype = TORCH_DTYPES[config.dtype]
+        self.kv_dtype = kv_cache_dtype(cache, self.dtype, device)  # refuses before loading
         self.block_size = cache.block_size
         self.tp_rank, self.tp_size = distributed.get_tp_rank(), distributed.get_tp_size()
         self.model = load_model(config, device)
@@ -93,11 +95,11 @@ class ModelRunner:
         run = engine.runner
         peak = measure_peak(device, self.dtype, run.peak_memory_bandwidth, run.peak_flops,
                             num_devices=engine.parallel.tensor_parallel_size)
-        self.step_clock = StepClock(StepCost.of(config), device, peak)
+        self.step_clock = StepClock(StepCost.of(config, cache.cache_dtype), device, peak)
         self._busy_base = 0.0  # step seconds at the last reset_busy_time()
         # every rank must hold as many blocks as the others: the scheduler plans for all of them
         self.num_blocks = distributed.min_over_ranks(
-            plan_num_blocks(self.model, self.attn_layers, cache, sched, device, self.dtype,
+            plan_num_blocks(self.model, self.attn_layers, cache, sched, device, self.kv_dtype,
                             self.memory),
             device,
         )
@@ -105,9 +107,10 @@ class ModelRunner:
         self.channel: ControlChannel | None = None
         if self.tp_size > 1 and self.tp_rank == 0:
             self.channel = ControlChannel()
-        allocate_kv_cache(self.attn_layers, self.num_blocks, self.block_size, self.dtype, device)
+        allocate_kv_cache(self.attn_layers, self.num_blocks, self.block_size, self.kv_dtype,
+                          device)
         self.memory.kv_cache = self.num_blocks * kv_block_bytes(self.attn_layers,
-                                                                self.block_size, self.dtype)
+                                                                self.block_size, self.kv_dtype)
         self.memory.kv_tokens = self.num_blocks * self.block_size
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not run.enforce_eager:

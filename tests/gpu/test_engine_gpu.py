@@ -48,3 +48,22 @@ def test_greedy_matches_transformers(tmp_path, arch: str, overrides: dict, eager
     assert [o.token_ids for o in again] == expected
     llm.engine.block_manager.check_integrity()
     assert llm.engine.block_manager.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_fp8_kv_cache_agrees_with_the_reference_path(tmp_path, eager: bool) -> None:  # noqa: ANN001
+    """--kv-cache-dtype fp8 on the GPU (Triton KV write and attention over float8_e4m3fn, CUDA
+    graphs) gives the tokens of the CPU's PyTorch references over the same fp8 cache."""
+    path = make_tiny_checkpoint("GlmForCausalLM", tmp_path / "glm")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 301, (n,), generator=g).tolist() for n in LENS]
+    params = SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True)
+    kw = dict(dtype="float32", kv_cache_dtype="fp8", block_size=16, num_kv_blocks=64,
+              max_num_batched_tokens=32, max_num_seqs=8)
+    gpu = LLM(str(path), enforce_eager=eager, **kw)
+    assert gpu.engine.core.runner.attn_layers[0].k_cache.dtype == torch.float8_e4m3fn
+    cpu = LLM(str(path), device="cpu", **kw)
+    got = [o.token_ids for o in gpu.generate(prompts, params)]
+    want = [o.token_ids for o in cpu.generate(prompts, params)]
+    same = sum(a == b for x, y in zip(got, want, strict=True) for a, b in zip(x, y, strict=True))
+    assert same >= 0.9 * len(LENS) * NEW, (got, want)

@@ -42,7 +42,9 @@ def tol(dtype: torch.dtype) -> dict:
 
 
 def upcast(args):
-    return [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+    # fp8 caches stay fp8: the references dequantize them with their scales
+    return [a.float() if torch.is_tensor(a) and a.is_floating_point() and a.element_size() > 1
+            else a for a in args]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -112,6 +114,75 @@ def test_write_kv_cache(dtype):
     write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
     reference.write_kv_cache(k, v, batch.k_cache, batch.v_cache, batch.slot_mapping)
     assert torch.equal(k_cache, batch.k_cache) and torch.equal(v_cache, batch.v_cache)
+
+
+# -- --kv-cache-dtype fp8: float8_e4m3fn caches with per-tensor scales -------------------------
+FP8 = torch.float8_e4m3fn
+
+
+def fp8_scales():
+    return (torch.tensor(0.05, device="cuda"), torch.tensor(0.02, device="cuda"))
+
+
+def to_fp8(batch, k_scale, v_scale):
+    batch.k_cache = reference.quantize_kv(batch.k_cache, k_scale)
+    batch.v_cache = reference.quantize_kv(batch.v_cache, v_scale)
+    return batch
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_fp8_kv_cache_is_bit_exact(dtype):
+    """The GPU rounds to nearest even and saturates, exactly as torch's conversion does."""
+    batch = make_paged_batch([(300, 300), (1, 77), (0, 0), (13, 500)], 32, 2, 128, 16,
+                             dtype=dtype, device="cuda", pad_tokens=7)  # fmt: skip
+    to_fp8(batch, None, None)
+    t = batch.slot_mapping.shape[0]
+    qkv = (torch.randn(t, 36 * 128, device="cuda") * 30).to(dtype)
+    qkv[0, 4096] = 1e4  # beyond 448 * scale: saturates
+    k, v = qkv[:, 4096:4352].view(t, 2, 128), qkv[:, 4352:].view(t, 2, 128)
+    ks, vs = fp8_scales()
+    k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
+    write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping, ks, vs)
+    reference.write_kv_cache(k, v, batch.k_cache, batch.v_cache, batch.slot_mapping, ks, vs)
+    assert torch.equal(k_cache.view(torch.uint8), batch.k_cache.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), batch.v_cache.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["glm4-9b", "awkward", "mha-d64"])
+@pytest.mark.parametrize("num_splits", [None, 1, 7])
+def test_fp8_decode(dtype, name, num_splits):
+    heads, kv_heads, head_dim, block_size = ATTN_SHAPES[name]
+    lens = [0, 1, 511, 512, 2047, 33, 4000, 17]
+    batch = make_paged_batch([(1 if n else 0, n) for n in lens], heads, kv_heads, head_dim,
+                             block_size, device="cuda")  # fmt: skip
+    ks, vs = fp8_scales()
+    to_fp8(batch, ks, vs)
+    q = torch.randn(len(lens), heads, head_dim, device="cuda").to(dtype)
+    args = [q, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.scale]
+    out = paged_decode_attention(*args, ks, vs, num_splits=num_splits)
+    ref = reference.paged_decode_attention(*upcast(args), ks, vs)
+    assert torch.isfinite(out).all() and (out[0] == 0).all()
+    torch.testing.assert_close(out.float(), ref, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["glm4-9b", "awkward"])
+def test_fp8_prefill(dtype, name):
+    heads, kv_heads, head_dim, block_size = ATTN_SHAPES[name]
+    chunks = [(512, 512), (1, 700), (37, 1037), (0, 0), (129, 300), (3, 3)]
+    batch = make_paged_batch(chunks, heads, kv_heads, head_dim, block_size, device="cuda",
+                             pad_tokens=5)  # fmt: skip
+    ks, vs = fp8_scales()
+    to_fp8(batch, ks, vs)
+    q = batch.q.to(dtype)
+    args = [q, batch.k_cache, batch.v_cache, batch.query_start_loc, batch.seq_lens,
+            batch.block_tables, batch.scale, batch.meta.max_query_len]  # fmt: skip
+    n = batch.num_real_tokens
+    out = paged_prefill_attention(*args, ks, vs)[:n]
+    ref = reference.paged_prefill_attention(*upcast(args), ks, vs)[:n]
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, **tol(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

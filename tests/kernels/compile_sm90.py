@@ -79,6 +79,16 @@ def _launch_all(dtype: torch.dtype) -> None:
                                   b.block_tables, 0.1, 3)  # fmt: skip
         write_kv_cache(b.q[:, :kv_heads], b.q[:, :kv_heads], b.k_cache, b.v_cache,
                          b.slot_mapping)  # fmt: skip
+        # --kv-cache-dtype fp8: the same kernels over a float8_e4m3fn cache with scales
+        k8, v8 = b.k_cache.to(torch.float8_e4m3fn), b.v_cache.to(torch.float8_e4m3fn)
+        ks = vs = torch.ones(())
+        paged_decode_attention(b.q[:2], k8, v8, b.block_tables, b.seq_lens, 0.1, ks, vs,
+                               num_splits=4)  # fmt: skip
+        paged_decode_attention(b.q[:2], k8, v8, b.block_tables, b.seq_lens, 0.1, ks, vs,
+                               num_splits=1)  # fmt: skip
+        paged_prefill_attention(b.q, k8, v8, b.query_start_loc, b.seq_lens, b.block_tables,
+                                0.1, 3, ks, vs)  # fmt: skip
+        write_kv_cache(b.q[:, :kv_heads], b.q[:, :kv_heads], k8, v8, b.slot_mapping, ks, vs)
     x = torch.zeros(4, 4096, dtype=dtype)
     rms_norm(x, x[0], 1e-5)
     fused_add_rms_norm(x, x, x[0], 1e-5)

@@ -84,12 +84,15 @@ def test_decode_equals_prefill_with_chunks_of_one():
 
 
 def test_decode_num_splits_depends_only_on_static_shapes():
-    # the interpreter counts 8 SMs: 1 sequence x 2 kv heads -> 4 splits fill them
-    assert decode_num_splits(1, 2, 512, 16, CPU) == 4
+    # the interpreter counts 8 SMs, so the target is 4 x 8 = 32 (batch x kv head x split) programs
+    assert decode_num_splits(1, 2, 512, 16, CPU) == 16  # 2 programs x 16 splits
     assert decode_num_splits(1, 2, 4, 16, CPU) == 1  # a 64-token table leaves nothing to split
-    assert decode_num_splits(2, 1, 1000, 16, CPU) == 4
-    assert decode_num_splits(3, 1, 1000, 16, CPU) == 4  # rounded up to a power of two
-    assert decode_num_splits(8, 2, 4096, 16, CPU) == 1  # the batch already fills the SMs
+    assert decode_num_splits(1, 2, 16, 16, CPU) == 4  # 256 tokens: one 64-token tile per split
+    assert decode_num_splits(2, 1, 1000, 16, CPU) == 16
+    assert decode_num_splits(3, 1, 1000, 16, CPU) == 8  # 32 // 3 rounded down to a power of two
+    assert decode_num_splits(8, 2, 4096, 16, CPU) == 2
+    assert decode_num_splits(16, 2, 4096, 16, CPU) == 1  # the batch alone gives 32 programs
+    assert decode_num_splits(64, 2, 4096, 16, CPU) == 1
 
 
 # (new tokens, context after the step): prefix hits, a whole prompt, a decode row, an empty row,

@@ -84,3 +84,25 @@ def test_plan_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--model", "glm-4-9b", "--gpus", "1x16GB"]) == 1
     assert "fits      NO" in capsys.readouterr().out
     assert main(["plan", "--model", "glm-4-9b", "--gpus", "2x24GB", "--tp", "3"]) == 2
+
+
+def test_fp8_kv_cache_doubles_the_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    auto = make_plan(glm(8192), parse_gpus("1x24GB"))
+    fp8 = make_plan(glm(8192), parse_gpus("1x24GB"), kv_cache_dtype="fp8")
+    assert (auto.kv_per_token, fp8.kv_per_token) == (40 * 1024, 20 * 1024)  # bf16 vs 1 byte
+    assert fp8.kv_budget == auto.kv_budget  # same memory, half the bytes per token
+    # twice the tokens, up to the block rounding of the budget
+    assert 2 * auto.kv_tokens <= fp8.kv_tokens < 2 * auto.kv_tokens + 2 * auto.block_size
+    assert fp8.decode_floor(64) < auto.decode_floor(64)
+    # a context that does not fit in bf16 fits in fp8; the startup check agrees
+    bf16_max = auto.kv_tokens
+    args = EngineArgs(model="glm-4-9b", load_format="dummy", max_model_len=bf16_max + 1024)
+    with pytest.raises(ValueError, match="cannot fit"):
+        check_fits(glm(bf16_max + 1024), args, 24 * 10**9)
+    fp8_args = EngineArgs(model="glm-4-9b", load_format="dummy", max_model_len=bf16_max + 1024,
+                          kv_cache_dtype="fp8")
+    assert check_fits(glm(bf16_max + 1024), fp8_args, 24 * 10**9).fits
+    assert main(["plan", "--model", "glm-4-9b", "--gpus", "1x24GB", "--max-model-len", "8192",
+                 "--kv-cache-dtype", "fp8"]) == 0
+    out = capsys.readouterr().out
+    assert f"= {fp8.kv_tokens} tokens (20.0 KiB/token on each GPU, float8_e4m3fn)" in out

@@ -157,3 +157,13 @@ def test_a_dead_rank_ends_the_engine_process_instead_of_hanging(tmp_path: Path) 
     assert proc.returncode == WORKER_LOST_EXIT_CODE, proc.stderr[-2000:]
     assert "still here" not in proc.stdout
     assert "rank 1 exited" in proc.stderr
+
+
+def test_tp_with_fp8_kv_cache_matches_one_rank(tmp_path: Path) -> None:
+    """Each rank quantizes its own KV heads with the (replicated) per-layer scales: 2 ranks give
+    one rank's fp8-cache output."""
+    path = make_tiny_checkpoint("GlmForCausalLM", tmp_path / "glm")
+    one, _, _ = _run(path, 1, kv_cache_dtype="fp8")
+    two, _, llm = _run(path, 2, kv_cache_dtype="fp8")
+    assert llm.engine.core.runner.attn_layers[0].k_cache.dtype.itemsize == 1
+    _assert_same(two, one)

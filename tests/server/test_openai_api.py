@@ -181,5 +181,5 @@ def test_models_health_version_and_aliases(demo_server, client: openai.OpenAI) -
     assert httpx.get(f"{demo_server.url}/health").status_code == 200
     assert httpx.get(f"{demo_server.url}/version").json()["version"]
     banner = demo_server.output
-    assert "KV cache" in banner and "concurrent sequences at max length" in banner
+    assert "KV cache" in banner and "concurrent sequences at max length, in float32" in banner
     assert "dtype float32" in banner and "startup" in banner
