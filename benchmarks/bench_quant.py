@@ -9,7 +9,9 @@ with dummy weights (load_format="dummy"):
      context,
      against the floor of (weight bytes + KV bytes read) / measured copy bandwidth, and the
      kernels one batch-1 step spends its time in;
-  2. prefill of 8 x 512 tokens (best of 3; one step of 4096 batched tokens).
+  2. prefill of 8 x 512 tokens (best of 3; one step of 4096 batched tokens), and the seed
+     workload 256 x (512 -> 256 tokens, ignore_eos) in output tokens/s;
+  "fp8+kvfp8" is fp8 weights with --kv-cache-dtype fp8.
 Then accuracy (the `accuracy` part, one process):
   3. per linear of every decoder layer of the dummy model: relative output error of each method's
      kernel vs the bf16 linear, on unit-normal inputs (32 rows, the decode path; 512 rows, the
@@ -40,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from decode_timing import profile_decode, steady_decode  # noqa: E402 - beside this file
 
-METHODS = ("bf16", "int8", "fp8")
+METHODS = ("bf16", "int8", "fp8", "fp8+kvfp8")  # the last: fp8 weights + --kv-cache-dtype fp8
 DECODE_BATCHES = (1, 32, 128, 256)
 CUDA = torch.cuda.is_available()
 
@@ -51,7 +53,11 @@ def sync() -> None:
 
 
 def quantization(method: str) -> str | None:
-    return None if method == "bf16" else method
+    return None if method == "bf16" else method.split("+")[0]
+
+
+def kv_cache_dtype(method: str) -> str:
+    return "fp8" if method.endswith("+kvfp8") else "auto"
 
 
 def tiny_checkpoint(folder: Path, hidden: int = 64) -> str:
@@ -71,6 +77,7 @@ def run_speed(model: str, method: str, quick: bool) -> dict:
 
     t0 = time.monotonic()
     llm = LLM(model, load_format="dummy", quantization=quantization(method),
+              kv_cache_dtype=kv_cache_dtype(method),
               max_model_len=1024 if quick else 2048, max_num_seqs=256,
               max_num_batched_tokens=4096, enable_prefix_caching=False,
               **({} if CUDA else {"num_kv_blocks": 256}))
@@ -114,6 +121,16 @@ def run_speed(model: str, method: str, quick: bool) -> dict:
         sync()
         times.append(time.perf_counter() - t)
     res["prefill"] = {"shape": f"{n} x {length}", "tokens": n * length, "s": min(times)}
+    # the seed workload: N x (512 -> 256 tokens, ignore_eos) through the offline API
+    num, n_in, n_out = (4, 64, 16) if quick else (256, 512, 256)
+    prompts = [torch.randint(100, cfg.vocab_size - 100, (n_in,), generator=gen).tolist()
+               for _ in range(num)]
+    t = time.perf_counter()
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n_out,
+                                                ignore_eos=True))
+    wall = time.perf_counter() - t
+    res["workload"] = {"requests": num, "output_tok_s": sum(len(o.token_ids) for o in outs) / wall,
+                       "wall_s": wall}
     core.shutdown()
     return res
 
@@ -211,6 +228,7 @@ def tiny_model_agreement(methods: list[str], quick: bool) -> dict:
 
 
 def run_accuracy(model: str, methods: list[str], quick: bool) -> dict:
+    methods = [m for m in methods if "+" not in m]  # weight formats only
     return {"per_linear": per_linear_error(model, methods, quick),
             "tiny_model": tiny_model_agreement(methods, quick)}
 
@@ -230,7 +248,8 @@ def report(device: dict, parts: dict, acc: dict, cmd: str, model: str) -> str:
               "| method | weights GB | KV blocks | "
               + " | ".join(f"decode b{d['batch']} ms (MBU)" for d in batches)
               + " | prefill ms | x bf16 (" + " / ".join(f"b{d['batch']}" for d in batches)
-              + " / prefill) |", "|---|---|---|" + "---|" * (len(batches) + 2)]
+              + " / prefill) | N x (512 -> 256) tok/s |",
+              "|---|---|---|" + "---|" * (len(batches) + 3)]
     for m, r in parts.items():
         if "error" in r:
             lines.append(f"| {m} | failed: {r['error'][:200]} |")
@@ -247,6 +266,8 @@ def report(device: dict, parts: dict, acc: dict, cmd: str, model: str) -> str:
             cells.append(" / ".join(f"{x:.2f}" for x in ratios))
         else:
             cells.append("")
+        w = r.get("workload")
+        cells.append(f"{w['output_tok_s']:.0f} ({w['requests']} requests)" if w else "")
         lines.append("| " + " | ".join(cells) + " |")
     for m, r in parts.items():
         prof = r.get("profile_b1")
