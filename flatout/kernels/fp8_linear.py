@@ -20,12 +20,6 @@ from flatout.kernels import reference
 from flatout.kernels.gemv import MAX_ROWS, gemv
 from flatout.kernels.reference import quantize_fp8_per_token
 
-MIN_CAPABILITY = (8, 9)
-
-
-def supports_fp8(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
-
 
 def linear_w8a8_fp8(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None

@@ -58,17 +58,22 @@ def weight_format(method: str | None) -> WeightFormat | None:
     return fmt
 
 
+FP8_MIN_CAPABILITY = (8, 9)  # e4m3 tensor cores and conversions: Ada, Hopper and later
+
+
+def supports_fp8(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= FP8_MIN_CAPABILITY
+
+
 def check_device(method: str | None, device: torch.device) -> None:
     """Raise, before anything is built, when `device` cannot run `method`."""
     if method != "fp8" or device.type != "cuda":
         return
-    from flatout.kernels.fp8_linear import MIN_CAPABILITY, supports_fp8
-
     if not supports_fp8(device):
         major, minor = torch.cuda.get_device_capability(device)
         raise ValueError(
             f"quantization fp8 needs FP8 tensor cores (compute capability >= "
-            f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}: Ada, Hopper or later); "
+            f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]}: Ada, Hopper or later); "
             f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use --quantization int8"
         )
 

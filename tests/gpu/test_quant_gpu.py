@@ -16,8 +16,9 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
                 allow_module_level=True)  # fmt: skip
 
 from flatout.kernels import reference  # noqa: E402
-from flatout.kernels.fp8_linear import linear_w8a8_fp8, supports_fp8  # noqa: E402
+from flatout.kernels.fp8_linear import linear_w8a8_fp8  # noqa: E402
 from flatout.kernels.gemv import linear_w8a16  # noqa: E402
+from flatout.layers.quantization import supports_fp8  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 SHAPES = [(4608, 4096), (4096, 13696), (48, 96)]  # GLM-4-9B qkv, down; untileable for FP8
