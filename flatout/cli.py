@@ -45,7 +45,8 @@ def _cmd_info(ns: argparse.Namespace) -> int:
         model = demo_model_path()
     cfg = resolve_model_config(
         model, dtype=ns.dtype, device_type=ns.device_type, max_model_len=ns.max_model_len,
-        load_format=ns.load_format,
+        load_format=ns.load_format, quantization=ns.quantization,
+        quantize_lm_head=ns.quantize_lm_head,
     )
     for line in model_info_lines(cfg, ns.kv_cache_dtype):
         print(line)

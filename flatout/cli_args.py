@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import argparse
 
-from flatout.config import KV_CACHE_DTYPES, add_engine_args, engine_args_from
+from flatout.config import (
+    KV_CACHE_DTYPES,
+    QUANTIZATION_METHODS,
+    add_engine_args,
+    engine_args_from,
+)
 from flatout.server.defaults import DEFAULT_MAX_BODY_BYTES
 from flatout.server.reasoning import PARSER_NAMES
 from flatout.server.tool_parsers import PARSERS as TOOL_PARSERS
@@ -44,6 +49,16 @@ def add_info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", default="auto")
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="the KV cache's dtype the bytes per token are counted in")
+    add_quantization_args(p)
+
+
+def add_quantization_args(p: argparse.ArgumentParser) -> None:
+    """--quantization / --quantize-lm-head as serve has them (plan, info)."""
+    p.add_argument("--quantization", default=None, choices=list(QUANTIZATION_METHODS),
+                   help="count the decoder's linears as int8 / fp8 weights with fp32 "
+                        "per-channel scales (as `flatout serve --quantization` holds them)")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="with --quantization: the LM head too")
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -98,6 +113,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="auto (the model's dtype) or fp8 (float8 e4m3: one byte per value, "
                    "twice bf16's tokens)")
+    add_quantization_args(p)
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:

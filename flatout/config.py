@@ -11,6 +11,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+# weight quantization methods (--quantization): int8 = W8A16, fp8 = W8A8 e4m3, both symmetric
+# with one scale per output channel
+QUANTIZATION_METHODS = ("int8", "fp8")
+
 
 @dataclass(frozen=True)
 class VisionConfig:
@@ -145,6 +149,10 @@ class ModelConfig:
     prefix_lm: bool = False
     mask_token_ids: tuple[int, ...] = ()  # [gMASK], [MASK]: the first present marks the prompt
     eva_vision: EvaVisionConfig | None = None  # GLM-4V-9B: the EVA2-CLIP tower
+    # the decoder's linears hold int8 / fp8 weights + per-channel scales (None: cfg.dtype); the
+    # LM head too with quantize_lm_head; embeddings, norms and the vision tower stay in cfg.dtype
+    quantization: str | None = None
+    quantize_lm_head: bool = False
 
     @property
     def num_params(self) -> int:
@@ -169,9 +177,32 @@ class ModelConfig:
     def dtype_bytes(self) -> int:
         return {"float32": 4, "bfloat16": 2, "float16": 2}[self.dtype]
 
+    def quantized_counts(self, tp: int = 1) -> tuple[int, int]:
+        """(weights, output channels) of one rank's quantized linears: each weight takes one
+        byte instead of dtype_bytes and each channel adds a 4-byte scale. (0, 0) unquantized."""
+        if self.quantization is None:
+            return 0, 0
+        h, hd = self.hidden_size, self.head_dim
+        q = self.num_attention_heads // tp * hd
+        kv = max(1, self.num_key_value_heads // tp) * hd
+        inter = self.intermediate_size // tp
+        weights = h * (q + 2 * kv) + q * h + 2 * h * inter + inter * h
+        channels = (q + 2 * kv) + h + 2 * inter + h
+        weights, channels = self.num_hidden_layers * weights, self.num_hidden_layers * channels
+        if self.quantize_lm_head:
+            vocab = -(-self.vocab_size // tp)
+            weights, channels = weights + vocab * h, channels + vocab
+        return weights, channels
+
+    def quantized_weight_bytes(self, params: int, tp: int = 1) -> int:
+        """Bytes of `params` parameters (one rank's at tensor-parallel size tp) with this
+        config's quantized linears counted at their real size."""
+        weights, channels = self.quantized_counts(tp)
+        return params * self.dtype_bytes - weights * (self.dtype_bytes - 1) + channels * 4
+
     @property
     def weight_bytes(self) -> int:
-        return self.num_params * self.dtype_bytes
+        return self.quantized_weight_bytes(self.num_params)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -289,6 +320,9 @@ class EngineArgs:
     # the device's peaks for MBU/MFU (bytes/s of a copy, FLOP/s of a matmul); None: measured
     peak_memory_bandwidth: float | None = None
     peak_flops: float | None = None
+    # weight quantization: None (the checkpoint's own, else the model dtype), int8 or fp8
+    quantization: str | None = None
+    quantize_lm_head: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -316,6 +350,8 @@ class EngineArgs:
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise bad("load_format", "must be auto, safetensors or dummy")
         normalize_kv_cache_dtype(self.kv_cache_dtype)  # raises naming the field
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise bad("quantization", f"must be one of {', '.join(QUANTIZATION_METHODS)}")
 
     def resolve(self, model: ModelConfig) -> EngineConfig:
         """The components' configs, given the model's (resolved from the checkpoint)."""
@@ -356,11 +392,20 @@ _HELP = {
     "load_format": "auto (safetensors) or dummy (random weights, real shapes)",
     "peak_memory_bandwidth": "device copy bandwidth in bytes/s for MBU (default: measured)",
     "peak_flops": "device matmul FLOP/s in the model's dtype for MFU (default: measured)",
+    "quantization": "weight quantization, quantized on load from a bf16/fp16 checkpoint (or "
+                    "the checkpoint's own quantization_config): int8 = int8 weights, 16-bit "
+                    "activations (W8A16), any GPU; fp8 = e4m3 weights and per-token e4m3 "
+                    "activations (W8A8), compute capability >= 8.9 (Ada, Hopper); both with one "
+                    "scale per output channel. Embeddings and the LM head stay in --dtype",
+    "quantize_lm_head": "with --quantization: quantize the LM head too (half its bytes, a "
+                        "little more logit error; not with tied embeddings)",
     "disable_custom_all_reduce": "tensor parallel: all-reduce over NCCL only, not the fused "
                                  "one-shot all-reduce + add + RMSNorm kernel over NVLink",
 }
 
-_CHOICES = {"kv_cache_dtype": KV_CACHE_DTYPES}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "kv_cache_dtype": KV_CACHE_DTYPES, "quantization": QUANTIZATION_METHODS,
+}
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

@@ -91,6 +91,12 @@ def rank_param_count(cfg: ModelConfig, tp: int) -> int:
     return cfg.num_hidden_layers * (attn + mlp + norms) + embed + final_norm + tower
 
 
+def rank_weight_bytes(cfg: ModelConfig, tp: int) -> int:
+    """Bytes of one rank's weights: quantized linears at one byte per weight plus their fp32
+    per-channel scales, everything else in the model dtype."""
+    return cfg.quantized_weight_bytes(rank_param_count(cfg, tp), tp)
+
+
 def kv_bytes_per_token_per_rank(cfg: ModelConfig, tp: int, kv_cache_dtype: str = "auto") -> int:
     kv = max(1, cfg.num_key_value_heads // tp)
     elem = kv_cache_element_bytes(kv_cache_dtype, cfg.dtype)
@@ -108,7 +114,13 @@ def activation_reserve(cfg: ModelConfig, tp: int, max_tokens: int, max_seqs: int
     inter = cfg.intermediate_size // tp
     per_token = (4 * h + 2 * (q + 2 * kv) + 3 * inter) * b
     rows = min(max_seqs, max_tokens)
-    return max_tokens * per_token + rows * cfg.vocab_size * 32
+    # int8 linears past the GEMV's rows convert their weight to the model dtype for cuBLAS:
+    # the largest such copy (gate_up, or the LM head when it is quantized)
+    converted = 0
+    if cfg.quantization == "int8":
+        vocab = -(-cfg.vocab_size // tp) if cfg.quantize_lm_head else 0
+        converted = max(2 * inter, vocab) * h * b
+    return max_tokens * per_token + rows * cfg.vocab_size * 32 + converted
 
 
 @dataclass(frozen=True)
@@ -166,9 +178,13 @@ class Plan:
         bw = f"{g.bandwidth / 1e9:.0f} GB/s" + ("" if g.bandwidth_known else " (assumed; "
                                                   "pass --gpu-bandwidth)")
         seqs = self.kv_tokens // self.context if self.context else 0
+        quant = ""
+        if cfg.quantization:
+            head = " and LM head" if cfg.quantize_lm_head else ""
+            quant = f" (linears{head} {cfg.quantization})"
         out = [
             f"model     {cfg.model} ({cfg.architecture}), {cfg.num_params / 1e9:.2f} B params, "
-            f"{cfg.dtype}, max_model_len {cfg.max_model_len}",
+            f"{cfg.dtype}{quant}, max_model_len {cfg.max_model_len}",
             f"GPUs      {g.count} x {g.name} ({g.memory / GIB:.1f} GiB, {bw}); tensor parallel "
             f"{self.tp}; gpu_memory_utilization {self.utilization}",
             "per GPU:",
@@ -200,7 +216,7 @@ def make_plan(
     if tp > gpus.count:
         raise ValueError(f"tensor parallel {tp} needs {tp} GPUs; --gpus gives {gpus.count}")
     check_tensor_parallel(cfg, tp)
-    weights = rank_param_count(cfg, tp) * cfg.dtype_bytes
+    weights = rank_weight_bytes(cfg, tp)
     act = activation_reserve(cfg, tp, max_num_batched_tokens, max_num_seqs)
     overhead = runtime_overhead(tp)
     budget = int(gpus.memory * utilization) - weights - act - overhead
@@ -220,7 +236,9 @@ def run_plan(ns: Any) -> int:
 
         model = demo_model_path()
     cfg = resolve_model_config(model, dtype=ns.dtype, device_type="cuda",
-                               max_model_len=ns.max_model_len, load_format="dummy")
+                               max_model_len=ns.max_model_len, load_format="dummy",
+                               quantization=ns.quantization,
+                               quantize_lm_head=ns.quantize_lm_head)
     bw = ns.gpu_bandwidth * 1e9 if ns.gpu_bandwidth else None
     plan = make_plan(
         cfg, parse_gpus(ns.gpus, bw), ns.tp,

@@ -7,7 +7,8 @@ along in registers, products go through `tl.dot` (rows padded to 16, 32 or 64) w
 accumulation, and the bias is added in the epilogue. No split-K, so no second reduce kernel;
 the tile shape is chosen per (N, K, padded rows) from a table tuned on the GPU
 (benchmarks/tune_gemv.py), since the best BLOCK_N is the one whose program count fills the
-machine in whole waves.
+machine in whole waves. Quantized weights (one byte) come with per-channel scales: int8 for
+W8A16, e4m3 for W8A8 FP8 (the kernel then quantizes each row of x to e4m3 first).
 
 flatout.kernels.reference.linear (F.linear) is its oracle.
 """
@@ -23,6 +24,8 @@ import triton.language as tl
 from flatout.kernels._utils import INTERPRET, dot_dtype, dot_precision, next_pow2
 
 MAX_ROWS = 64
+CHUNKED_ROWS = 4 * MAX_ROWS  # int8 decode batches up to this many rows: GEMV chunks
+FP8_MAX: tl.constexpr = tl.constexpr(448.0)  # largest finite e4m3
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,19 @@ GEMV_WINS_UP_TO: dict[tuple[int, int], int] = {
     (4096, 13696): 64,
     (151552, 4096): 64,
 }
+# int8 weights (W8A16): tiles from benchmarks/results/int8_gemv_h200.md (rows 1 and 32)
+TUNED_INT8: dict[tuple[int, int, int], GemvConfig] = {
+    (4608, 4096, 16): GemvConfig(64, 512, 4, 3),
+    (4608, 4096, 32): GemvConfig(64, 512, 4, 3),
+    (4096, 4096, 16): GemvConfig(32, 256, 4, 4),
+    (4096, 4096, 32): GemvConfig(32, 512, 4, 3),
+    (27392, 4096, 16): GemvConfig(128, 256, 4, 3),
+    (27392, 4096, 32): GemvConfig(128, 256, 4, 3),
+    (4096, 13696, 16): GemvConfig(32, 512, 4, 4),
+    (4096, 13696, 32): GemvConfig(32, 512, 4, 4),
+    (151552, 4096, 16): GemvConfig(64, 256, 4, 4),
+    (151552, 4096, 32): GemvConfig(128, 256, 4, 3),
+}
 DEFAULT = GemvConfig(block_n=32, block_k=256, num_warps=4, num_stages=4)
 INTERPRET_CONFIG = GemvConfig(block_n=16, block_k=32, num_warps=1, num_stages=1)
 
@@ -70,6 +86,7 @@ def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    QUANTIZE_X: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
@@ -77,23 +94,39 @@ def _gemv_kernel(
     row_mask = rows < M
     col_mask = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if QUANTIZE_X:  # W8A8 FP8: each row's e4m3 scale from its absolute maximum (a first pass
+        # over the few rows of x, which stay in L2: every program recomputes the same scales)
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            xa = tl.load(
+                x_ptr + rows[:, None] * stride_xm + ks[None, :],
+                mask=row_mask[:, None] & (ks < K)[None, :], other=0.0,
+            ).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(xa), axis=1))
+        x_scale = tl.maximum(amax, 1e-12) / FP8_MAX
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
         # w: [BLOCK_N, BLOCK_K], contiguous along K
         w = tl.load(
             w_ptr + cols[:, None] * stride_wn + ks[None, :],
-            mask=col_mask[:, None] & k_mask[None, :], other=0,
+            mask=col_mask[:, None] & k_mask[None, :], other=0.0,
         )  # int8 weights convert exactly to bf16/fp16/fp32
         x = tl.load(
             x_ptr + rows[:, None] * stride_xm + ks[None, :],
             mask=row_mask[:, None] & k_mask[None, :], other=0.0,
         )
+        if QUANTIZE_X:  # x rounded to e4m3 (exact in bf16 and fp32, like the weights)
+            xq = tl.clamp(x.to(tl.float32) / x_scale[:, None], -FP8_MAX, FP8_MAX)
+            x = xq.to(tl.float8e4nv)
         acc = tl.dot(
             x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=PRECISION
         )
     if HAS_SCALE:  # W8A16: per-output-channel scale, applied once to the fp32 sums
         acc *= tl.load(s_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if QUANTIZE_X:
+        acc *= x_scale[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(
@@ -107,10 +140,13 @@ def padded_rows(m: int) -> int:
     return max(16, next_pow2(m))
 
 
-def config_for(n: int, k: int, m: int) -> GemvConfig:
+def config_for(n: int, k: int, m: int, int8: bool = False) -> GemvConfig:
     if INTERPRET:
         return INTERPRET_CONFIG
-    return TUNED.get((n, k, padded_rows(m)), DEFAULT)
+    key = (n, k, padded_rows(m))
+    if int8 and key in TUNED_INT8:
+        return TUNED_INT8[key]
+    return TUNED.get(key, DEFAULT)
 
 
 def gemv(
@@ -120,7 +156,9 @@ def gemv(
 ) -> torch.Tensor:  # x: [M, K], weight: [N, K] -> [M, N]
     """x @ weight.T + bias for at most MAX_ROWS rows, fp32 accumulation, x's dtype out.
 
-    With `scale` ([N], fp32) the weight is int8 (W8A16): y = (x @ weight.T) * scale + bias."""
+    With `scale` ([N], fp32) the weight is int8 (W8A16): y = (x @ weight.T) * scale + bias; or
+    float8_e4m3fn (W8A8 FP8): each row of x is quantized to e4m3 with its own scale in the
+    kernel, as reference.linear_w8a8_fp8 does, and y = (xq @ weight.T) * x_scale * scale + b."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"gemv needs x [M, K] and weight [N, K], got {x.shape}, {weight.shape}")
     m, k = x.shape
@@ -131,10 +169,11 @@ def gemv(
         x = x.contiguous()
     if weight.stride(1) != 1:
         weight = weight.contiguous()
-    if weight.dtype != (x.dtype if scale is None else torch.int8):
+    allowed = (x.dtype,) if scale is None else (torch.int8, torch.float8_e4m3fn)
+    if weight.dtype not in allowed:
         raise ValueError(f"gemv: a {weight.dtype} weight with {x.dtype} input needs "
-                         "int8 weights with a scale, or weights of the input's dtype")
-    cfg = config or config_for(n, k, m)
+                         "int8 / e4m3 weights with a scale, or weights of the input's dtype")
+    cfg = config or config_for(n, k, m, int8=scale is not None)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
@@ -143,6 +182,7 @@ def gemv(
         x, weight, scale if scale is not None else weight, bias if bias is not None else weight,
         y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_M=padded_rows(m),
+        QUANTIZE_X=weight.dtype == torch.float8_e4m3fn,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         DOT_DTYPE=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -165,9 +205,15 @@ def linear(
 def linear_w8a16(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:  # x: [M, K], qweight: int8 [N, K], scale: fp32 [N]
-    """(x @ qweight.T) * scale + bias: the GEMV reads int8 weights for up to MAX_ROWS rows;
-    more rows (prefill) dequantize to x's dtype and go through cuBLAS."""
+    """(x @ qweight.T) * scale + bias: the GEMV reads int8 weights for up to MAX_ROWS rows,
+    and in MAX_ROWS-row chunks up to CHUNKED_ROWS (each chunk reads the int8 weight again: 4
+    chunks still read fewer bytes than converting it); more rows (prefill) convert the weight
+    to x's dtype (exact for int8), multiply through cuBLAS and scale the output channels
+    (computed in fp32, in place)."""
     if x.dim() == 2 and x.shape[0] <= MAX_ROWS:
         return gemv(x, qweight, bias, scale=scale)
-    weight = (qweight.to(torch.float32) * scale[:, None]).to(x.dtype)
-    return torch.nn.functional.linear(x, weight, bias)
+    if x.dim() == 2 and x.shape[0] <= CHUNKED_ROWS:
+        return torch.cat([gemv(c, qweight, bias, scale=scale) for c in x.split(MAX_ROWS)])
+    y = torch.nn.functional.linear(x, qweight.to(x.dtype))
+    y.mul_(scale)
+    return y if bias is None else y.add_(bias)

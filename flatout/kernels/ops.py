@@ -43,6 +43,10 @@ class Ops:
     ]
     # (x, weight, bias): x @ weight.T + bias
     linear: Callable[[Tensor, Tensor, Tensor | None], Tensor]
+    # (x, int8 weight [N, K], fp32 scale [N], bias): W8A16, x @ (weight * scale).T + bias
+    linear_w8a16: Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
+    # (x, e4m3 weight [N, K], fp32 scale [N], bias): W8A8 with per-token e4m3 activations
+    linear_w8a8_fp8: Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
 
 
 REFERENCE_OPS = Ops(
@@ -54,6 +58,8 @@ REFERENCE_OPS = Ops(
     paged_prefill_attention=reference.paged_prefill_attention,
     paged_decode_attention=reference.paged_decode_attention,
     linear=reference.linear,
+    linear_w8a16=reference.linear_w8a16,
+    linear_w8a8_fp8=reference.linear_w8a8_fp8,
 )
 
 
@@ -62,7 +68,8 @@ def triton_ops() -> Ops:
     """The Triton kernels (imports triton)."""
     from flatout.kernels.activation import silu_and_mul
     from flatout.kernels.decode_attention import paged_decode_attention
-    from flatout.kernels.gemv import linear
+    from flatout.kernels.fp8_linear import linear_w8a8_fp8
+    from flatout.kernels.gemv import linear, linear_w8a16
     from flatout.kernels.kv_cache import write_kv_cache
     from flatout.kernels.norm import fused_add_rms_norm, rms_norm
     from flatout.kernels.prefill_attention import paged_prefill_attention
@@ -77,6 +84,8 @@ def triton_ops() -> Ops:
         paged_prefill_attention=paged_prefill_attention,
         paged_decode_attention=paged_decode_attention,
         linear=linear,
+        linear_w8a16=linear_w8a16,
+        linear_w8a8_fp8=linear_w8a8_fp8,
     )
 
 

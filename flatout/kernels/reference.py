@@ -250,3 +250,36 @@ def linear_w8a16(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel FP8 e4m3: weight [N, K] -> (float8_e4m3fn [N, K], fp32
+    scale [N]) with weight ~= q * scale[:, None]; an all-zero row gets scale 1."""
+    w = weight.float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-row FP8 e4m3 activations: x [M, K] -> (float8_e4m3fn [M, K], fp32 [M, 1]),
+    x ~= q * scale; an all-zero row gets a tiny positive scale (its q is 0)."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12) / FP8_MAX
+    return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def linear_w8a8_fp8(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W8A8 FP8: x quantized per row to e4m3, then (xq @ qweight.T) * x_scale * scale + bias
+    in fp32, returned in x's dtype (oracle of flatout.kernels.fp8_linear)."""
+    xq, x_scale = quantize_fp8_per_token(x.reshape(-1, x.shape[-1]))
+    y = F.linear(xq.float(), qweight.float()) * x_scale * scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])

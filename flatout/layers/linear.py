@@ -6,6 +6,10 @@ checkpoint tensors (q|k|v, gate|up) accept each part with its shard id, or the f
 `shard_id=None`: the fused tensor is split into its parts first and each part is then sharded, so
 rank r holds [q_r | k_r | v_r], never a contiguous slice of the fused rows.
 
+With `quantization` ("int8" | "fp8") a layer holds its weight in that format (layers/
+quantization.py: int8 / e4m3 `weight` plus a per-output-channel `weight_scale`), quantized as the
+checkpoint's rows arrive, and multiplies through the format's kernel; nothing else changes.
+
 Column-parallel layers split output features across ranks and need no communication; a
 row-parallel layer splits input features and all-reduces its output, or leaves that reduce to
 the next norm as a `PendingReduce`.
@@ -22,6 +26,7 @@ from torch import nn
 from flatout import distributed
 from flatout.distributed import PendingReduce
 from flatout.kernels.ops import ops_for
+from flatout.layers.quantization import mark_filled_with_weight, weight_format
 
 ShardId = int | str
 
@@ -86,15 +91,29 @@ def _divide(total: int, parts: int, what: str) -> int:
 
 
 class LinearBase(nn.Module):
-    """A linear layer's parameters, W: [out_per_rank, in_per_rank] and b; each subclass loads
-    and applies them."""
+    """A linear layer's parameters, W: [out_per_rank, in_per_rank] (+ its per-row scale when
+    quantized) and b; each subclass loads and applies them."""
 
-    def __init__(self, in_per_rank: int, out_per_rank: int, bias: bool) -> None:
+    def __init__(
+        self, in_per_rank: int, out_per_rank: int, bias: bool, quantization: str | None = None
+    ) -> None:
         super().__init__()
         self.tp_rank = distributed.get_tp_rank()
         self.tp_size = distributed.get_tp_size()
         self.ops = ops_for()
-        self.weight = new_parameter(out_per_rank, in_per_rank)
+        self.params_dtype = torch.get_default_dtype()  # the model dtype (of x, y and the bias)
+        self.weight_format = weight_format(quantization)
+        self.weight_scale: nn.Parameter | None
+        if self.weight_format is None:
+            self.weight = new_parameter(out_per_rank, in_per_rank)
+            self.register_parameter("weight_scale", None)
+        else:
+            self.weight, self.weight_scale = self.weight_format.new_parameters(
+                out_per_rank, in_per_rank
+            )
+            mark_filled_with_weight(self.weight_scale)
+            set_weight_loader(self.weight_scale, self.scale_loader)
+            self.quantized_linear = self.weight_format.kernel(self.ops)
         set_weight_loader(self.weight, self.weight_loader)
         if bias:
             self.bias = new_parameter(out_per_rank)
@@ -106,6 +125,58 @@ class LinearBase(nn.Module):
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId | None = None
     ) -> None:
         raise NotImplementedError
+
+    def scale_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId | None = None
+    ) -> None:
+        """A pre-quantized checkpoint's scales of the weight (or of one shard id's part):
+        per output channel ([N] or [N, 1]) or one for the tensor; a column-parallel layer keeps
+        its rows' scales, a row-parallel one all of them (scales span the whole row)."""
+        raise NotImplementedError
+
+    def _fill_scale_rows(self, loaded: torch.Tensor, full_rows: int, start: int, rows: int,
+                         offset: int) -> None:
+        # rows [start, start + rows) of a `full_rows`-row checkpoint tensor's scales, at `offset`
+        assert self.weight_scale is not None
+        flat = loaded.float().reshape(-1)
+        dst = self.weight_scale.data.narrow(0, offset, rows)
+        if flat.numel() == 1:
+            dst.fill_(flat[0])
+        elif flat.numel() == full_rows:
+            dst.copy_(flat.narrow(0, start, rows))
+        else:
+            raise ValueError(f"expected 1 or {full_rows} scales, got {tuple(loaded.shape)}")
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ W.T + bias through the kernel of the weight's format."""
+        if self.weight_scale is None:
+            return self.ops.linear(x, self.weight, bias)
+        return self.quantized_linear(x, self.weight, self.weight_scale, bias)
+
+    def store_weight(self, loaded: torch.Tensor, row: int, col: int) -> None:
+        """Fill this rank's weight rows [row, row + len(loaded)) from full checkpoint rows
+        `loaded` [r, in_per_rank * s] of which this rank keeps columns [col, col + in_per_rank)
+        (s = tp_size for a row-parallel layer, else 1). A quantized format scales each row by
+        its whole width, before the columns are split."""
+        rows, cols = loaded.shape[0], self.weight.shape[1]
+        if self.weight_format is None or self.weight_scale is None or loaded.element_size() == 1:
+            # full precision, or already quantized (a pre-quantized checkpoint: the scales come
+            # through scale_loader)
+            if loaded.dtype != self.weight.dtype and loaded.element_size() == 1:
+                raise ValueError(f"the checkpoint's weight is {loaded.dtype}, this layer holds "
+                                 f"{self.weight.dtype}")
+            copy_checked(self.weight.data.narrow(0, row, rows), loaded.narrow(1, col, cols))
+            return
+        q, scale = self.weight_format.quantize(loaded)
+        copy_checked(self.weight.data.narrow(0, row, rows), q.narrow(1, col, cols))
+        copy_checked(self.weight_scale.data.narrow(0, row, rows), scale)
+
+    def fill_dummy(self, low: float, high: float, generator: torch.Generator) -> None:
+        """Random weights (uniform in [low, high) of the model dtype) stored in the layer's
+        format, for load_format=dummy."""
+        dense = torch.empty(self.weight.shape, dtype=self.params_dtype, device=self.weight.device)
+        dense.uniform_(low, high, generator=generator)
+        self.store_weight(dense, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -122,7 +193,8 @@ class FusedColumnParallelLinear(LinearBase):
     """Several column-parallel outputs stacked along the output dimension."""
 
     def __init__(
-        self, input_size: int, parts: dict[ShardId, tuple[int, int, int]], bias: bool
+        self, input_size: int, parts: dict[ShardId, tuple[int, int, int]], bias: bool,
+        quantization: str | None = None,
     ) -> None:
         # parts: shard id -> (full_rows, rows per rank, slice index), in fused order
         self.parts: dict[ShardId, _Part] = {}
@@ -130,13 +202,13 @@ class FusedColumnParallelLinear(LinearBase):
         for shard_id, (full_rows, rows, index) in parts.items():
             self.parts[shard_id] = _Part(full_rows, rows, offset, index)
             offset += rows
-        super().__init__(input_size, offset, bias)
-        set_shard_ids(self.weight, tuple(self.parts))
-        if self.bias is not None:
-            set_shard_ids(self.bias, tuple(self.parts))
+        super().__init__(input_size, offset, bias, quantization)
+        for param in (self.weight, self.bias, self.weight_scale):
+            if param is not None:
+                set_shard_ids(param, tuple(self.parts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId | None = None
@@ -159,19 +231,46 @@ class FusedColumnParallelLinear(LinearBase):
                 f"shard {shard_id!r} has {loaded.shape[0]} rows, expected {part.full_rows}"
             )
         src = loaded.narrow(0, part.index * part.rows, part.rows)
-        copy_checked(param.data.narrow(0, part.offset, part.rows), src)
+        if param is self.weight:
+            if src.dim() != 2 or src.shape[1] != param.shape[1]:
+                raise ValueError(f"expected {param.shape[1]} columns, got {tuple(src.shape)}")
+            self.store_weight(src, part.offset, 0)
+        else:
+            copy_checked(param.data.narrow(0, part.offset, part.rows), src)
+
+
+    def scale_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId | None = None
+    ) -> None:
+        if shard_id is None:  # scales of the fused tensor: one, or one per fused row
+            sizes = [p.full_rows for p in self.parts.values()]
+            if loaded.numel() not in (1, sum(sizes)):
+                raise ValueError(f"expected 1 or {sum(sizes)} scales, got {tuple(loaded.shape)}")
+            flat = loaded.float().reshape(-1)
+            pieces = [flat] * len(sizes) if flat.numel() == 1 else flat.split(sizes)
+            for sid, piece in zip(self.parts, pieces, strict=True):
+                self.scale_loader(param, piece, sid)
+            return
+        part = self.parts.get(shard_id)
+        if part is None:
+            raise ValueError(f"unknown shard id {shard_id!r} (have {list(self.parts)})")
+        self._fill_scale_rows(loaded, part.full_rows, part.index * part.rows, part.rows,
+                              part.offset)
 
 
 class MergedColumnParallelLinear(FusedColumnParallelLinear):
     """Outputs of equal-input projections stacked, e.g. gate|up (shard ids 0, 1, ...)."""
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
+    def __init__(
+        self, input_size: int, output_sizes: list[int], bias: bool = False,
+        quantization: str | None = None,
+    ) -> None:
         tp_size, rank = distributed.get_tp_size(), distributed.get_tp_rank()
         parts: dict[ShardId, tuple[int, int, int]] = {
             i: (size, _divide(size, tp_size, f"output size {i}"), rank)
             for i, size in enumerate(output_sizes)
         }
-        super().__init__(input_size, parts, bias)
+        super().__init__(input_size, parts, bias, quantization)
         self.output_sizes = list(output_sizes)
 
 
@@ -188,6 +287,7 @@ class QKVParallelLinear(FusedColumnParallelLinear):
         total_num_heads: int,
         total_num_kv_heads: int,
         bias: bool = False,
+        quantization: str | None = None,
     ) -> None:
         tp_size, rank = distributed.get_tp_size(), distributed.get_tp_rank()
         self.head_dim = head_dim
@@ -204,7 +304,7 @@ class QKVParallelLinear(FusedColumnParallelLinear):
             "k": (total_num_kv_heads * head_dim, kv_rows, kv_index),
             "v": (total_num_kv_heads * head_dim, kv_rows, kv_index),
         }
-        super().__init__(hidden_size, parts, bias)
+        super().__init__(hidden_size, parts, bias, quantization)
         self.q_size, self.kv_size = q_rows, kv_rows
 
 
@@ -217,10 +317,11 @@ class RowParallelLinear(LinearBase):
     one-shot all-reduce + add + RMSNorm kernel reads it."""
 
     def __init__(
-        self, input_size: int, output_size: int, bias: bool = False, reduce_results: bool = True
+        self, input_size: int, output_size: int, bias: bool = False, reduce_results: bool = True,
+        quantization: str | None = None,
     ) -> None:
         in_per_rank = _divide(input_size, distributed.get_tp_size(), "input size")
-        super().__init__(in_per_rank, output_size, bias)
+        super().__init__(in_per_rank, output_size, bias, quantization)
         if bias and not reduce_results:
             raise ValueError("a row-parallel linear with a bias must reduce its own results")
         self.reduce_results = reduce_results
@@ -230,20 +331,30 @@ class RowParallelLinear(LinearBase):
     ) -> None:
         if shard_id is not None:
             raise ValueError(f"unsharded parameter got shard id {shard_id!r}")
-        if param.dim() == 1:  # bias: replicated
+        if param is not self.weight:  # bias: replicated
             copy_checked(param.data, loaded)
             return
         cols = param.shape[1]
         if loaded.dim() != 2 or loaded.shape[1] != cols * self.tp_size:
             raise ValueError(f"expected {cols * self.tp_size} columns, got {tuple(loaded.shape)}")
-        copy_checked(param.data, loaded.narrow(1, self.tp_rank * cols, cols))
+        if loaded.shape[0] != param.shape[0]:
+            raise ValueError(f"expected {param.shape[0]} rows, got {tuple(loaded.shape)}")
+        self.store_weight(loaded, 0, self.tp_rank * cols)
+
+    def scale_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId | None = None
+    ) -> None:
+        if shard_id is not None:
+            raise ValueError(f"unsharded parameter got shard id {shard_id!r}")
+        rows = param.shape[0]
+        self._fill_scale_rows(loaded, rows, 0, rows, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | PendingReduce:
         if not self.reduce_results:
             return self._partial(x)
         if self.tp_size == 1:
-            return self.ops.linear(x, self.weight, self.bias)
-        y = distributed.all_reduce(self.ops.linear(x, self.weight, None))
+            return self.matmul(x, self.bias)
+        y = distributed.all_reduce(self.matmul(x, None))
         return y if self.bias is None else y + self.bias
 
     def _partial(self, x: torch.Tensor) -> PendingReduce:
@@ -251,6 +362,9 @@ class RowParallelLinear(LinearBase):
         if x.dim() == 2:
             target = distributed.symmetric_partial(x.shape[0], self.weight.shape[0], x.dtype)
         if target is None:
-            return PendingReduce(self.ops.linear(x, self.weight, None))
-        torch.mm(x, self.weight.t(), out=target.partial)
+            return PendingReduce(self.matmul(x, None))
+        if self.weight_scale is None:
+            torch.mm(x, self.weight.t(), out=target.partial)
+        else:  # the quantized kernels have no out=: one [T, hidden] copy
+            target.partial.copy_(self.matmul(x, None))
         return PendingReduce(target.partial, target)

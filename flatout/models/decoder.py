@@ -33,6 +33,16 @@ def fuses_reduce(cfg: ModelConfig) -> bool:
     return not cfg.o_proj_bias and not cfg.sandwich_norm
 
 
+def lm_head_quantization(cfg: ModelConfig) -> str | None:
+    """The LM head's weight format: the model's quantization only with quantize_lm_head (a
+    tied head is the embedding table, which stays in the model dtype)."""
+    if not cfg.quantize_lm_head:
+        return None
+    if cfg.tie_word_embeddings:
+        raise ValueError("quantize_lm_head: the LM head is tied to the embedding table")
+    return cfg.quantization
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary_emb: RotaryEmbedding, defer_reduce: bool) -> None:
         super().__init__()
@@ -40,11 +50,11 @@ class SelfAttention(nn.Module):
         self.head_dim = d
         self.qkv_proj = QKVParallelLinear(
             cfg.hidden_size, d, cfg.num_attention_heads, cfg.num_key_value_heads,
-            bias=cfg.attention_bias,
+            bias=cfg.attention_bias, quantization=cfg.quantization,
         )
         self.o_proj = RowParallelLinear(
             cfg.num_attention_heads * d, cfg.hidden_size, bias=cfg.o_proj_bias,
-            reduce_results=not defer_reduce,
+            reduce_results=not defer_reduce, quantization=cfg.quantization,
         )
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         # Qwen3: RMSNorm over each head of q and k, before the rotation
@@ -68,10 +78,12 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, defer_reduce: bool) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
-            cfg.hidden_size, [cfg.intermediate_size] * 2, bias=False
+            cfg.hidden_size, [cfg.intermediate_size] * 2, bias=False,
+            quantization=cfg.quantization,
         )
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=False,
-                                           reduce_results=not defer_reduce)
+                                           reduce_results=not defer_reduce,
+                                           quantization=cfg.quantization)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | PendingReduce:  # [T, hidden]
@@ -167,7 +179,7 @@ class CausalLM(nn.Module):
         self.config = cfg
         self.fuses_reduce = fuses_reduce(cfg)  # the runner sets up the fused reduce for it
         self.model = DecoderModel(cfg, self.fuses_reduce)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, lm_head_quantization(cfg))
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

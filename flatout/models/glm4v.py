@@ -24,7 +24,7 @@ from flatout.kernels.ops import ops_for
 from flatout.layers.embedding import ParallelLMHead
 from flatout.layers.linear import set_weight_loader
 from flatout.layers.norm import RMSNorm
-from flatout.models.decoder import DecoderModel, fuses_reduce
+from flatout.models.decoder import DecoderModel, fuses_reduce, lm_head_quantization
 
 Grid = tuple[int, int, int]  # (t, h, w) in 14-px patches, as image_grid_thw
 
@@ -284,7 +284,7 @@ class Glm4vForConditionalGeneration(nn.Module):
         self.image_token_id = cfg.vision.image_token_id
         self.fuses_reduce = fuses_reduce(cfg)
         self.model = Glm4vModel(cfg, self.fuses_reduce)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, lm_head_quantization(cfg))
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 

@@ -8,6 +8,7 @@ checkpoint fails in seconds, not after minutes of loading.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -16,9 +17,16 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from flatout.layers.linear import ShardId, get_shard_ids, get_weight_loader
+from flatout.layers.embedding import ParallelLMHead
+from flatout.layers.linear import LinearBase, ShardId, get_shard_ids, get_weight_loader
 from flatout.layers.norm import LayerNorm, RMSNorm
+from flatout.layers.quantization import is_filled_with_weight
 from flatout.models.kv_scales import kv_scale_targets, load_kv_scale
+from flatout.models.prequantized import (
+    UNUSED_SUFFIXES,
+    CheckpointQuantization,
+    dequantize_blocks,
+)
 from flatout.models.weight_names import Target, WeightNameMap
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -56,10 +64,13 @@ def _summarise(names: list[str], limit: int = 8) -> str:
 
 
 def plan_weight_loading(
-    model: nn.Module, tensor_names: list[str], name_map: WeightNameMap, tied_lm_head: bool
+    model: nn.Module, tensor_names: list[str], name_map: WeightNameMap, tied_lm_head: bool,
+    scales_in_checkpoint: bool = False,
 ) -> dict[str, Target]:
     """Where each checkpoint tensor goes (dropped ones are left out).
 
+    Quantized layers' scales are filled with their weights unless `scales_in_checkpoint` (a
+    pre-quantized checkpoint), when they are checkpoint tensors like any other.
     Raises CheckpointError naming unexpected tensors and parameters nothing fills."""
     params = dict(model.named_parameters())  # tied lm_head.weight appears once, as the embedding
     plan: dict[str, Target] = {}
@@ -90,6 +101,8 @@ def plan_weight_loading(
         filled[t.param].add(t.shard_id)
     missing = []
     for pname, param in params.items():
+        if is_filled_with_weight(param) and not scales_in_checkpoint:
+            continue
         got = filled.get(pname, set())
         needed = set(get_shard_ids(param))
         if None not in got and not (needed and needed <= got):
@@ -102,28 +115,38 @@ def plan_weight_loading(
 
 @torch.no_grad()
 def load_safetensors_weights(
-    model: nn.Module, folder: str | Path, name_map: WeightNameMap, tied_lm_head: bool = False
+    model: nn.Module, folder: str | Path, name_map: WeightNameMap, tied_lm_head: bool = False,
+    quantized: CheckpointQuantization | None = None,
 ) -> None:
-    """Fill every parameter of `model` from the checkpoint folder."""
+    """Fill every parameter of `model` from the checkpoint folder (`quantized`: the
+    checkpoint's own quantization, models/prequantized.py)."""
     files = checkpoint_files(folder)
     names_by_file: dict[Path, list[str]] = {}
     for path in files:
         with safe_open(path, framework="pt") as f:
             names_by_file[path] = list(f.keys())
-    all_names = [n for names in names_by_file.values() for n in names]
+    file_of = {n: path for path, names in names_by_file.items() for n in names}
+    skipped: tuple[str, ...] = ()
+    block = quantized.block_size if quantized is not None else None
+    if quantized is not None:  # consumed with their weights (block scales), or unused
+        skipped = UNUSED_SUFFIXES + (("." + quantized.scale_name,) if block else ())
+    all_names = [n for n in file_of if not n.endswith(skipped)]
     kv_scales = kv_scale_targets(model, all_names)  # buffers, not parameters: loaded apart
     plan = plan_weight_loading(model, [n for n in all_names if n not in kv_scales], name_map,
-                               tied_lm_head)
+                               tied_lm_head,
+                               scales_in_checkpoint=quantized is not None and block is None)
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     # read straight onto the parameters' device: one tensor at a time in flight, sliced there
     device = str(next(iter(params.values())).device)
-    for path, names in names_by_file.items():
-        with safe_open(path, framework="pt", device=device) as f:
+    with contextlib.ExitStack() as stack:
+        opened = {p: stack.enter_context(safe_open(p, framework="pt", device=device))
+                  for p in files}
+        for path, names in names_by_file.items():
             for name in names:
                 if name in kv_scales:
                     try:
-                        load_kv_scale(buffers[kv_scales[name]], f.get_tensor(name), name)
+                        load_kv_scale(buffers[kv_scales[name]], opened[path].get_tensor(name), name)
                     except ValueError as e:
                         raise CheckpointError(f"{path.name}: {e}") from None
                     continue
@@ -133,7 +156,15 @@ def load_safetensors_weights(
                 param = params[target.param]
                 loader = get_weight_loader(param)
                 try:
-                    loader(param, f.get_tensor(name), target.shard_id)
+                    tensor = opened[path].get_tensor(name)
+                    if block is not None and tensor.dtype == torch.float8_e4m3fn:
+                        assert quantized is not None
+                        scale_name = name.removesuffix("weight") + quantized.scale_name
+                        if scale_name not in file_of:
+                            raise ValueError(f"no {scale_name} for this block-scaled weight")
+                        scale = opened[file_of[scale_name]].get_tensor(scale_name)
+                        tensor = dequantize_blocks(tensor, scale, block)
+                    loader(param, tensor, target.shard_id)
                 except ValueError as e:
                     raise CheckpointError(
                         f"{path.name}: tensor {name} -> {target.param}: {e}"
@@ -150,11 +181,23 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     norm_weights = {id(m.weight) for m in norms}
     norm_biases = {id(m.bias) for m in norms if isinstance(m, LayerNorm)}
     generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(device: torch.device) -> torch.Generator:
+        gen = generators.get(device)
+        if gen is None:
+            gen = generators[device] = torch.Generator(device).manual_seed(seed)
+        return gen
+
+    filled: set[int] = set()
+    for module in model.modules():  # quantized layers: random values quantized as on load
+        if isinstance(module, LinearBase | ParallelLMHead) and module.weight_scale is not None:
+            module.fill_dummy(-DUMMY_WEIGHT_RANGE, DUMMY_WEIGHT_RANGE,
+                              generator(module.weight.device))
+            filled |= {id(module.weight), id(module.weight_scale)}
     for param in model.parameters():
+        if id(param) in filled:
+            continue
         if id(param) in norm_weights or id(param) in norm_biases:
             param.fill_(1.0 if id(param) in norm_weights else 0.0)
             continue
-        gen = generators.get(param.device)
-        if gen is None:
-            gen = generators[param.device] = torch.Generator(param.device).manual_seed(seed)
-        param.uniform_(-DUMMY_WEIGHT_RANGE, DUMMY_WEIGHT_RANGE, generator=gen)
+        param.uniform_(-DUMMY_WEIGHT_RANGE, DUMMY_WEIGHT_RANGE, generator=generator(param.device))

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from flatout.config import EngineArgs, ModelConfig, normalize_kv_cache_dtype
+from flatout.config import QUANTIZATION_METHODS, EngineArgs, ModelConfig, normalize_kv_cache_dtype
+from flatout.layers.quantization import check_device
 from flatout.models.chatglm_v1 import ChatGLMv1ForCausalLM
 from flatout.models.decoder import CausalLM
 from flatout.models.glm4v import Glm4vForConditionalGeneration
@@ -22,6 +23,7 @@ from flatout.models.hf_config import (
     parse_hf_config,
 )
 from flatout.models.loader import init_dummy_weights, load_safetensors_weights
+from flatout.models.prequantized import parse_checkpoint_quantization
 from flatout.models.presets import PRESETS
 from flatout.models.weight_names import (
     CHATGLM_V1_WEIGHT_NAMES,
@@ -67,6 +69,8 @@ def resolve_model(args: EngineArgs, device_type: str) -> ModelConfig:
         max_model_len=args.max_model_len,
         load_format=args.load_format,
         tokenizer=args.tokenizer,
+        quantization=args.quantization,
+        quantize_lm_head=args.quantize_lm_head,
     )
 
 
@@ -78,14 +82,18 @@ def resolve_model_config(
     max_model_len: int | None = None,
     load_format: str = "auto",
     tokenizer: str | None = None,
+    quantization: str | None = None,
+    quantize_lm_head: bool = False,
 ) -> ModelConfig:
     """Resolve a checkpoint folder or preset name into a ModelConfig.
 
     dtype "auto": float32 on CPU; on a GPU the checkpoint's bf16/fp16 dtype, else bfloat16 (fp16
     on GPUs without bf16). max_model_len defaults to the model's context length and may not
-    exceed it. Sampling defaults come from generation_config.json: temperature/top_p/top_k/min_p
-    only when it does not say do_sample: false (then they describe a sampler the authors switched
-    off), repetition_penalty always. EOS ids are config.json's followed by generation_config's.
+    exceed it. quantization (int8 | fp8) quantizes the decoder's linears on load (see
+    `resolve_quantization`). Sampling defaults come from generation_config.json:
+    temperature/top_p/top_k/min_p only when it does not say do_sample: false (then they describe
+    a sampler the authors switched off), repetition_penalty always. EOS ids are config.json's
+    followed by generation_config's.
     """
     folder = Path(model)
     if folder.is_dir():
@@ -118,6 +126,15 @@ def resolve_model_config(
         )
     elif max_model_len < 1:
         raise ValueError(f"max_model_len must be >= 1 (got {max_model_len})")
+    quantization = resolve_quantization(
+        quantization, quantize_lm_head, raw, bool(fields["tie_word_embeddings"])
+    )
+    if quantization and (fields.get("position_encoding_2d") or fields.get("eva_vision")):
+        # their fused qkv regrouping and the EVA tower's loaders are not checked with quantized
+        # weights: refuse rather than risk silently wrong outputs
+        raise ValueError(f"quantization: {quantization} is not supported for "
+                         f"{fields.get('architecture', 'this architecture')} (ChatGLM-6B v1 and "
+                         "GLM-4V-9B) yet; serve it unquantized")
     eos = list(fields.pop("eos_token_ids"))
     eos += [i for i in eos_list(generation.get("eos_token_id")) if i not in eos]
     return ModelConfig(
@@ -130,7 +147,35 @@ def resolve_model_config(
         tokenizer=tokenizer,
         load_format=load_format,
         hf_config=raw,
+        quantization=quantization,
+        quantize_lm_head=quantize_lm_head,
     )
+
+
+def resolve_quantization(
+    method: str | None, quantize_lm_head: bool, raw: dict[str, Any], tied_embeddings: bool
+) -> str | None:
+    """The weight quantization to serve with, checked before anything is loaded: the one asked
+    for, or the checkpoint's own (its quantization_config) when it ships quantized."""
+    if method is not None and method not in QUANTIZATION_METHODS:
+        raise ValueError(
+            f"quantization: unknown method {method!r} (choose from "
+            f"{', '.join(QUANTIZATION_METHODS)})"
+        )
+    checkpoint = parse_checkpoint_quantization(raw)
+    if checkpoint is not None:
+        method = checkpoint.served_method(method)
+        if quantize_lm_head:
+            raise ValueError("quantize_lm_head: not with a pre-quantized checkpoint (its LM "
+                             "head is stored unquantized)")
+    if quantize_lm_head and method is None:
+        raise ValueError("quantize_lm_head: needs --quantization int8 or fp8")
+    if quantize_lm_head and tied_embeddings:
+        raise ValueError(
+            "quantize_lm_head: the LM head is tied to the embedding table here, which stays "
+            "in the model dtype; drop --quantize-lm-head"
+        )
+    return method
 
 
 def _read_json(path: Path, required: bool) -> dict[str, Any]:
@@ -188,6 +233,7 @@ Model = (CausalLM | Glm4vForConditionalGeneration | ChatGLMv1ForCausalLM
 def load_model(cfg: ModelConfig, device: torch.device) -> Model:
     """Build the model for `cfg` on `device` in cfg.dtype and fill its weights (eval mode)."""
     model: Model
+    check_device(cfg.quantization, device)
     with _default_dtype(TORCH_DTYPES[cfg.dtype]), torch.device(device):
         if cfg.position_encoding_2d:
             model = ChatGLMv1ForCausalLM(cfg)
@@ -204,7 +250,7 @@ def load_model(cfg: ModelConfig, device: torch.device) -> Model:
             model, cfg.model,
             weight_names_for(cfg.architecture, cfg.position_encoding_2d,
                              cfg.eva_vision is not None),
-            cfg.tie_word_embeddings,
+            cfg.tie_word_embeddings, parse_checkpoint_quantization(cfg.hf_config),
         )
     model.eval()
     return model
@@ -224,7 +270,9 @@ def model_info_lines(cfg: ModelConfig, kv_cache_dtype: str = "auto") -> list[str
         f"parameters: {cfg.num_params / 1e9:.2f} B ({cfg.num_params:,})"
         + (f", vision tower {cfg.vision.num_params / 1e9:.2f} B" if cfg.vision else "")
         + (f", vision tower {cfg.eva_vision.num_params / 1e9:.2f} B" if cfg.eva_vision else ""),
-        f"weights: {cfg.weight_bytes / 1e9:.2f} GB in {cfg.dtype}",
+        f"weights: {cfg.weight_bytes / 1e9:.2f} GB in {cfg.dtype}"
+        + (f" (linears {cfg.quantization}" + (" incl. LM head" if cfg.quantize_lm_head else "")
+           + " + fp32 per-channel scales)" if cfg.quantization else ""),
         f"KV cache: {kv / 1024:.1f} KiB per token in {kv_dtype}, "
         f"{kv * cfg.max_model_len / 2**30:.2f} GiB "
         f"for one sequence of max_model_len {cfg.max_model_len}",

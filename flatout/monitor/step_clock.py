@@ -65,7 +65,8 @@ class StepCost:
         input_table = 0 if cfg.tie_word_embeddings else embed
         linear = cfg.num_params - embed * (1 if cfg.tie_word_embeddings else 2)
         return cls(
-            weight_bytes=(cfg.num_params - input_table) * cfg.dtype_bytes,
+            # quantized linears at their real size (cfg.weight_bytes); the table stays 16-bit
+            weight_bytes=cfg.weight_bytes - input_table * cfg.dtype_bytes,
             kv_bytes_per_token=cfg.kv_cache_bytes_per_token(kv_cache_dtype),
             linear_flops_per_token=2 * linear,
             lm_head_flops_per_row=2 * embed,

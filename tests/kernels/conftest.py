@@ -33,8 +33,34 @@ def _fix_interpreter_scalar_index() -> None:
     interpreter._patch_lang_tensor = patched
 
 
+def _fix_interpreter_fp8_rounding() -> None:
+    """The interpreter's float -> float8_e4m3fn conversion drops the carry when rounding up
+    crosses a power of two (125.8 -> 64, not 128), rounds ties away from zero and flushes
+    subnormals; GPUs convert with round-to-nearest-even, as torch does. Convert through torch."""
+    import numpy as np
+    import torch
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    original = builder.create_fp_to_fp
+    if getattr(original, "flatout_fixed", False):
+        return
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if dst_type.scalar != tl.float8e4nv or src.dtype.scalar not in (tl.float32, tl.float16):
+            return original(self, src, dst_type, rounding_mode)
+        values = torch.from_numpy(np.ascontiguousarray(src.data).astype(np.float32))
+        data = values.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        return interpreter.TensorHandle(data, dst_type.scalar)
+
+    create_fp_to_fp.flatout_fixed = True
+    builder.create_fp_to_fp = create_fp_to_fp
+
+
 if os.environ["TRITON_INTERPRET"] == "1":
     _fix_interpreter_scalar_index()
+    _fix_interpreter_fp8_rounding()
 
 # These tests pass CPU tensors, which only interpreted kernels accept. If the kernels were already
 # imported compiled in this session (tests/gpu collected first on a CUDA machine), skip the folder.

@@ -59,7 +59,7 @@ def test_gemv_refuses_bad_shapes() -> None:
         gemv(randn(2, 8), randn(16, 9))
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16, 40])
+@pytest.mark.parametrize("rows", [1, 5, 16, 40, 70, 300])  # 70: GEMV chunks; 300: prefill
 @pytest.mark.parametrize("bias", [False, True])
 def test_int8_gemv_matches_dequantized_reference(rows: int, bias: bool) -> None:
     from flatout.kernels.gemv import linear_w8a16
@@ -81,3 +81,20 @@ def test_int8_gemv_needs_its_scale() -> None:
     q, _ = reference.quantize_int8(randn(16, 32))
     with pytest.raises(ValueError, match="scale"):
         gemv(randn(1, 32), q)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_gemv_quantizes_rows_as_the_w8a8_reference(rows: int, bias: bool) -> None:
+    w = randn(48, 96)
+    q, scale = reference.quantize_fp8(w)
+    x = randn(rows, 96) * torch.logspace(-2, 1, rows)[:, None]  # rows of very different scales
+    if rows > 1:
+        x[-1] = 0.0  # an all-zero row: scale floor, output = bias
+    b = randn(48) if bias else None
+    expected = reference.linear_w8a8_fp8(x, q, scale, b)
+    got = gemv(x, q, b, scale=scale)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # W8A8 is not W8A16: the dequantized-weight product differs by the activations' rounding
+    w8a16 = reference.linear(x, q.float() * scale[:, None], b)
+    assert not torch.allclose(got[:1], w8a16[:1], atol=1e-4, rtol=1e-4)

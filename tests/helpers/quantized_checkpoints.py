@@ -1,0 +1,157 @@
+"""Tiny pre-quantized checkpoints as they ship: compressed-tensors ones written by the
+`compressed-tensors` library (llm-compressor's format), and `quant_method: fp8` ones
+(float8_e4m3fn weights with per-tensor `weight_scale` or block `weight_scale_inv`).
+
+    path = make_compressed_tensors_checkpoint(base, tmp_path / "w8a16", "W8A16")
+    path = make_fp8_checkpoint(base, tmp_path / "fp8", block=(32, 32))
+    weights = dequantized_linears(path)  # checkpoint name -> fp32 [N, K], as the file encodes it
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.helpers.tiny_checkpoints import load_hf_reference
+
+FP8_MAX = 448.0
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _scheme(name: str):  # noqa: ANN202
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationScheme,
+        preset_name_to_scheme,
+    )
+
+    if name == "W8A16":  # the preset is group-wise; this is the per-channel W8A16
+        args = QuantizationArgs(num_bits=8, type="int", strategy="channel", symmetric=True,
+                                dynamic=False)
+        return QuantizationScheme(targets=["Linear"], weights=args)
+    return preset_name_to_scheme(name, ["Linear"])
+
+
+def make_compressed_tensors_checkpoint(base: Path, path: Path, scheme: str,
+                                       block: int = 32) -> Path:
+    """`base` (a tiny HF-layout checkpoint) quantized with a compressed-tensors preset: "W8A16"
+    (int8 per channel), "W8A8" (int8 per channel + dynamic int8 tokens), "FP8_DYNAMIC" (fp8 per
+    channel + dynamic tokens), "FP8" (fp8 per tensor + static input scale) or "FP8_BLOCK"
+    (fp8 per `block` x `block`), the LM head left out. Scales are min-max over each channel /
+    tensor / block (what llm-compressor's observers compute)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    model = load_hf_reference(base)
+    sch = _scheme(scheme)
+    if sch.weights.block_structure is not None:
+        sch.weights.block_structure = [block, block]
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": sch},
+                                                        ignore=["lm_head"]))
+    for module in model.modules():
+        if not hasattr(module, "weight_scale"):
+            continue
+        args, w = module.quantization_scheme.weights, module.weight.data
+        strategy = str(getattr(args.strategy, "value", args.strategy))
+        if strategy == "channel":
+            lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+        elif strategy == "tensor":
+            lo, hi = w.amin().reshape(1), w.amax().reshape(1)
+        else:  # block: pad to whole blocks, reduce each
+            bn, bk = args.block_structure
+            n, k = w.shape
+            pad = torch.zeros(-(-n // bn) * bn, -(-k // bk) * bk)
+            pad[:n, :k] = w
+            blocks = pad.reshape(pad.shape[0] // bn, bn, pad.shape[1] // bk, bk)
+            lo, hi = blocks.amin(dim=(1, 3)), blocks.amax(dim=(1, 3))
+        scale, zero = calculate_qparams(lo, hi, args)
+        module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+        if hasattr(module, "weight_zero_point"):
+            module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
+        if hasattr(module, "input_scale"):  # static activation scale (calibration stand-in)
+            module.input_scale.data.fill_(0.02)
+    fmt = "int-quantized" if scheme.startswith("W8") else "float-quantized"
+    compressor = ModelCompressor.from_pretrained_model(model, fmt)
+    compressor.compress_model(model)
+    model.save_pretrained(path)
+    compressor.update_config(str(path))
+    _copy_generation_config(base, path)
+    return path
+
+
+def make_fp8_checkpoint(base: Path, path: Path, block: tuple[int, int] | None = None) -> Path:
+    """`base` with its decoder linears in transformers' `quant_method: fp8` format: e4m3
+    weights with one `weight_scale` per tensor (plus an `input_scale`), or with block scales
+    `weight_scale_inv` [ceil(N / bn), ceil(K / bk)] when `block` is given."""
+    state = load_file(str(next(Path(base).glob("*.safetensors"))))
+    out: dict[str, torch.Tensor] = {}
+    for name, w in state.items():
+        module = name.removesuffix(".weight")
+        if not (name.endswith(".weight") and module.rsplit(".", 1)[-1] in LINEARS):
+            out[name] = w
+            continue
+        if block is None:
+            scale = w.abs().amax() / FP8_MAX
+            out[name] = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            out[module + ".weight_scale"] = scale.reshape(())
+            out[module + ".input_scale"] = torch.tensor(0.02)
+            continue
+        bn, bk = block
+        n, k = w.shape
+        scale = torch.empty(-(-n // bn), -(-k // bk))
+        q = torch.empty(n, k, dtype=torch.float8_e4m3fn)
+        for i in range(scale.shape[0]):
+            for j in range(scale.shape[1]):
+                tile = w[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk]
+                s = tile.abs().amax().clamp(min=1e-12) / FP8_MAX
+                scale[i, j] = s
+                q[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk] = (tile / s).to(torch.float8_e4m3fn)
+        out[name], out[module + ".weight_scale_inv"] = q, scale
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path / "model.safetensors"))
+    config = json.loads((Path(base) / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme":
+                                     "static" if block is None else "dynamic", "fmt": "e4m3"}
+    if block is not None:
+        config["quantization_config"]["weight_block_size"] = list(block)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    _copy_generation_config(base, path)
+    return path
+
+
+def _copy_generation_config(base: Path, path: Path) -> None:
+    src = Path(base) / "generation_config.json"
+    if src.is_file():
+        shutil.copy(src, Path(path) / "generation_config.json")
+
+
+def dequantized_linears(path: Path) -> dict[str, torch.Tensor]:
+    """Each quantized linear's weight as the checkpoint encodes it (q x scale, fp32), by the
+    checkpoint's module name."""
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    out = {}
+    for name, q in state.items():
+        if not name.endswith(".weight") or q.element_size() != 1:
+            continue
+        module = name.removesuffix(".weight")
+        if module + ".weight_scale_inv" in state:  # blocks
+            s = state[module + ".weight_scale_inv"]
+            n, k = q.shape
+            bn, bk = -(-n // s.shape[0]), -(-k // s.shape[1])
+            full = s.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+        else:
+            s = state[module + ".weight_scale"].float()
+            full = s.reshape(-1, 1) if s.numel() > 1 else s.reshape(1, 1)
+            if s.dim() == 2 and s.shape[1] > 1:  # compressed-tensors blocks
+                n, k = q.shape
+                bn, bk = -(-n // s.shape[0]), -(-k // s.shape[1])
+                full = s.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+        out[module] = q.float() * full
+    return out
