@@ -12,6 +12,9 @@ from flatout.engine.outputs import OutputAccumulator, RequestOutput
 from flatout.sampling_params import SamplingParams
 
 Prompt = str | list[int]
+# {"prompt": str | list[int], "multi_modal_data": {"image": image or [images]}}: each image
+# (PIL image or [H, W, 3] uint8 array) goes to the next <|image|> placeholder of the prompt
+MultiModalPrompt = dict[str, Any]
 Message = dict[str, Any]
 
 
@@ -39,12 +42,12 @@ class LLM:
 
     def generate(
         self,
-        prompts: Prompt | Seq[Prompt],
+        prompts: Prompt | MultiModalPrompt | Seq[Prompt | MultiModalPrompt],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """One output per prompt, in order. Every prompt is checked before any is queued, so a
         bad one leaves the engine untouched."""
-        if isinstance(prompts, str) or (
+        if isinstance(prompts, str | dict) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]
@@ -60,8 +63,10 @@ class LLM:
                     f"got {len(params_list)} sampling params for {len(prompts)} prompts"
                 )
         engine = self.engine
-        processed = [engine.inputs.process(prompt, params)
-                     for prompt, params in zip(prompts, params_list, strict=True)]
+        processed = []
+        for prompt, params in zip(prompts, params_list, strict=True):
+            text_or_ids, images = _split_prompt(prompt)
+            processed.append(engine.inputs.process(text_or_ids, params, images))
         accumulators: dict[str, OutputAccumulator] = {}
         try:
             for prompt, params in zip(processed, params_list, strict=True):
@@ -115,3 +120,20 @@ class LLM:
             )
             prompts.append(tok.encode(text, add_special_tokens=False))
         return self.generate(prompts, sampling_params)
+
+
+def _split_prompt(prompt: Prompt | MultiModalPrompt) -> tuple[Prompt, list[Any] | None]:
+    """(prompt, images) of a plain or multimodal prompt (ValueError naming a bad key)."""
+    if not isinstance(prompt, dict):
+        return prompt, None
+    unknown = set(prompt) - {"prompt", "multi_modal_data"}
+    if unknown or "prompt" not in prompt:
+        raise ValueError(f"a prompt dict takes 'prompt' and 'multi_modal_data' (got "
+                         f"{sorted(prompt)})")
+    data = prompt.get("multi_modal_data") or {}
+    if set(data) - {"image"}:
+        raise ValueError(f"multi_modal_data supports 'image' only (got {sorted(data)})")
+    images = data.get("image")
+    if images is not None and not isinstance(images, list | tuple):
+        images = [images]
+    return prompt["prompt"], list(images) if images is not None else None

@@ -18,7 +18,13 @@ import time
 import torch
 
 from flatout.config import EngineArgs
-from flatout.engine.batch import BlockTableSync, SamplingInfo, ScheduledSeq, SchedulerOutput
+from flatout.engine.batch import (
+    BlockTableSync,
+    ImageSlice,
+    SamplingInfo,
+    ScheduledSeq,
+    SchedulerOutput,
+)
 from flatout.engine.block_manager import BlockManager
 from flatout.engine.messages import (
     EngineCoreOutput,
@@ -29,6 +35,7 @@ from flatout.engine.messages import (
 )
 from flatout.engine.request import Sequence
 from flatout.engine.scheduler import Schedule, Scheduler
+from flatout.models.glm4v import mrope_positions
 from flatout.models.registry import resolve_model
 from flatout.worker.model_runner import LaunchedStep, ModelRunner
 from flatout.worker.parallel import TensorParallelGroup, resolve_device
@@ -36,8 +43,11 @@ from flatout.worker.parallel import TensorParallelGroup, resolve_device
 log = logging.getLogger(__name__)
 
 
-def scheduler_output(sched: Schedule, block_tables: BlockTableSync) -> SchedulerOutput:
-    """The runner's view of a step: each sequence's inputs, block-table delta and sampling."""
+def scheduler_output(
+    sched: Schedule, block_tables: BlockTableSync, freed_encoder_hashes: list[bytes] | None = None
+) -> SchedulerOutput:
+    """The runner's view of a step: each sequence's inputs, block-table delta and sampling, and
+    the images to encode."""
     rows = []
     for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
         start = seq.num_computed_tokens
@@ -45,9 +55,28 @@ def scheduler_output(sched: Schedule, block_tables: BlockTableSync) -> Scheduler
         pending_row = seq.pending.row if len(known) < n else None
         is_new, blocks = block_tables.delta(seq.seq_id, seq.block_table)
         sample = start + n == seq.num_tokens + seq.num_pending_tokens
-        rows.append(ScheduledSeq(seq.seq_id, start, known, pending_row, is_new, blocks, sample,
-                                 sampling_info(seq) if sample else None))
-    return SchedulerOutput(rows, block_tables.take_finished())
+        row = ScheduledSeq(seq.seq_id, start, known, pending_row, is_new, blocks, sample,
+                           sampling_info(seq) if sample else None)
+        if seq.mm_items:
+            _add_images(row, seq, start, start + n)
+        rows.append(row)
+    return SchedulerOutput(rows, block_tables.take_finished(), list(sched.encoder_inputs),
+                           freed_encoder_hashes or [])
+
+
+def _add_images(row: ScheduledSeq, seq: Sequence, start: int, end: int) -> None:
+    """A row of a request with images: its M-RoPE positions and the image rows it reads."""
+    row.rope_delta = seq.rope_delta
+    if seq.mrope_positions is not None and start < seq.num_prompt_tokens:
+        t, h, w = seq.mrope_positions
+        # tokens past the prompt (recomputed outputs) continue at position + rope delta
+        tail = list(range(seq.num_prompt_tokens + seq.rope_delta, end + seq.rope_delta))
+        row.mrope_positions = (t[start:end] + tail, h[start:end] + tail, w[start:end] + tail)
+    for item in seq.mm_items:
+        lo, hi = max(start, item.offset), min(end, item.end)
+        if lo < hi:
+            row.image_slices.append(
+                ImageSlice(item.content_hash, lo - item.offset, hi - item.offset, lo - start))
 
 
 # -- the token-level stop rules ---------------------------------------------------------------
@@ -149,9 +178,31 @@ class EngineCore:
             )
             for i in range(req.params.n)
         ]
+        if req.mm_items:
+            self._place_images(req, seqs)
         self.seqs[req.request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
+
+    def _place_images(self, req: EngineCoreRequest, seqs: list[Sequence]) -> None:
+        """Give a request's sequences its images and M-RoPE positions (ValueError if the
+        model takes no images or the placeholders do not match the images)."""
+        vision = self.model_config.vision
+        if vision is None:
+            raise ValueError(f"{self.model_config.architecture} takes no images")
+        ids = req.prompt_token_ids
+        for i, item in enumerate(req.mm_items):
+            if ids[item.offset : item.end] != [vision.image_token_id] * item.num_tokens:
+                raise ValueError(f"mm_items[{i}]: prompt tokens [{item.offset}, {item.end}) "
+                                 f"are not its {item.num_tokens} image placeholders")
+        grids = [item.grid_thw for item in req.mm_items]
+        positions, delta = mrope_positions(ids, grids, vision.image_token_id,
+                                           vision.spatial_merge_size)
+        t, h, w = positions.tolist()
+        for seq in seqs:
+            seq.mm_items = req.mm_items
+            seq.mrope_positions = (t, h, w)
+            seq.rope_delta = delta
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         """Stop a request (or one of its n sequences) and free its blocks; unknown ids are
@@ -180,7 +231,8 @@ class EngineCore:
             self.block_tables.reset(seq.seq_id)
         launched = None
         if not sched.is_empty:
-            batch = scheduler_output(sched, self.block_tables)
+            batch = scheduler_output(sched, self.block_tables,
+                                     self.scheduler.encoder_cache.take_freed())
             step = self.runner.launch(batch)
             self.scheduler.update_computed(sched)
             self._count(sched)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flatout.engine.batch import SchedulerOutput
+from flatout.engine.batch import ImageSlice, SchedulerOutput
 
 
 class BlockTables:
@@ -51,6 +51,11 @@ class InputBatch:
     seq_lens: list[int]  # context length of each row after this step
     block_tables: list[int]  # [num rows * max_blocks], each table padded with block 0
     max_blocks: int
+    # M-RoPE: (t, h, w) rows over the flat tokens, when any row has image positions (the
+    # others' tokens sit at `positions` on all three axes); None: `positions` is all
+    mrope_positions: tuple[list[int], list[int], list[int]] | None = None
+    image_index: list[int] | None = None  # flat indices of the image tokens, in order ...
+    image_slices: list[ImageSlice] | None = None  # ... and the encoder rows they take
 
     @classmethod
     def build(cls, batch: SchedulerOutput, tables: list[list[int]], block_size: int
@@ -65,7 +70,7 @@ class InputBatch:
                 flat.pending_at.append(len(flat.input_ids))
                 flat.pending_rows.append(s.pending_row)
                 flat.input_ids.append(0)
-            flat.positions.extend(range(start, end))
+            flat.positions.extend(range(start + s.rope_delta, end + s.rope_delta))
             flat.slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             flat.query_start_loc.append(flat.query_start_loc[-1] + s.num_tokens)
             flat.seq_lens.append(end)
@@ -73,7 +78,26 @@ class InputBatch:
             flat.block_tables.extend([0] * (flat.max_blocks - len(table)))
             if s.sample:
                 flat.logits_rows.append(flat.query_start_loc[-1] - 1)
+        if any(s.image_slices or s.mrope_positions for s in batch.seqs):
+            flat._add_images(batch)
         return flat
+
+    def _add_images(self, batch: SchedulerOutput) -> None:
+        t: list[int] = []
+        h: list[int] = []
+        w: list[int] = []
+        self.image_index, self.image_slices = [], []
+        for s, base in zip(batch.seqs, self.query_start_loc, strict=False):
+            if s.mrope_positions is not None:
+                for axis, rows in zip((t, h, w), s.mrope_positions, strict=True):
+                    axis.extend(rows)
+            else:
+                for axis in (t, h, w):
+                    axis.extend(self.positions[base : base + s.num_tokens])
+            for sl in s.image_slices:
+                self.image_index.extend(range(base + sl.at, base + sl.at + sl.last - sl.first))
+                self.image_slices.append(sl)
+        self.mrope_positions = (t, h, w)
 
     @property
     def num_rows(self) -> int:
@@ -86,13 +110,20 @@ class InputBatch:
 
     def to_device(self, device: torch.device) -> DeviceInputs:
         """Every index tensor of the step in one host-to-device copy."""
-        ids, pos, slots, rows, pend_at, pend_rows, qsl, lens, tables = upload(
-            device, self.input_ids, self.positions, self.slot_mapping, self.logits_rows,
+        mrope = self.mrope_positions
+        if mrope is None:
+            positions, image_index = self.positions, []
+        else:
+            positions, image_index = mrope[0] + mrope[1] + mrope[2], self.image_index or []
+        ids, pos, slots, rows, pend_at, pend_rows, qsl, lens, tables, image = upload(
+            device, self.input_ids, positions, self.slot_mapping, self.logits_rows,
             self.pending_at, self.pending_rows, self.query_start_loc, self.seq_lens,
-            self.block_tables,
+            self.block_tables, image_index,
         )
+        if mrope is not None:
+            pos = pos.view(3, -1)  # [3, T]: t, h, w
         return DeviceInputs(ids, pos, slots, rows, pend_at, pend_rows, qsl, lens,
-                            tables.view(self.num_rows, self.max_blocks))
+                            tables.view(self.num_rows, self.max_blocks), image)
 
 
 @dataclass
@@ -100,7 +131,7 @@ class DeviceInputs:
     """`InputBatch` as int64 tensors on the device."""
 
     input_ids: torch.Tensor
-    positions: torch.Tensor
+    positions: torch.Tensor  # [T], or [3, T] with M-RoPE image positions
     slot_mapping: torch.Tensor
     logits_rows: torch.Tensor
     pending_at: torch.Tensor
@@ -108,6 +139,7 @@ class DeviceInputs:
     query_start_loc: torch.Tensor
     seq_lens: torch.Tensor
     block_tables: torch.Tensor  # [num rows, max_blocks]
+    image_index: torch.Tensor  # flat indices of the image tokens (empty without images)
 
 
 def upload(device: torch.device, *lists: list[int]) -> list[torch.Tensor]:
