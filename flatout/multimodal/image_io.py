@@ -48,12 +48,12 @@ def to_rgb_array(image: Any) -> np.ndarray:
     if isinstance(image, Image.Image):
         if image.mode != "RGB":
             image = image.convert("RGB")
-        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+        return np.array(image, dtype=np.uint8)  # a writable copy (torch reads it in place)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ImageError(f"an image array must be [H, W, 3] uint8 (got {image.shape} "
                              f"{image.dtype})")
-        return np.ascontiguousarray(image)
+        return image if image.flags.c_contiguous and image.flags.writeable else image.copy()
     raise ImageError(f"an image must be a PIL image or a uint8 array (got {type(image).__name__})")
 
 

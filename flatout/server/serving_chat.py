@@ -3,19 +3,22 @@ reasoning split into `reasoning_content`."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from flatout.engine.messages import MultiModalItem
 from flatout.engine.outputs import CompletionOutput, OutputAccumulator
 from flatout.sampling_params import SamplingParams
 from flatout.server.admission import Ticket
 from flatout.server.errors import OpenAIError
 from flatout.server.limits import check_prompt_chars
+from flatout.server.media import ImageRef
 from flatout.server.protocol import (
     ChatCompletionRequest,
     chat_messages,
@@ -47,6 +50,8 @@ class _Prepared:
     opened_reasoning: bool  # the template ended the prompt inside <think>
     top_logprobs: int
     tool_parser: ToolParser | None = None  # the request has tools and may call them
+    images: list[ImageRef] = field(default_factory=list)  # image parts, in prompt order
+    mm_items: list[MultiModalItem] = field(default_factory=list)  # once they are decoded
 
 
 def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
@@ -58,7 +63,8 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
                           "--enable-auto-tool-choice --tool-call-parser NAME", param="tool_choice",
                           code="unsupported_parameter")
     tool_parser = state.tool_parser if req.tools and req.tool_choice != "none" else None
-    messages = chat_messages(req.messages)
+    urls: list[tuple[str, str]] = []
+    messages = chat_messages(req.messages, state.image_placeholder, urls)
     kwargs = dict(req.chat_template_kwargs or {})
     if req.enable_thinking is not None:
         kwargs.setdefault("enable_thinking", req.enable_thinking)
@@ -81,7 +87,19 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
     state.client.inputs.validate(ids, params)
     opened = parser is not None and parser.prompt_opens_reasoning(prompt)
     return _Prepared(new_id("chatcmpl"), model, ids, params, opened, req.top_logprobs or 0,
-                     tool_parser)
+                     tool_parser, [ImageRef(url, param) for url, param in urls])
+
+
+async def attach_images(state: ServerState, p: _Prepared) -> None:
+    """Decode the request's images (thread pool) and expand its placeholders to their token
+    counts; every error is a 400 raised before anything is queued."""
+    inputs = state.client.inputs
+    pixels = await state.media.load(p.images)
+    loop = asyncio.get_running_loop()
+    ids, items = await loop.run_in_executor(state.media.pool, inputs.expand_images,
+                                            p.prompt_token_ids, pixels)
+    inputs.validate(ids, p.params)
+    p.prompt_token_ids, p.mm_items = ids, items
 
 
 async def create_chat_completion(
@@ -90,6 +108,8 @@ async def create_chat_completion(
     arrival = time.monotonic()
     state.admission.check()  # turn away at once while overloaded, draining or without engine
     p = await state.prepare(prepare_chat, state, req, offload=offload)
+    if p.images:
+        await attach_images(state, p)
     ticket = state.admission.accept(p.params.n, arrival)
     if req.stream:
         return EventStream(_stream(state, req, p, arrival, ticket), ticket)
@@ -105,7 +125,8 @@ async def create_chat_completion(
 def _generators(state: ServerState, p: _Prepared, ticket: Ticket) -> Generators:
     return lambda: [state.client.generate(p.request_id, p.prompt_token_ids, p.params,
                                           deadline=ticket.deadline,
-                                          on_started=ticket.on_started(p.params.n))]
+                                          on_started=ticket.on_started(p.params.n),
+                                          mm_items=p.mm_items)]
 
 
 def _reasoning_stream(state: ServerState, p: _Prepared) -> ReasoningStream | None:
