@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as Seq
-from typing import Any
+from typing import Any, cast
 
 from flatout.config import EngineArgs
 from flatout.engine.llm_engine import LLMEngine, RequestError
 from flatout.engine.outputs import OutputAccumulator, RequestOutput
+from flatout.multimodal.image_io import ImageError, data_url_bytes, decode_image
 from flatout.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -104,13 +105,18 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Apply the checkpoint's chat template to one conversation (or a list of them) and
-        generate a reply for each."""
+        generate a reply for each. A message's content may be a list of parts: {"type": "text",
+        "text": ...}, {"type": "image", "image": PIL image or [H, W, 3] uint8 array} or
+        {"type": "image_url", "image_url": {"url": "data:image/...;base64,..."}} (vision
+        models); the parts are joined by newlines, each image as its placeholder text."""
         tok = self.engine.tokenizer
         if tok is None:
             raise RequestError("this model has no tokenizer, so no chat template")
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts: list[Prompt] = []
+        prompts: list[Prompt | MultiModalPrompt] = []
         for conv in conversations:
+            images: list[Any] = []
+            conv = [self._flatten_parts(m, images) for m in cast(list[Message], conv)]
             text = tok.apply_chat_template(
                 conv,
                 chat_template=chat_template,
@@ -118,8 +124,35 @@ class LLM:
                 tokenize=False,
                 **(chat_template_kwargs or {}),
             )
-            prompts.append(tok.encode(text, add_special_tokens=False))
+            ids = tok.encode(text, add_special_tokens=False)
+            prompts.append({"prompt": ids, "multi_modal_data": {"image": images}} if images
+                           else ids)
         return self.generate(prompts, sampling_params)
+
+    def _flatten_parts(self, message: Message, images: list[Any]) -> Message:
+        """The message with list content as one string; its images appended to `images`."""
+        content = message.get("content")
+        if not isinstance(content, list):
+            return message
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                texts.append(part["text"])
+                continue
+            placeholder = self.engine.inputs.image_placeholder
+            if kind not in ("image", "image_url") or placeholder is None:
+                raise RequestError(f"content[{j}]: part of type {kind!r} is not supported by "
+                                   f"this model")
+            if kind == "image":
+                images.append(part["image"])
+            else:
+                try:
+                    images.append(decode_image(data_url_bytes(part["image_url"]["url"])))
+                except ImageError as e:
+                    raise RequestError(f"content[{j}]: {e}") from None
+            texts.append(placeholder)
+        return {**message, "content": "\n".join(texts)}
 
 
 def _split_prompt(prompt: Prompt | MultiModalPrompt) -> tuple[Prompt, list[Any] | None]:

@@ -54,6 +54,19 @@ class InputProcessor:
         # GLM chat models end a turn with any of three tokens; all of them stop generation
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos))
 
+    @property
+    def image_placeholder(self) -> str | None:
+        """The prompt text of one image, <|begin_of_image|><|image|><|end_of_image|> (None:
+        the model takes no images, or its tokenizer does not spell them as single tokens)."""
+        vision, tok = self.model_config.vision, self.tokenizer
+        if vision is None or tok is None:
+            return None
+        ids = [vision.image_start_token_id, vision.image_token_id, vision.image_end_token_id]
+        text = "".join(tok.convert_ids_to_tokens(ids))
+        if list(tok.encode(text, add_special_tokens=False)) != ids:
+            return None
+        return text
+
     def encode(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if self.tokenizer is None:

@@ -8,6 +8,8 @@ numpy array with a content hash of those pixels and the size they will be resize
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import io
 from typing import Any
@@ -21,6 +23,17 @@ MAX_DECODE_PIXELS = 64_000_000  # larger images are refused before decoding
 
 class ImageError(ValueError):
     """Bytes that are not a usable image (the message is safe to show the client)."""
+
+
+def data_url_bytes(url: str) -> bytes:
+    """The image bytes of a `data:image/...;base64,...` URL (ImageError otherwise)."""
+    header, sep, payload = url.partition(",")
+    if not sep or not header.endswith(";base64") or not header[5:].startswith("image/"):
+        raise ImageError("an image data URL must be data:image/...;base64,...")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("the image data URL is not valid base64") from None
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_DECODE_PIXELS) -> np.ndarray:

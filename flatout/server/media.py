@@ -9,8 +9,6 @@ loop keeps streaming while images decode, several at once.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,7 +17,7 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from flatout.multimodal.image_io import ImageError, decode_image
+from flatout.multimodal.image_io import ImageError, data_url_bytes, decode_image
 from flatout.server.errors import OpenAIError
 
 DEFAULT_MAX_IMAGES_PER_PROMPT = 8
@@ -44,15 +42,10 @@ class MediaPolicy:
         """The encoded image a URL names (OpenAIError for a source that is not allowed)."""
         url = ref.url
         if url.startswith("data:"):
-            header, sep, payload = url.partition(",")
-            if not sep or not header.endswith(";base64") or not header[5:].startswith("image/"):
-                raise OpenAIError("an image data URL must be data:image/...;base64,...",
-                                  param=ref.param)
             try:
-                return base64.b64decode(payload, validate=True)
-            except (binascii.Error, ValueError):
-                raise OpenAIError("the image data URL is not valid base64",
-                                  param=ref.param) from None
+                return data_url_bytes(url)
+            except ImageError as e:
+                raise OpenAIError(str(e), param=ref.param, code="invalid_image") from None
         scheme = urlparse(url).scheme.lower()
         if scheme in ("http", "https"):
             raise OpenAIError("image URLs over http(s) are not fetched by this server; send the "

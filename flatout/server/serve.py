@@ -220,13 +220,8 @@ def _image_settings(ns: argparse.Namespace, client: Any) -> tuple[str | None, An
         media.max_images_per_prompt = inputs.max_images_per_prompt = limits["image"]
     inputs.min_pixels = pixels.get("min_pixels", inputs.min_pixels)
     inputs.max_pixels = pixels.get("max_pixels", inputs.max_pixels)
-    vision, tok = client.ready.model_config.vision, client.tokenizer
-    if vision is None or tok is None:
-        return None, media
-    ids = [vision.image_start_token_id, vision.image_token_id, vision.image_end_token_id]
-    text = "".join(tok.convert_ids_to_tokens(ids))
-    if list(tok.encode(text, add_special_tokens=False)) != ids:
-        log.warning("the tokenizer does not map %r to the image token ids %s: image parts "
-                    "will be refused", text, ids)
-        return None, media
-    return text, media
+    placeholder = inputs.image_placeholder
+    if placeholder is None and client.ready.model_config.vision is not None:
+        log.warning("the tokenizer does not spell the image tokens as single tokens: image "
+                    "parts will be refused")
+    return placeholder, media

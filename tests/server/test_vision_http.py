@@ -71,15 +71,16 @@ def offline(ckpt: Path) -> LLM:
     return LLM(str(ckpt), max_model_len=512)
 
 
-def expected_text(llm: LLM, text_before: str, images: list[bytes], text_after: str) -> str:
-    """The offline engine on the prompt the server builds: each image part is the template
-    text <|begin_of_image|><|image|><|end_of_image|>, parts joined by newlines."""
+def expected_text(llm: LLM, parts: list[str | bytes]) -> str:
+    """The offline engine on the prompt the server builds: text parts and images (PNG bytes)
+    joined by newlines, each image as the text <|begin_of_image|><|image|><|end_of_image|>."""
     tok = llm.get_tokenizer()
-    content = "\n".join([text_before, *["".join(IMAGE_TOKENS)] * len(images), text_after])
+    content = "\n".join("".join(IMAGE_TOKENS) if isinstance(p, bytes) else p for p in parts)
     prompt = tok.apply_chat_template([{"role": "user", "content": content}],
                                      add_generation_prompt=True, tokenize=False)
     ids = tok.encode(prompt, add_special_tokens=False)
-    pixels = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in images]
+    pixels = [np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in parts
+              if isinstance(p, bytes)]
     out = llm.generate({"prompt": ids, "multi_modal_data": {"image": pixels}},
                        SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
     return out[0].outputs[0].text
@@ -91,7 +92,7 @@ def test_image_request_matches_the_offline_engine(client, offline, stream: bool)
     messages = [{"role": "user", "content": [
         {"type": "text", "text": "look"}, *[image_part(data_url(b)) for b in images],
         {"type": "text", "text": "what is it?"}]}]
-    want = expected_text(offline, "look", images, "what is it?")
+    want = expected_text(offline, ["look", *images, "what is it?"])
     kwargs = dict(model=MODEL, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
     if stream:
         chunks = client.chat.completions.create(stream=True, **kwargs)
@@ -162,3 +163,14 @@ def test_image_on_a_text_model_is_400(demo_server: ServerProcess) -> None:
     with pytest.raises(openai.BadRequestError, match="image_url"):
         c.chat.completions.create(model="demo", max_tokens=4, messages=[
             {"role": "user", "content": [image_part(data_url(png((28, 28), 1)))]}])
+
+
+def test_offline_chat_takes_image_parts(offline: LLM) -> None:
+    """LLM.chat: image objects and data URLs are the same image; the prompt is the server's."""
+    shot = png((112, 140), 1)
+    pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"))
+    greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    as_object, as_url = (offline.chat([{"role": "user", "content": [
+        {"type": "text", "text": "look"}, part]}], greedy)[0].outputs[0].text
+        for part in ({"type": "image", "image": pixels}, image_part(data_url(shot))))
+    assert as_object == as_url == expected_text(offline, ["look", shot])
