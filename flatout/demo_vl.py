@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -27,14 +28,14 @@ IMAGE_TOKENS = {"<|begin_of_image|>": 4096, "<|image|>": 4097, "<|end_of_image|>
 FILES = ("config.json", "generation_config.json", WEIGHTS_FILE, "tokenizer.json",
          "tokenizer_config.json", "chat_template.jinja")
 
-TEXT = {"vocab_size": 4104, "hidden_size": 128, "intermediate_size": 384,
+TEXT: dict[str, Any] = {"vocab_size": 4104, "hidden_size": 128, "intermediate_size": 384,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "attention_bias": True,
         "hidden_act": "silu", "pad_token_id": ENDOFTEXT_ID, "eos_token_id": STOP_TOKEN_IDS,
         "model_type": "glm4v_text",
         "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3],
                             "partial_rotary_factor": 0.5, "rope_theta": 10000.0}}
-VISION = {"depth": 2, "hidden_size": 64, "num_heads": 2, "out_hidden_size": 128,
+VISION: dict[str, Any] = {"depth": 2, "hidden_size": 64, "num_heads": 2, "out_hidden_size": 128,
           "intermediate_size": 256, "image_size": 112, "patch_size": 14,
           "temporal_patch_size": 2, "spatial_merge_size": 2, "in_channels": 3,
           "rms_norm_eps": 1e-5, "attention_bias": False, "hidden_act": "silu",
