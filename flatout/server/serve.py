@@ -157,6 +157,7 @@ def _serve(ns: argparse.Namespace, client: Any, sock: socket.socket, start: floa
     state = ServerState(
         client=client, ready=ready, served_model_names=names,
         image_placeholder=placeholder, media=media,
+        content_format=ns.chat_template_content_format,
         renderer=ChatRenderer(client.tokenizer, template, source), reasoning=parser,
         tool_parser=tool_parser, metrics=metrics, admission=admission,
         api_key=ns.api_key or os.environ.get("FLATOUT_API_KEY") or None,

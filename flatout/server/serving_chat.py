@@ -64,7 +64,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
                           code="unsupported_parameter")
     tool_parser = state.tool_parser if req.tools and req.tool_choice != "none" else None
     urls: list[tuple[str, str]] = []
-    messages = chat_messages(req.messages, state.image_placeholder, urls)
+    messages = chat_messages(req.messages, state.image_placeholder, urls, state.content_format)
     kwargs = dict(req.chat_template_kwargs or {})
     if req.enable_thinking is not None:
         kwargs.setdefault("enable_thinking", req.enable_thinking)

@@ -37,6 +37,7 @@ class ServerState:
     max_prompt_chars: int | None = None  # longer prompts cannot fit (see limits.py)
     # vision models: the template text of one image and where images may come from
     image_placeholder: str | None = None
+    content_format: str = "string"  # --chat-template-content-format
     media: MediaPolicy = field(default_factory=MediaPolicy)
     started: float = field(default_factory=time.time)
     _token_text: dict[int, str] = field(default_factory=dict, repr=False)

@@ -16,7 +16,12 @@ from PIL import Image
 
 from flatout import LLM, SamplingParams
 from tests.server.server_process import ServerProcess
-from tests.server.vision_checkpoint import IMAGE_TOKENS, make_vision_server_checkpoint
+from tests.server.vision_checkpoint import (
+    BOI_ID,
+    IMAGE_ID,
+    IMAGE_TOKENS,
+    make_vision_server_checkpoint,
+)
 
 MODEL = "glm4v-tiny"
 MAX_TOKENS = 12
@@ -174,3 +179,31 @@ def test_offline_chat_takes_image_parts(offline: LLM) -> None:
         {"type": "text", "text": "look"}, part]}], greedy)[0].outputs[0].text
         for part in ({"type": "image", "image": pixels}, image_part(data_url(shot))))
     assert as_object == as_url == expected_text(offline, ["look", shot])
+
+
+# GLM-4.1V's way: the template walks the content parts and writes each image's tokens itself
+PARTS_TEMPLATE = (
+    "[gMASK]<sop>{% for m in messages %}<|{{ m.role }}|>\n"
+    "{% if m.content is string %}{{ m.content }}{% else %}{% for p in m.content %}"
+    "{% if p.type == 'image' %}<|begin_of_image|><|image|><|end_of_image|>"
+    "{% else %}{{ p.text }}{% endif %}{% endfor %}{% endif %}{% endfor %}<|assistant|>")
+
+
+def test_openai_content_format_lets_the_template_place_images(offline: LLM) -> None:
+    from flatout.server.chat import ChatRenderer
+    from flatout.server.protocol import ChatMessage, chat_messages
+
+    msgs = [ChatMessage.model_validate({"role": "user", "content": [
+        image_part("data:image/png;base64,AAAA"), {"type": "text", "text": "What is it?"}]})]
+    urls: list[tuple[str, str]] = []
+    placeholder = "".join(IMAGE_TOKENS)
+    as_parts = chat_messages(msgs, placeholder, urls, content_format="openai")
+    assert as_parts[0]["content"] == [{"type": "image"}, {"type": "text", "text": "What is it?"}]
+    assert urls == [("data:image/png;base64,AAAA", "messages[0].content[0].image_url")]
+    as_string = chat_messages(msgs, placeholder, [], content_format="string")
+    assert as_string[0]["content"] == placeholder + "\nWhat is it?"
+    renderer = ChatRenderer(offline.get_tokenizer(), PARTS_TEMPLATE, "test")
+    prompt = renderer.render(as_parts)
+    assert prompt == f"[gMASK]<sop><|user|>\n{placeholder}What is it?<|assistant|>"
+    ids = renderer.encode(prompt)
+    assert ids.count(IMAGE_ID) == 1 and ids[ids.index(IMAGE_ID) - 1] == BOI_ID
