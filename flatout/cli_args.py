@@ -142,6 +142,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     w.add_argument("--temperature", type=float, default=0.0)
     w.add_argument("--extra-body", default=None, help="JSON merged into every request body")
     w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--image-size", default=None, metavar="WxH",
+                   help="chat API: each request also carries generated PNG screenshots of this "
+                   "size (e.g. 1080x2400), its own, before the text")
+    w.add_argument("--images-per-request", type=int, default=1)
     o = p.add_argument_group("measurement and output")
     o.add_argument("--slo", "--goodput", nargs="+", default=None, metavar="KEY:MS",
                    help="goodput SLOs, e.g. ttft:500 tpot:50 e2el:10000")

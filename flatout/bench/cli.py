@@ -66,9 +66,28 @@ def build_requests(ns: argparse.Namespace, tok: datasets.Tokenizer | None) -> li
     if tok is None and ns.api == "chat":
         raise ValueError("random prompts for the chat API need a tokenizer: give --tokenizer "
                          "PATH, or use a server with /tokenize")
-    return datasets.random_requests(ns.num_prompts, ns.input_len, ns.output_len, ns.range_ratio,
-                                    ns.seed, tok, prefix_len=ns.prefix_len,
-                                    num_prefixes=ns.num_prefixes)
+    requests = datasets.random_requests(ns.num_prompts, ns.input_len, ns.output_len,
+                                        ns.range_ratio, ns.seed, tok, prefix_len=ns.prefix_len,
+                                        num_prefixes=ns.num_prefixes)
+    if ns.image_size is not None:
+        add_images(requests, ns)
+    return requests
+
+
+def add_images(requests: list[BenchRequest], ns: argparse.Namespace) -> None:
+    """--image-size WxH --images-per-request N: every request gets N screenshots of its own
+    (made before the run, so that encoding them costs the load nothing)."""
+    from flatout.bench.images import data_url, parse_size, screenshot_png
+
+    if ns.api != "chat":
+        raise ValueError("--image-size needs --api chat")
+    if ns.images_per_request < 1:
+        raise ValueError("--images-per-request must be >= 1")
+    width, height = parse_size(ns.image_size)
+    for req in requests:
+        req.image_urls = [
+            data_url(screenshot_png(width, height, ns.seed * 1_000_003 + req.index * 97 + k))
+            for k in range(ns.images_per_request)]
 
 
 def run_bench(ns: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ class BenchRequest:
     prompt: str | list[int]  # text, or token ids (completions API only)
     prompt_len: int
     output_len: int | None  # None: let the model stop by itself
+    image_urls: list[str] = field(default_factory=list)  # chat API: sent before the text
 
 
 @dataclass
@@ -47,7 +48,11 @@ class Endpoint:
             if not isinstance(req.prompt, str):
                 raise ValueError("the chat API needs text prompts: give --tokenizer, or use "
                                  "a server with /tokenize")
-            body["messages"] = [{"role": "user", "content": req.prompt}]
+            content: str | list[dict[str, Any]] = req.prompt
+            if req.image_urls:
+                content = [*({"type": "image_url", "image_url": {"url": u}}
+                             for u in req.image_urls), {"type": "text", "text": req.prompt}]
+            body["messages"] = [{"role": "user", "content": content}]
         else:
             body["prompt"] = req.prompt
         if req.output_len is not None:

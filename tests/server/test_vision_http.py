@@ -207,3 +207,32 @@ def test_openai_content_format_lets_the_template_place_images(offline: LLM) -> N
     assert prompt == f"[gMASK]<sop><|user|>\n{placeholder}What is it?<|assistant|>"
     ids = renderer.encode(prompt)
     assert ids.count(IMAGE_ID) == 1 and ids[ids.index(IMAGE_ID) - 1] == BOI_ID
+
+
+def test_bench_image_workload(server: ServerProcess, ckpt: Path, tmp_path: Path) -> None:
+    """`flatout bench --api chat --image-size WxH`: every request carries its own screenshot,
+    and the server's prompt length counts the image tokens (5 x 4 of them at 140x112)."""
+    import json
+
+    from tests.bench.conftest import run_flatout
+
+    out = tmp_path / "b.json"
+    proc = run_flatout("bench", "--base-url", server.url, "--no-progress", "--json", str(out),
+                       "--api", "chat", "--tokenizer", str(ckpt), "--image-size", "140x112",
+                       "--num-prompts", "4", "--concurrency", "2", "--input-len", "16",
+                       "--output-len", "4", "--no-nvml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = json.loads(out.read_text())["runs"][0]["requests"]
+    assert len(records) == 4 and all(r["success"] for r in records), records
+    assert all(r["output_tokens"] == 4 for r in records)
+
+
+def test_bench_screenshots_differ_and_compress() -> None:
+    from flatout.bench.images import parse_size, screenshot_png
+
+    a, b = screenshot_png(1080, 2400, 1), screenshot_png(1080, 2400, 2)
+    assert a != b and a == screenshot_png(1080, 2400, 1)
+    assert len(a) < 1_000_000  # a screen, not noise (1080 x 2400 x 3 = 7.8 MB raw)
+    assert Image.open(io.BytesIO(a)).size == (1080, 2400)
+    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+        parse_size("1080")
