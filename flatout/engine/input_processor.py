@@ -10,7 +10,7 @@ from typing import Any
 from flatout.config import ModelConfig
 from flatout.engine.messages import MultiModalItem, RequestError
 from flatout.multimodal.image_io import ImageError, content_hash, to_rgb_array
-from flatout.multimodal.image_size import MAX_PIXELS, MIN_PIXELS, image_grid
+from flatout.multimodal.image_size import MAX_PIXELS, MIN_PIXELS, ImageGrid, image_grid
 from flatout.sampling_params import SamplingParams
 
 DEFAULT_MAX_IMAGES_PER_PROMPT = 8
@@ -117,19 +117,35 @@ class InputProcessor:
             index = len(items)
             try:
                 pixels = to_rgb_array(next(it))
-                grid = image_grid(
-                    pixels.shape[0], pixels.shape[1], patch_size=vision.patch_size,
-                    merge_size=vision.spatial_merge_size,
-                    temporal_patch_size=vision.temporal_patch_size,
-                    min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-                )
-            except (ImageError, ValueError) as e:
+            except ImageError as e:
                 raise RequestError(f"image {index}: {e}") from None
+            grid = self.image_grid(pixels.shape[0], pixels.shape[1], index)
             resized = (grid.resized_height, grid.resized_width)
             items.append(MultiModalItem(len(out), grid.num_tokens, grid.grid_thw, resized,
                                         content_hash(pixels, resized), pixels))
             out.extend([image_id] * grid.num_tokens)
         return out, items
+
+    def image_grid(self, height: int, width: int, index: int = 0) -> ImageGrid:
+        """An image's resized size, grid and token count under this processor's pixel range
+        (RequestError naming the image for an unusable size)."""
+        vision = self.model_config.vision
+        if vision is None:
+            raise RequestError(f"this model ({self.model_config.architecture}) takes no images")
+        try:
+            return image_grid(height, width, patch_size=vision.patch_size,
+                              merge_size=vision.spatial_merge_size,
+                              temporal_patch_size=vision.temporal_patch_size,
+                              min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        except ValueError as e:
+            raise RequestError(f"image {index}: {e}") from None
+
+    def check_image_sizes(self, token_ids: list[int], sizes: list[tuple[int, int]],
+                          params: SamplingParams) -> None:
+        """Before any pixel is decoded: the prompt with images of these (height, width) sizes
+        (from their headers) fits (RequestError otherwise, as `validate`)."""
+        n = sum(self.image_grid(h, w, i).num_tokens for i, (h, w) in enumerate(sizes))
+        self.validate(token_ids + [token_ids[0]] * (n - len(sizes)), params)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Check a request can ever be served; return its resolved max_tokens."""

@@ -36,6 +36,21 @@ def data_url_bytes(url: str) -> bytes:
         raise ImageError("the image data URL is not valid base64") from None
 
 
+def read_image_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from the image's header alone (ImageError if it is not an image)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format not in FORMATS:
+                raise ImageError(f"image format {img.format} is not one of {', '.join(FORMATS)}")
+            width, height = img.size
+            return height, width
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as e:
+        raise ImageError(f"not a decodable image ({type(e).__name__})") from None
+
+
 def decode_image(data: bytes, max_pixels: int = MAX_DECODE_PIXELS) -> np.ndarray:
     """PNG/JPEG/WebP bytes -> [H, W, 3] uint8 RGB (ImageError if not one of them, truncated,
     corrupt or larger than `max_pixels`)."""

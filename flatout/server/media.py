@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,12 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from flatout.multimodal.image_io import ImageError, data_url_bytes, decode_image
+from flatout.multimodal.image_io import (
+    ImageError,
+    data_url_bytes,
+    decode_image,
+    read_image_size,
+)
 from flatout.server.errors import OpenAIError
 
 DEFAULT_MAX_IMAGES_PER_PROMPT = 8
@@ -72,19 +78,34 @@ class MediaPolicy:
         except OSError:
             raise OpenAIError("the image file cannot be read", param=ref.param) from None
 
-    def decode(self, ref: ImageRef) -> np.ndarray:
+    def read(self, ref: ImageRef) -> tuple[bytes, tuple[int, int]]:
+        """The image's bytes and its (height, width) from the header (nothing decoded)."""
         data = self.image_bytes(ref)
         try:
-            return decode_image(data)
+            return data, read_image_size(data)
         except ImageError as e:  # its message quotes no path and no bytes
             raise OpenAIError(str(e), param=ref.param, code="invalid_image") from None
 
-    async def load(self, refs: list[ImageRef]) -> list[np.ndarray]:
-        """Every image decoded, concurrently in the pool, in order (the first error raises)."""
+    def decode(self, ref: ImageRef, data: bytes) -> np.ndarray:
+        try:
+            return decode_image(data)
+        except ImageError as e:
+            raise OpenAIError(str(e), param=ref.param, code="invalid_image") from None
+
+    async def load(
+        self, refs: list[ImageRef], check_sizes: Callable[[list[tuple[int, int]]], None]
+    ) -> list[np.ndarray]:
+        """Every image decoded, concurrently in the pool, in order (the first error raises);
+        `check_sizes` sees the (height, width) of all of them, from their headers, before any
+        is decoded."""
         if len(refs) > self.max_images_per_prompt:
             raise OpenAIError(f"{len(refs)} images in one request; at most "
                               f"{self.max_images_per_prompt} are allowed",
                               param="messages", code="too_many_images")
         loop = asyncio.get_running_loop()
+        read = await asyncio.gather(
+            *(loop.run_in_executor(self.pool, self.read, ref) for ref in refs))
+        check_sizes([size for _, size in read])
         return list(await asyncio.gather(
-            *(loop.run_in_executor(self.pool, self.decode, ref) for ref in refs)))
+            *(loop.run_in_executor(self.pool, self.decode, ref, data)
+              for ref, (data, _) in zip(refs, read, strict=True))))

@@ -92,9 +92,11 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
 
 async def attach_images(state: ServerState, p: _Prepared) -> None:
     """Decode the request's images (thread pool) and expand its placeholders to their token
-    counts; every error is a 400 raised before anything is queued."""
+    counts; every error is a 400 raised before anything is queued, and a prompt the images'
+    sizes (from their headers) make too long before any is decoded."""
     inputs = state.client.inputs
-    pixels = await state.media.load(p.images)
+    pixels = await state.media.load(
+        p.images, lambda sizes: inputs.check_image_sizes(p.prompt_token_ids, sizes, p.params))
     loop = asyncio.get_running_loop()
     ids, items = await loop.run_in_executor(state.media.pool, inputs.expand_images,
                                             p.prompt_token_ids, pixels)

@@ -139,6 +139,10 @@ BAD = {
     "http url": ("http://127.0.0.1:9/x.png", "not fetched"),
     "file outside the allowed path": ("/etc/hostname", "outside"),
     "too many tokens": (data_url(png((28 * 24, 28 * 24), 5)), "max_model_len"),
+    # the header alone decides: this one would not even decode
+    "too many tokens, by the header": (data_url(png((28 * 24, 28 * 24), 5)[:200]),
+                                       "max_model_len"),
+    "aspect ratio": (data_url(png((28, 28 * 201), 6)), "aspect ratio"),
 }
 
 
