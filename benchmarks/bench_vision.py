@@ -131,13 +131,24 @@ def main() -> None:
         llm.generate(prompt, params)
         return time.perf_counter() - t
 
+    def text_request(max_tokens: int) -> float:  # as long, without the image
+        prompt = (text * (grid.num_tokens // len(text) + 2))[: grid.num_tokens + len(ids)]
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        t = time.perf_counter()
+        llm.generate(prompt, params)
+        return time.perf_counter() - t
+
     request(1, 0)  # warm-up
     ttft = float(np.median([request(1, s) for s in range(3)]))
     total = request(a.output_tokens, 9)
     step = (total - ttft) / max(1, a.output_tokens - 1)
+    text_request(a.output_tokens)
+    text_step = (text_request(a.output_tokens) - text_request(1)) / max(1, a.output_tokens - 1)
     rows.append((f"TTFT, 1 request ({grid.num_tokens} image + {a.text_tokens} text tokens, "
                  "offline LLM, idle engine)", f"{ttft * 1e3:.1f} ms"))
-    rows.append(("decode step, batch 1", f"{step * 1e3:.2f} ms"))
+    rows.append(("decode step, batch 1 (after the image)", f"{step * 1e3:.2f} ms"))
+    rows.append(("decode step, batch 1, text-only prompt of the same length",
+                 f"{text_step * 1e3:.2f} ms"))
     rows.append((f"one request, {a.output_tokens} output tokens", f"{total:.2f} s"))
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
