@@ -61,6 +61,7 @@ class Scheduler:
         self.block_manager = block_manager
         self.encoder_budget = encoder_budget or config.max_num_batched_tokens
         self.encoder_cache = EncoderCache(encoder_cache_size or config.max_num_batched_tokens)
+        self._encoded = 0  # image embeddings the step being scheduled encodes
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the tail is preempted first
         self.num_preemptions = 0
@@ -88,7 +89,7 @@ class Scheduler:
         bm = self.block_manager
         scheduled: set[int] = set()
         preempted: set[int] = set()
-        self._encoded = 0  # embeddings this step encodes
+        self._encoded = 0
 
         # decodes first, then unfinished prefills (stable within each group)
         order = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)
