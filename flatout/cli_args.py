@@ -80,6 +80,19 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $FLATOUT_API_KEY)")
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
+    p.add_argument("--chat-template-content-format", default="string",
+                   choices=["string", "openai"],
+                   help="how list contents reach the template: one string (images as their "
+                   "placeholder text) or OpenAI-style parts ({type: text|image}) for templates "
+                   "that place images themselves")
+    m = p.add_argument_group("images (vision models)")
+    m.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                   help="allow image_url parts naming local files under DIR (default: none)")
+    m.add_argument("--limit-mm-per-prompt", default=None, metavar="JSON",
+                   help='images per request at most, e.g. \'{"image": 4}\' (default 8)')
+    m.add_argument("--mm-processor-kwargs", default=None, metavar="JSON",
+                   help='image resizing bounds, e.g. \'{"max_pixels": 5000000}\' '
+                   "(min_pixels, max_pixels: the resized image's pixel range)")
     r = p.add_argument_group("reliability")
     r.add_argument("--max-waiting-requests", type=int, default=None,
                    help="most sequences waiting for their first token; more get 503 with "

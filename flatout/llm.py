@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as Seq
-from typing import Any
+from typing import Any, cast
 
 from flatout.config import EngineArgs
 from flatout.engine.llm_engine import LLMEngine, RequestError
 from flatout.engine.outputs import OutputAccumulator, RequestOutput
+from flatout.multimodal.image_io import ImageError, data_url_bytes, decode_image
 from flatout.sampling_params import SamplingParams
 
 Prompt = str | list[int]
+# {"prompt": str | list[int], "multi_modal_data": {"image": image or [images]}}: each image
+# (PIL image or [H, W, 3] uint8 array) goes to the next <|image|> placeholder of the prompt
+MultiModalPrompt = dict[str, Any]
 Message = dict[str, Any]
 
 
@@ -39,12 +43,12 @@ class LLM:
 
     def generate(
         self,
-        prompts: Prompt | Seq[Prompt],
+        prompts: Prompt | MultiModalPrompt | Seq[Prompt | MultiModalPrompt],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """One output per prompt, in order. Every prompt is checked before any is queued, so a
         bad one leaves the engine untouched."""
-        if isinstance(prompts, str) or (
+        if isinstance(prompts, str | dict) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]
@@ -60,8 +64,10 @@ class LLM:
                     f"got {len(params_list)} sampling params for {len(prompts)} prompts"
                 )
         engine = self.engine
-        processed = [engine.inputs.process(prompt, params)
-                     for prompt, params in zip(prompts, params_list, strict=True)]
+        processed = []
+        for prompt, params in zip(prompts, params_list, strict=True):
+            text_or_ids, images = _split_prompt(prompt)
+            processed.append(engine.inputs.process(text_or_ids, params, images))
         accumulators: dict[str, OutputAccumulator] = {}
         try:
             for prompt, params in zip(processed, params_list, strict=True):
@@ -99,13 +105,18 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Apply the checkpoint's chat template to one conversation (or a list of them) and
-        generate a reply for each."""
+        generate a reply for each. A message's content may be a list of parts: {"type": "text",
+        "text": ...}, {"type": "image", "image": PIL image or [H, W, 3] uint8 array} or
+        {"type": "image_url", "image_url": {"url": "data:image/...;base64,..."}} (vision
+        models); the parts are joined by newlines, each image as its placeholder text."""
         tok = self.engine.tokenizer
         if tok is None:
             raise RequestError("this model has no tokenizer, so no chat template")
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts: list[Prompt] = []
+        prompts: list[Prompt | MultiModalPrompt] = []
         for conv in conversations:
+            images: list[Any] = []
+            conv = [self._flatten_parts(m, images) for m in cast(list[Message], conv)]
             text = tok.apply_chat_template(
                 conv,
                 chat_template=chat_template,
@@ -113,5 +124,49 @@ class LLM:
                 tokenize=False,
                 **(chat_template_kwargs or {}),
             )
-            prompts.append(tok.encode(text, add_special_tokens=False))
+            ids = tok.encode(text, add_special_tokens=False)
+            prompts.append({"prompt": ids, "multi_modal_data": {"image": images}} if images
+                           else ids)
         return self.generate(prompts, sampling_params)
+
+    def _flatten_parts(self, message: Message, images: list[Any]) -> Message:
+        """The message with list content as one string; its images appended to `images`."""
+        content = message.get("content")
+        if not isinstance(content, list):
+            return message
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                texts.append(part["text"])
+                continue
+            placeholder = self.engine.inputs.image_placeholder
+            if kind not in ("image", "image_url") or placeholder is None:
+                raise RequestError(f"content[{j}]: part of type {kind!r} is not supported by "
+                                   f"this model")
+            if kind == "image":
+                images.append(part["image"])
+            else:
+                try:
+                    images.append(decode_image(data_url_bytes(part["image_url"]["url"])))
+                except ImageError as e:
+                    raise RequestError(f"content[{j}]: {e}") from None
+            texts.append(placeholder)
+        return {**message, "content": "\n".join(texts)}
+
+
+def _split_prompt(prompt: Prompt | MultiModalPrompt) -> tuple[Prompt, list[Any] | None]:
+    """(prompt, images) of a plain or multimodal prompt (ValueError naming a bad key)."""
+    if not isinstance(prompt, dict):
+        return prompt, None
+    unknown = set(prompt) - {"prompt", "multi_modal_data"}
+    if unknown or "prompt" not in prompt:
+        raise ValueError(f"a prompt dict takes 'prompt' and 'multi_modal_data' (got "
+                         f"{sorted(prompt)})")
+    data = prompt.get("multi_modal_data") or {}
+    if set(data) - {"image"}:
+        raise ValueError(f"multi_modal_data supports 'image' only (got {sorted(data)})")
+    images = data.get("image")
+    if images is not None and not isinstance(images, list | tuple):
+        images = [images]
+    return prompt["prompt"], list(images) if images is not None else None

@@ -5,12 +5,12 @@
 
 Per GPU (one tensor-parallel rank each): the weight shard (vocab-parallel embedding and head,
 heads split, KV heads replicated when ranks outnumber them), an activation reserve for the
-largest batch the scheduler forms, the runtime overhead, and what is left for the KV cache, in
-tokens and in concurrent sequences at a context length; the decode floor per step is the bytes
-one step must read (weights + KV) at the GPU's memory bandwidth. An fp8 KV cache stores one byte
-per value (half of bf16's), so the same memory holds twice the tokens and a decode step reads
-half the KV bytes. The engine refuses at startup, with the same text, a configuration this says
-cannot fit.
+largest batch the scheduler forms (for a vision model also the tower over the largest image),
+the runtime overhead, and what is left for the KV cache, in tokens and in concurrent sequences at
+a context length; the decode floor per step is the bytes one step must read (weights + KV) at
+the GPU's memory bandwidth. An fp8 KV cache stores one byte per value (half of bf16's), so the
+same memory holds twice the tokens and a decode step reads half the KV bytes. The engine refuses
+at startup, with the same text, a configuration this says cannot fit.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flatout.config import ModelConfig, kv_cache_element_bytes, normalize_kv_cache_dtype
+from flatout.multimodal.image_size import MAX_PIXELS
 
 GIB = 1 << 30
 # memory (GiB as sold, i.e. 1e9 bytes) and bandwidth (bytes/s) of common GPUs
@@ -120,7 +121,23 @@ def activation_reserve(cfg: ModelConfig, tp: int, max_tokens: int, max_seqs: int
     if cfg.quantization == "int8":
         vocab = -(-cfg.vocab_size // tp) if cfg.quantize_lm_head else 0
         converted = max(2 * inter, vocab) * h * b
-    return max_tokens * per_token + rows * cfg.vocab_size * 32 + converted
+    text = max_tokens * per_token + rows * cfg.vocab_size * 32 + converted
+    if cfg.vision is None:
+        return text
+    # the tower runs before the forward (not beside it); its outputs wait in the encoder cache
+    # (up to max_tokens embeddings)
+    return max(text, vision_activation_reserve(cfg)) + max_tokens * h * b
+
+
+def vision_activation_reserve(cfg: ModelConfig) -> int:
+    """Peak activations of the vision tower over the largest image the default max_pixels
+    admits (as the runner profiles it, flatout/worker/kv_cache.py): the float32 patches and
+    their cast, and per patch a block's residual, qkv, attention output and SwiGLU widths."""
+    vc = cfg.vision
+    assert vc is not None
+    n = MAX_PIXELS // (vc.temporal_patch_size * vc.patch_size**2)
+    h, o, b = vc.hidden_size, vc.out_hidden_size, cfg.dtype_bytes
+    return n * (vc.patch_dim * (4 + b) + (6 * h + 3 * o) * b)
 
 
 @dataclass(frozen=True)

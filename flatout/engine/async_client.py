@@ -35,6 +35,7 @@ from flatout.engine.messages import (
     EngineCoreRequest,
     EngineDeadError,
     EngineRequestError,
+    MultiModalItem,
     RequestFieldError,
     RequestTimeoutError,
     Shutdown,
@@ -168,12 +169,14 @@ class AsyncEngineClient:
     async def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
         deadline: float | None = None, on_started: Callable[[], None] | None = None,
+        mm_items: list[MultiModalItem] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's delta (flatout/engine/outputs.py) after every step that advanced it,
         the last one with finished=True. Validation errors (RequestError) raise before anything
         is queued. Closing or cancelling the consumer (a client that went away) aborts the
         request in the core. `deadline` (event-loop time) raises RequestTimeoutError when passed;
-        `on_started` is called once: at the first output, or at the end if none came."""
+        `on_started` is called once: at the first output, or at the end if none came.
+        `mm_items`: the prompt's images (InputProcessor.expand_images made prompt and items)."""
         if self.dead is not None:
             raise EngineDeadError(self.dead)
         text, ids = self.inputs.encode(prompt)
@@ -193,7 +196,8 @@ class AsyncEngineClient:
                 self._busy_since = time.monotonic()
             self._in_core.add(request_id)
             self._send(
-                EngineCoreRequest(request_id, ids, params, max_tokens, self.inputs.eos_token_ids)
+                EngineCoreRequest(request_id, ids, params, max_tokens, self.inputs.eos_token_ids,
+                                  mm_items=list(mm_items or []))
             )
             while True:
                 item = await queue.get()

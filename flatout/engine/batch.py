@@ -12,9 +12,33 @@ uses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from flatout.config import ModelConfig
 from flatout.sampling_params import SamplingParams
+
+
+@dataclass
+class MultiModalItem:
+    """One image of a prompt: where its placeholder tokens are, its patch grid, its pixels.
+
+    The prompt's tokens [offset, offset + num_tokens) are the image's `<|image|>` placeholders;
+    the encoder's output for it has exactly num_tokens rows, which replace their embeddings.
+    `pixels` is the decoded image, [H, W, 3] uint8 (a numpy array: one pickle, no floats);
+    the engine core resizes it to `resized` (height, width) and patchifies it on its device.
+    `content_hash` names the image's content and preprocessing (equal hashes: equal encoder
+    outputs); the encoder cache and the prefix cache's block hashes key on it."""
+
+    offset: int
+    num_tokens: int
+    grid_thw: tuple[int, int, int]
+    resized: tuple[int, int]
+    content_hash: bytes
+    pixels: Any  # numpy.ndarray [H, W, 3] uint8
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.num_tokens
 
 
 @dataclass
@@ -83,6 +107,17 @@ def prompt_layout(model: ModelConfig, prompt_token_ids: list[int]) -> PrefixLayo
 
 
 @dataclass
+class ImageSlice:
+    """Rows [first, last) of an image's encoder output replace the embeddings of the row's
+    tokens from `at` on (an index among the row's tokens this step)."""
+
+    content_hash: bytes
+    first: int
+    last: int
+    at: int
+
+
+@dataclass
 class ScheduledSeq:
     """One sequence in one step: compute positions [start, start + num_tokens)."""
 
@@ -100,12 +135,18 @@ class ScheduledSeq:
     sample: bool  # all its tokens are computed after this step: its next token is sampled
     sampling: SamplingInfo | None = None  # rank 0, rows that sample; never pickled
     prefix: PrefixLayout | None = None  # prefix-LM models: the prompt's layout
+    # M-RoPE (a request with images): the (t, h, w) positions of this step's tokens while
+    # they are prompt tokens (None: every token at position + rope_delta on all three axes)
+    mrope_positions: tuple[list[int], list[int], list[int]] | None = None
+    rope_delta: int = 0
+    image_slices: list[ImageSlice] = field(default_factory=list)  # in token order
 
     def __reduce__(self) -> tuple[type[ScheduledSeq], tuple[object, ...]]:
         """Pickled (to the other tensor-parallel ranks) as its values without `sampling`,
         which only rank 0 reads: a few bytes per row."""
         return ScheduledSeq, (self.seq_id, self.start, self.token_ids, self.pending_row,
-                              self.is_new, self.new_block_ids, self.sample, None, self.prefix)
+                              self.is_new, self.new_block_ids, self.sample, None, self.prefix,
+                              self.mrope_positions, self.rope_delta, self.image_slices)
 
     @property
     def num_tokens(self) -> int:
@@ -124,6 +165,10 @@ class SchedulerOutput:
     seqs: list[ScheduledSeq] = field(default_factory=list)
     # sequences finished since the last step: the runner forgets their tables and generators
     finished_seq_ids: list[int] = field(default_factory=list)
+    # images to encode this step (their outputs join the runner's encoder cache before the
+    # forward reads them) and encoder outputs no sequence needs any more (dropped first)
+    encoder_inputs: list[MultiModalItem] = field(default_factory=list)
+    freed_encoder_hashes: list[bytes] = field(default_factory=list)
 
     @property
     def num_new_tokens(self) -> list[int]:

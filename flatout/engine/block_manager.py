@@ -38,10 +38,20 @@ class NoFreeBlocksError(RuntimeError):
     pass
 
 
-def chain_hash(prev: bytes | None, token_ids: list[int]) -> bytes:
+def chain_hash(prev: bytes | None, token_ids: list[int], extra: bytes = b"") -> bytes:
+    """The hash of a block: the previous block's hash, its token ids and `extra` (the content
+    hashes of the images whose placeholders it holds, so equal placeholder tokens of different
+    images never match)."""
     h = hashlib.blake2b(prev or b"", digest_size=16)
     h.update(array("q", token_ids).tobytes())
+    h.update(extra)
     return h.digest()
+
+
+def block_extra(seq: Sequence, index: int, block_size: int) -> bytes:
+    """The content hashes of the sequence's images that overlap its block `index`."""
+    start, end = index * block_size, (index + 1) * block_size
+    return b"".join(m.content_hash for m in seq.mm_items if m.offset < end and m.end > start)
 
 
 class BlockManager:
@@ -91,7 +101,7 @@ class BlockManager:
         max_full = (len(tokens) - 1) // bs
         prev = chain_seed(seq)
         for i in range(max_full):
-            h = chain_hash(prev, tokens[i * bs : (i + 1) * bs])
+            h = chain_hash(prev, tokens[i * bs : (i + 1) * bs], block_extra(seq, i, bs))
             block = self.hash_to_block.get(h)
             if block is None:
                 break
@@ -128,7 +138,7 @@ class BlockManager:
             return
         prev = seq.block_hashes[-1] if seq.block_hashes else chain_seed(seq)
         for i in range(len(seq.block_hashes), num_full):
-            h = chain_hash(prev, seq.token_ids[i * bs : (i + 1) * bs])
+            h = chain_hash(prev, seq.token_ids[i * bs : (i + 1) * bs], block_extra(seq, i, bs))
             seq.block_hashes.append(h)
             prev = h
             block = seq.block_table[i]

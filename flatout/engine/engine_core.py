@@ -22,6 +22,7 @@ import torch
 from flatout.config import EngineArgs
 from flatout.engine.batch import (
     BlockTableSync,
+    ImageSlice,
     SamplingInfo,
     ScheduledSeq,
     SchedulerOutput,
@@ -43,6 +44,7 @@ from flatout.engine.structured import (
     GrammarError,
     SequenceGrammar,
 )
+from flatout.models.glm4v import mrope_positions
 from flatout.models.registry import TORCH_DTYPES, resolve_model
 from flatout.worker.kv_cache import kv_cache_dtype
 from flatout.worker.model_runner import LaunchedStep, ModelRunner
@@ -51,8 +53,11 @@ from flatout.worker.parallel import TensorParallelGroup, resolve_device
 log = logging.getLogger(__name__)
 
 
-def scheduler_output(sched: Schedule, block_tables: BlockTableSync) -> SchedulerOutput:
-    """The runner's view of a step: each sequence's inputs, block-table delta and sampling."""
+def scheduler_output(
+    sched: Schedule, block_tables: BlockTableSync, freed_encoder_hashes: list[bytes] | None = None
+) -> SchedulerOutput:
+    """The runner's view of a step: each sequence's inputs, block-table delta and sampling, and
+    the images to encode."""
     rows = []
     for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
         start = seq.num_computed_tokens
@@ -60,9 +65,28 @@ def scheduler_output(sched: Schedule, block_tables: BlockTableSync) -> Scheduler
         pending_row = seq.pending.row if len(known) < n else None
         is_new, blocks = block_tables.delta(seq.seq_id, seq.block_table)
         sample = start + n == seq.num_tokens + seq.num_pending_tokens
-        rows.append(ScheduledSeq(seq.seq_id, start, known, pending_row, is_new, blocks, sample,
-                                 sampling_info(seq) if sample else None, seq.prefix))
-    return SchedulerOutput(rows, block_tables.take_finished())
+        row = ScheduledSeq(seq.seq_id, start, known, pending_row, is_new, blocks, sample,
+                           sampling_info(seq) if sample else None, seq.prefix)
+        if seq.mm_items:
+            _add_images(row, seq, start, start + n)
+        rows.append(row)
+    return SchedulerOutput(rows, block_tables.take_finished(), list(sched.encoder_inputs),
+                           freed_encoder_hashes or [])
+
+
+def _add_images(row: ScheduledSeq, seq: Sequence, start: int, end: int) -> None:
+    """A row of a request with images: its M-RoPE positions and the image rows it reads."""
+    row.rope_delta = seq.rope_delta
+    if seq.mrope_positions is not None and start < seq.num_prompt_tokens:
+        t, h, w = seq.mrope_positions
+        # tokens past the prompt (recomputed outputs) continue at position + rope delta
+        tail = list(range(seq.num_prompt_tokens + seq.rope_delta, end + seq.rope_delta))
+        row.mrope_positions = (t[start:end] + tail, h[start:end] + tail, w[start:end] + tail)
+    for item in seq.mm_items:
+        lo, hi = max(start, item.offset), min(end, item.end)
+        if lo < hi:
+            row.image_slices.append(
+                ImageSlice(item.content_hash, lo - item.offset, hi - item.offset, lo - start))
 
 
 # -- the token-level stop rules ---------------------------------------------------------------
@@ -164,7 +188,10 @@ class EngineCore:
         grammar is compiled, in the compiler's threads."""
         if req.request_id in self.seqs or req.request_id in self._compiling:
             raise ValueError(f"request id {req.request_id!r} is already in use")
-        prompt_layout(self.model_config, req.prompt_token_ids)  # a bad prompt fails here, now
+        # a bad prompt fails here, before any grammar compiles for it
+        prompt_layout(self.model_config, req.prompt_token_ids)
+        if req.mm_items:
+            self._check_images(req)
         so = req.params.structured_outputs
         if so is None:
             self._schedule(req)
@@ -225,10 +252,37 @@ class EngineCore:
             )
             for i in range(req.params.n)
         ]
+        if req.mm_items:
+            self._place_images(req, seqs)
         self.seqs[req.request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
         return seqs
+
+    def _check_images(self, req: EngineCoreRequest) -> None:
+        """ValueError if the model takes no images or the placeholders do not match them."""
+        vision = self.model_config.vision
+        if vision is None:
+            raise ValueError(f"{self.model_config.architecture} takes no images")
+        ids = req.prompt_token_ids
+        for i, item in enumerate(req.mm_items):
+            if ids[item.offset : item.end] != [vision.image_token_id] * item.num_tokens:
+                raise ValueError(f"mm_items[{i}]: prompt tokens [{item.offset}, {item.end}) "
+                                 f"are not its {item.num_tokens} image placeholders")
+
+    def _place_images(self, req: EngineCoreRequest, seqs: list[Sequence]) -> None:
+        """Give a request's sequences its images and M-RoPE positions (checked on admission)."""
+        vision = self.model_config.vision
+        assert vision is not None
+        ids = req.prompt_token_ids
+        grids = [item.grid_thw for item in req.mm_items]
+        positions, delta = mrope_positions(ids, grids, vision.image_token_id,
+                                           vision.spatial_merge_size)
+        t, h, w = positions.tolist()
+        for seq in seqs:
+            seq.mm_items = req.mm_items
+            seq.mrope_positions = (t, h, w)
+            seq.rope_delta = delta
 
     def abort(self, request_id: str, index: int | None = None) -> None:
         """Stop a request (or one of its n sequences) and free its blocks; unknown ids are
@@ -266,7 +320,8 @@ class EngineCore:
         previous, self._in_flight = self._in_flight, None
         outputs: list[EngineCoreOutput] = []
         if not sched.is_empty:
-            batch = scheduler_output(sched, self.block_tables)
+            batch = scheduler_output(sched, self.block_tables,
+                                     self.scheduler.encoder_cache.take_freed())
             forward = self.runner.launch_forward(batch)
             self.scheduler.update_computed(sched)
             self._count(sched)

@@ -4,13 +4,17 @@ Runs beside the caller (the offline LLM, or the server's API process); imports n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flatout.config import ModelConfig
 from flatout.engine.batch import prompt_layout
-from flatout.engine.messages import RequestError
+from flatout.engine.messages import MultiModalItem, RequestError
+from flatout.multimodal.image_io import ImageError, content_hash, to_rgb_array
+from flatout.multimodal.image_size import MAX_PIXELS, MIN_PIXELS, ImageGrid, image_grid
 from flatout.sampling_params import SamplingParams
+
+DEFAULT_MAX_IMAGES_PER_PROMPT = 8
 
 
 @dataclass
@@ -20,15 +24,29 @@ class ProcessedPrompt:
     text: str | None  # as given, when it was text
     token_ids: list[int]
     max_tokens: int  # resolved: the request's, or what max_model_len leaves
+    mm_items: list[MultiModalItem] = field(default_factory=list)
 
 
 class InputProcessor:
     """Tokenizes and validates prompts against the model and the KV cache (no GPU work)."""
 
-    def __init__(self, model_config: ModelConfig, tokenizer: Any, cache_tokens: int) -> None:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        tokenizer: Any,
+        cache_tokens: int,
+        *,
+        max_images_per_prompt: int = DEFAULT_MAX_IMAGES_PER_PROMPT,
+        min_pixels: int = MIN_PIXELS,
+        max_pixels: int = MAX_PIXELS,
+    ) -> None:
+        """max_images_per_prompt, min_pixels, max_pixels: the image limits (vision models):
+        images per prompt, and the pixel range images are resized into (smart_resize)."""
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.cache_tokens = cache_tokens
+        self.max_images_per_prompt = max_images_per_prompt
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
         eos = list(model_config.eos_token_ids)
         if tokenizer is not None:
             from flatout.tokenizers import stop_token_ids
@@ -36,6 +54,19 @@ class InputProcessor:
             eos += stop_token_ids(tokenizer, model_config.tokenizer)
         # GLM chat models end a turn with any of three tokens; all of them stop generation
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos))
+
+    @property
+    def image_placeholder(self) -> str | None:
+        """The prompt text of one image, <|begin_of_image|><|image|><|end_of_image|> (None:
+        the model takes no images, or its tokenizer does not spell them as single tokens)."""
+        vision, tok = self.model_config.vision, self.tokenizer
+        if vision is None or tok is None:
+            return None
+        ids = [vision.image_start_token_id, vision.image_token_id, vision.image_end_token_id]
+        text = "".join(tok.convert_ids_to_tokens(ids))
+        if list(tok.encode(text, add_special_tokens=False)) != ids:
+            return None
+        return text
 
     def encode(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -48,10 +79,74 @@ class InputProcessor:
             raise RequestError("prompt must be a string or a list of token ids")
         return None, list(prompt)
 
-    def process(self, prompt: str | list[int], params: SamplingParams) -> ProcessedPrompt:
-        """Tokenize and validate one prompt (raises RequestError)."""
+    def process(
+        self, prompt: str | list[int], params: SamplingParams, images: list[Any] | None = None
+    ) -> ProcessedPrompt:
+        """Tokenize and validate one prompt (raises RequestError). With `images` (PIL images
+        or [H, W, 3] uint8 arrays, in prompt order), each `<|image|>` placeholder token of the
+        prompt is expanded to its image's token count."""
         text, ids = self.encode(prompt)
-        return ProcessedPrompt(text, ids, self.validate(ids, params))
+        items: list[MultiModalItem] = []
+        if images:
+            ids, items = self.expand_images(ids, images)
+        return ProcessedPrompt(text, ids, self.validate(ids, params), items)
+
+    def expand_images(
+        self, token_ids: list[int], images: list[Any]
+    ) -> tuple[list[int], list[MultiModalItem]]:
+        """The prompt with each image's one placeholder token repeated to the image's token
+        count, and the images as engine items (RequestError for a text-only model, too many
+        images, a placeholder count that does not match, or an unusable image)."""
+        vision = self.model_config.vision
+        if vision is None:
+            raise RequestError(f"this model ({self.model_config.architecture}) takes no images")
+        if len(images) > self.max_images_per_prompt:
+            raise RequestError(f"{len(images)} images in one prompt; at most "
+                               f"{self.max_images_per_prompt} are allowed")
+        image_id = vision.image_token_id
+        n_placeholders = token_ids.count(image_id)
+        if n_placeholders != len(images):
+            raise RequestError(f"prompt has {n_placeholders} image placeholders for "
+                               f"{len(images)} images")
+        out: list[int] = []
+        items: list[MultiModalItem] = []
+        it = iter(images)
+        for tok in token_ids:
+            if tok != image_id:
+                out.append(tok)
+                continue
+            index = len(items)
+            try:
+                pixels = to_rgb_array(next(it))
+            except ImageError as e:
+                raise RequestError(f"image {index}: {e}") from None
+            grid = self.image_grid(pixels.shape[0], pixels.shape[1], index)
+            resized = (grid.resized_height, grid.resized_width)
+            items.append(MultiModalItem(len(out), grid.num_tokens, grid.grid_thw, resized,
+                                        content_hash(pixels, resized), pixels))
+            out.extend([image_id] * grid.num_tokens)
+        return out, items
+
+    def image_grid(self, height: int, width: int, index: int = 0) -> ImageGrid:
+        """An image's resized size, grid and token count under this processor's pixel range
+        (RequestError naming the image for an unusable size)."""
+        vision = self.model_config.vision
+        if vision is None:
+            raise RequestError(f"this model ({self.model_config.architecture}) takes no images")
+        try:
+            return image_grid(height, width, patch_size=vision.patch_size,
+                              merge_size=vision.spatial_merge_size,
+                              temporal_patch_size=vision.temporal_patch_size,
+                              min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        except ValueError as e:
+            raise RequestError(f"image {index}: {e}") from None
+
+    def check_image_sizes(self, token_ids: list[int], sizes: list[tuple[int, int]],
+                          params: SamplingParams) -> None:
+        """Before any pixel is decoded: the prompt with images of these (height, width) sizes
+        (from their headers) fits (RequestError otherwise, as `validate`)."""
+        n = sum(self.image_grid(h, w, i).num_tokens for i, (h, w) in enumerate(sizes))
+        self.validate(token_ids + [token_ids[0]] * (n - len(sizes)), params)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Check a request can ever be served; return its resolved max_tokens."""

@@ -58,7 +58,7 @@ class LLMEngine:
         ids = prompt.token_ids
         self.core.add_request(
             EngineCoreRequest(request_id, ids, params, prompt.max_tokens,
-                              self.inputs.eos_token_ids)
+                              self.inputs.eos_token_ids, mm_items=prompt.mm_items)
         )
         self.outputs.add_request(request_id, prompt.text, ids, params)
 

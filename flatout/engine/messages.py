@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from flatout.config import CacheConfig, ModelConfig
+from flatout.engine.batch import MultiModalItem as MultiModalItem  # defined beside the rows
 from flatout.monitor.step_clock import StepTotals
 from flatout.sampling_params import SamplingParams
 
@@ -48,6 +49,7 @@ class EngineCoreRequest:
     max_tokens: int  # resolved by the caller's validation
     eos_token_ids: tuple[int, ...] = ()  # from the config, generation config and tokenizer
     arrival_time: float = field(default_factory=time.monotonic)
+    mm_items: list[MultiModalItem] = field(default_factory=list)  # in prompt order
 
 
 @dataclass

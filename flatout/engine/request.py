@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from flatout.engine.batch import PrefixLayout
-from flatout.engine.messages import FinishReason, TokenLogprobs
+from flatout.engine.messages import FinishReason, MultiModalItem, TokenLogprobs
 from flatout.sampling_params import SamplingParams
 
 __all__ = ["FinishReason", "Sequence", "SequenceStatus", "TokenLogprobs"]
@@ -77,6 +77,12 @@ class Sequence:
     # prefix-LM models: the prompt's layout; its bidirectional context is computed in one step
     # (never split across chunks) and seeds the prefix cache's block hashes
     prefix: PrefixLayout | None = None
+    # images: their placeholder ranges in the prompt (in order), the prompt's 3-D M-RoPE
+    # positions (t, h, w rows over the prompt) and the rope delta: a token at index i past the
+    # prompt sits at i + rope_delta on all three axes. Text-only: [], None, 0.
+    mm_items: list[MultiModalItem] = field(default_factory=list)
+    mrope_positions: tuple[list[int], list[int], list[int]] | None = None
+    rope_delta: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:

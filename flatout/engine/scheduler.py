@@ -12,6 +12,11 @@ waits for the next step, and one longer than the whole budget runs alone in a st
 When the KV cache runs out, the most recently admitted running sequence is preempted: its blocks
 are released (they stay in the prefix cache while nobody needs them) and it goes back to the
 front of the queue, to be recomputed from its prompt and the tokens it had produced.
+
+Images: a chunk that reaches an image's placeholder tokens needs the image's encoder output,
+either cached (encoder_cache.py) or computed this step. Each step may encode images worth at
+most `encoder_budget` embeddings (the first image of a step is always allowed, so a large one
+is never starved); a chunk is cut before the first image it cannot have this step.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from dataclasses import dataclass, field
 
 from flatout.config import SchedulerConfig
 from flatout.engine.block_manager import BlockManager
+from flatout.engine.encoder_cache import EncoderCache
+from flatout.engine.messages import MultiModalItem
 from flatout.engine.request import FinishReason, Sequence, SequenceStatus
 
 
@@ -33,6 +40,7 @@ class Schedule:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    encoder_inputs: list[MultiModalItem] = field(default_factory=list)  # to encode this step
 
     @property
     def num_batched_tokens(self) -> int:
@@ -44,9 +52,20 @@ class Schedule:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        encoder_budget: int | None = None,
+        encoder_cache_size: int | None = None,
+    ) -> None:
+        """encoder_budget: image embeddings encoded per step at most; encoder_cache_size: the
+        encoder outputs held at once (both in embeddings; default max_num_batched_tokens)."""
         self.config = config
         self.block_manager = block_manager
+        self.encoder_budget = encoder_budget or config.max_num_batched_tokens
+        self.encoder_cache = EncoderCache(encoder_cache_size or config.max_num_batched_tokens)
+        self._encoded = 0  # image embeddings the step being scheduled encodes
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the tail is preempted first
         self.num_preemptions = 0
@@ -74,6 +93,7 @@ class Scheduler:
         bm = self.block_manager
         scheduled: set[int] = set()
         preempted: set[int] = set()
+        self._encoded = 0
 
         # decodes first, then unfinished prefills (stable within each group)
         order = sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1)
@@ -82,20 +102,24 @@ class Scheduler:
                 break
             if seq.seq_id in preempted or self._last_token_pending(seq):
                 continue
-            n = min(seq.num_uncomputed_tokens, budget)
-            if n < seq.min_chunk:  # a prefix-LM context that does not fit beside the others
+            want = min(seq.num_uncomputed_tokens, budget)
+            if want < seq.min_chunk:  # a prefix-LM context that does not fit beside the others
                 if out.seqs:
                     continue
-                n = seq.min_chunk  # alone in its step, past the budget
-            while not bm.can_grow(seq, n):
+                want = seq.min_chunk  # alone in its step, past the budget
+            n, encode = self._fit_images(seq, want)
+            while n and not bm.can_grow(seq, n):
                 victim = self._pick_victim(scheduled)
                 self._preempt(victim)
                 preempted.add(victim.seq_id)
                 out.preempted.append(victim)
                 if victim is seq:
-                    break
-            else:
+                    n = 0
+                else:  # the victim's release may have dropped an image output `seq` counted on
+                    n, encode = self._fit_images(seq, want)
+            if n:
                 bm.grow(seq, n)
+                self._use_images(seq, n, encode, out)
                 out.seqs.append(seq)
                 out.num_new_tokens.append(n)
                 scheduled.add(seq.seq_id)
@@ -118,10 +142,12 @@ class Scheduler:
                     bm.free(seq)  # admitted next step, alone if it must
                     break
                 n = seq.min_chunk
-            if not bm.can_grow(seq, n):
+            n, encode = self._fit_images(seq, n)
+            if n == 0 or not bm.can_grow(seq, n):
                 bm.free(seq)  # give the prefix hits back; try again next step
                 break
             bm.grow(seq, n)
+            self._use_images(seq, n, encode, out)
             self.waiting.popleft()
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
@@ -131,6 +157,49 @@ class Scheduler:
             out.num_new_tokens.append(n)
             budget = max(0, budget - n)
         return out
+
+    def _fit_images(self, seq: Sequence, n: int) -> tuple[int, list[MultiModalItem]]:
+        """The chunk of `n` tokens from the sequence's first uncomputed one, cut before the
+        first image whose encoder output it cannot have this step, and the images it must
+        encode (not cached; within the step's encoder budget and the cache's capacity)."""
+        if not seq.mm_items:
+            return n, []
+        start = seq.num_computed_tokens
+        encode: list[MultiModalItem] = []
+        encoded, adding = self._encoded, 0
+        for item in seq.mm_items:
+            if item.end <= start or item.content_hash in self.encoder_cache:
+                continue
+            if item.offset >= start + n:
+                break
+            if any(e.content_hash == item.content_hash for e in encode):
+                continue
+            over_budget = encoded > 0 and encoded + item.num_tokens > self.encoder_budget
+            if over_budget or not self.encoder_cache.can_add(adding + item.num_tokens):
+                return max(0, item.offset - start), encode
+            encode.append(item)
+            encoded += item.num_tokens
+            adding += item.num_tokens
+        return n, encode
+
+    def _use_images(self, seq: Sequence, n: int, encode: list[MultiModalItem], out: Schedule
+                    ) -> None:
+        """Record the images the scheduled chunk encodes and the cached outputs it reads."""
+        cache = self.encoder_cache
+        for item in encode:
+            cache.add(item.content_hash, item.num_tokens)
+            self._encoded += item.num_tokens
+            out.encoder_inputs.append(item)
+        start = seq.num_computed_tokens
+        for item in seq.mm_items:
+            if item.end > start and item.offset < start + n:
+                cache.use(item.content_hash, seq.seq_id)
+
+    def _release_images(self, seq: Sequence, all_of_them: bool = False) -> None:
+        """Release the encoder outputs the sequence has computed past (or all of them)."""
+        for item in seq.mm_items:
+            if all_of_them or item.end <= seq.num_computed_tokens:
+                self.encoder_cache.release(item.content_hash, seq.seq_id)
 
     def _last_token_pending(self, seq: Sequence) -> bool:
         """The sequence's pending token is its last (length limits): nothing left to compute."""
@@ -149,6 +218,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
+        self._release_images(seq, all_of_them=True)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -162,6 +232,7 @@ class Scheduler:
         for seq, n in zip(out.seqs, out.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
             self.block_manager.commit(seq)
+            self._release_images(seq)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Remove a sequence (finished or aborted) and release its blocks."""
@@ -172,5 +243,6 @@ class Scheduler:
         else:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
+        self._release_images(seq, all_of_them=True)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

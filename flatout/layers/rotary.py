@@ -9,6 +9,7 @@ Dims past `rotary_dim` pass through unchanged (GLM rotates half of each head).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,6 +64,15 @@ def _llama3_scaling(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
     return torch.where(between, blended, out)
 
 
+@dataclass
+class PerTokenRope:
+    """The cos|sin of every token of one forward, gathered once (M-RoPE) and read by every
+    layer: the rotation indexes `cos_sin` by `token`."""
+
+    token: torch.Tensor  # [T]: 0 .. T-1
+    cos_sin: torch.Tensor  # [T, R] float32
+
+
 class RotaryEmbedding(nn.Module):
     """Applies rotary embedding to q and k of a flattened batch, given each token's position.
 
@@ -92,13 +102,20 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", cache, persistent=False)
         self.ops = ops_for()
 
+    def prepare(self, positions: torch.Tensor) -> torch.Tensor | PerTokenRope:
+        """What the layers of one forward pass to `forward` (computed once per forward)."""
+        return positions
+
     def forward(
         self,
-        positions: torch.Tensor,  # [T]
+        positions: torch.Tensor | PerTokenRope,  # [T] or `prepare`'s
         q: torch.Tensor,  # [T, H*D]
         k: torch.Tensor,  # [T, KVH*D]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotates q and k in place and returns them."""
+        if isinstance(positions, PerTokenRope):
+            return self.ops.rotary_embedding(positions.token, q, k, positions.cos_sin,
+                                             self.head_dim, self.interleaved)
         return self.ops.rotary_embedding(
             positions, q, k, self.cos_sin_cache, self.head_dim, self.interleaved
         )
@@ -113,8 +130,8 @@ class MRotaryEmbedding(RotaryEmbedding):
     by the temporal, height and width positions (`mrope_section` [8, 12, 12]: pairs 0-7 by t,
     8-19 by h, 20-31 by w). positions: [3, T]; [T] (text only: t = h = w) is accepted too.
 
-    Each forward gathers a per-token cos|sin table [T, R] from the position cache and rotates
-    with the same op as 1-D rotary, indexing that table by token."""
+    `prepare` gathers a per-token cos|sin table [T, R] from the position cache once per
+    forward; every layer rotates with the same op as 1-D rotary, indexing that table by token."""
 
     def __init__(
         self, head_dim: int, rotary_dim: int, max_position: int, base: float,
@@ -128,16 +145,20 @@ class MRotaryEmbedding(RotaryEmbedding):
         self.axis: torch.Tensor  # [R]: which position row turns each column (cos | sin)
         self.register_buffer("axis", torch.cat([axis, axis]).long(), persistent=False)
 
-    def forward(
-        self,
-        positions: torch.Tensor,  # [3, T] or [T]
-        q: torch.Tensor,
-        k: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(self, positions: torch.Tensor) -> torch.Tensor | PerTokenRope:
         if positions.dim() == 1:
-            return super().forward(positions, q, k)
+            return positions
         t = positions.shape[1]
         per_axis = self.cos_sin_cache[positions.long()]  # [3, T, R]
         table = per_axis.gather(0, self.axis.view(1, 1, -1).expand(1, t, -1))[0]  # [T, R]
-        token = torch.arange(t, device=positions.device)
-        return self.ops.rotary_embedding(token, q, k, table, self.head_dim, True)
+        return PerTokenRope(torch.arange(t, device=positions.device), table)
+
+    def forward(
+        self,
+        positions: torch.Tensor | PerTokenRope,  # [3, T], [T] or `prepare`'s
+        q: torch.Tensor,
+        k: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(positions, torch.Tensor) and positions.dim() == 2:
+            positions = self.prepare(positions)
+        return super().forward(positions, q, k)

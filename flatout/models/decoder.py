@@ -23,7 +23,7 @@ from flatout.layers.attention import Attention
 from flatout.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from flatout.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from flatout.layers.norm import RMSNorm
-from flatout.layers.rotary import MRotaryEmbedding, RotaryEmbedding
+from flatout.layers.rotary import MRotaryEmbedding, PerTokenRope, RotaryEmbedding
 
 
 def fuses_reduce(cfg: ModelConfig) -> bool:
@@ -63,7 +63,9 @@ class SelfAttention(nn.Module):
         self.rotary_emb = rotary_emb  # shared by all layers
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, d, d**-0.5)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor | PendingReduce:
+    def forward(
+        self, positions: torch.Tensor | PerTokenRope, x: torch.Tensor
+    ) -> torch.Tensor | PendingReduce:
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (H + 2 KVH) * D] for this rank's heads
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -107,7 +109,7 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
+        positions: torch.Tensor | PerTokenRope,
         hidden: torch.Tensor | PendingReduce,
         residual: torch.Tensor | None,
     ) -> tuple[torch.Tensor | PendingReduce, torch.Tensor]:
@@ -143,6 +145,7 @@ class DecoderModel(nn.Module):
                 cfg.head_dim, cfg.rotary_dim, cfg.max_model_len, cfg.rope_theta,
                 interleaved=cfg.rope_interleaved, rope_scaling=cfg.rope_scaling,
             )
+        self.rotary_emb = rotary_emb  # shared by every layer
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, rotary_emb, defer_reduce) for _ in range(cfg.num_hidden_layers)
         )
@@ -160,8 +163,9 @@ class DecoderModel(nn.Module):
         )  # [T, hidden]
         hidden: torch.Tensor | PendingReduce = embeddings
         residual = None
+        rope = self.rotary_emb.prepare(positions)  # M-RoPE: per-token cos|sin, once
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
+            hidden, residual = layer(rope, hidden, residual)
         if residual is None:  # no layers
             return self.norm(embeddings)
         return self.norm.forward_with_residual(hidden, residual)[0]

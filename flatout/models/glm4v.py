@@ -296,16 +296,21 @@ class Glm4vForConditionalGeneration(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         image_embeds: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """image_index: the flat indices image_embeds' rows go to (default: the `<|image|>`
+        tokens of input_ids, in order; the engine passes them, since a generated token may
+        equal the placeholder id)."""
         lm = self.model.language_model
         if image_embeds is None:
             return lm(input_ids, positions)
         embeds: torch.Tensor = lm.embed_tokens(input_ids)  # [T, hidden]
-        mask = input_ids == self.image_token_id
-        if image_embeds.shape[0] != int(mask.sum()):
+        if image_index is None:
+            image_index = (input_ids == self.image_token_id).nonzero()[:, 0]
+        if image_embeds.shape[0] != image_index.shape[0]:
             raise ValueError(f"{image_embeds.shape[0]} image embeddings for "
-                             f"{int(mask.sum())} image tokens")
-        embeds = embeds.masked_scatter(mask[:, None], image_embeds.to(embeds.dtype))
+                             f"{image_index.shape[0]} image tokens")
+        embeds = embeds.index_copy(0, image_index, image_embeds.to(embeds.dtype))
         return lm(input_ids, positions, inputs_embeds=embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -95,6 +95,10 @@ def resolve_model_config(
     a sampler the authors switched off), repetition_penalty always. EOS ids are config.json's
     followed by generation_config's.
     """
+    if model == "demo-vl":  # the built-in vision demo, made on first use
+        from flatout.demo_vl import demo_vl_model_path
+
+        model = demo_vl_model_path()
     folder = Path(model)
     if folder.is_dir():
         raw = _read_json(folder / "config.json", required=True)

@@ -42,11 +42,18 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class ImageURL(_Body):
+    url: str  # data:image/...;base64,... (or a local file, where the server allows them)
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; images keep their size
+
+
 class ContentPart(_Body):
     model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False,
-                              json_schema_extra={"required": ["type", "text"]})
-    type: str = Field(json_schema_extra={"enum": ["text"]})  # other parts: 400, never fetched
+                              json_schema_extra={"required": ["type"]})
+    # other parts: 400, never fetched; image_url parts only for vision models
+    type: str = Field(json_schema_extra={"enum": ["text", "image_url"]})
     text: Annotated[str | None, WithJsonSchema({"type": "string"})] = None
+    image_url: ImageURL | None = None
 
 
 class ChatMessage(_Body):
@@ -248,9 +255,18 @@ def completion_prompts(prompt: PromptInput) -> list[str | list[int]]:
     return prompts
 
 
-def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as the chat template expects them: content as one string (text parts joined
-    by newlines), extra keys kept."""
+def chat_messages(
+    messages: list[ChatMessage],
+    image_placeholder: str | None = None,
+    image_urls: list[tuple[str, str]] | None = None,
+    content_format: str = "string",
+) -> list[dict[str, Any]]:
+    """Messages as the chat template expects them, extra keys kept. content_format "string":
+    content as one string (text parts joined by newlines, each image as `image_placeholder`);
+    "openai": content parts stay a list, [{"type": "text", "text": ...} | {"type": "image"}],
+    for templates that place images themselves (GLM-4.1V's own). A vision model passes
+    `image_placeholder` and a list that receives each image part's (url, param), in order;
+    other models refuse image parts."""
     if not messages:
         raise OpenAIError("messages must not be empty", param="messages")
     out = []
@@ -265,16 +281,26 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             msg["role"] = "system"
         content = m.content
         if isinstance(content, list):
-            texts = []
+            parts: list[dict[str, Any]] = []
             for j, part in enumerate(content):
+                param = f"messages[{i}].content[{j}]"
+                if (part.type == "image_url" and part.image_url is not None
+                        and image_placeholder is not None and image_urls is not None):
+                    image_urls.append((part.image_url.url, f"{param}.image_url"))
+                    parts.append({"type": "image"})
+                    continue
                 if part.type != "text" or part.text is None:
+                    only = "text and image_url" if image_placeholder is not None else "text"
                     raise OpenAIError(
                         f"content part of type {part.type!r} is not supported by this model "
-                        f"(only text parts are)",
-                        param=f"messages[{i}].content[{j}]",
+                        f"(only {only} parts are)", param=param,
                     )
-                texts.append(part.text)
-            msg["content"] = "\n".join(texts)
+                parts.append({"type": "text", "text": part.text})
+            if content_format == "openai":
+                msg["content"] = parts
+            else:
+                msg["content"] = "\n".join(p["text"] if p["type"] == "text" else
+                                           str(image_placeholder) for p in parts)
         elif content is None:
             msg["content"] = ""
         out.append(msg)

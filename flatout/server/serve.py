@@ -10,6 +10,7 @@ restarted, 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -19,6 +20,8 @@ import time
 from typing import Any
 
 from flatout.config import engine_args_from
+
+log = logging.getLogger(__name__)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -89,6 +92,8 @@ def run_serve(ns: argparse.Namespace) -> int:
         value = getattr(ns, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    _json_flag(ns, "limit_mm_per_prompt", _MM_LIMITS)  # bad flags fail before the model loads
+    _json_flag(ns, "mm_processor_kwargs", _MM_PROCESSOR_KWARGS)
     if ns.chat_template is not None:
         from flatout.server.chat import load_template_override
 
@@ -149,8 +154,11 @@ def _serve(ns: argparse.Namespace, client: Any, sock: socket.socket, start: floa
     admission = Admission(
         metrics.registry, max_waiting=ns.max_waiting_requests or 4 * ns.max_num_seqs,
         request_timeout=ns.request_timeout or None, engine_problem=engine_problem)
+    placeholder, media = _image_settings(ns, client)
     state = ServerState(
         client=client, ready=ready, served_model_names=names,
+        image_placeholder=placeholder, media=media,
+        content_format=ns.chat_template_content_format,
         renderer=ChatRenderer(client.tokenizer, template, source), reasoning=parser,
         tool_parser=tool_parser, metrics=metrics, admission=admission,
         api_key=ns.api_key or os.environ.get("FLATOUT_API_KEY") or None,
@@ -172,3 +180,50 @@ def _serve(ns: argparse.Namespace, client: Any, sock: socket.socket, start: floa
                             timeout_graceful_shutdown=5)
     FlatoutServer(config, supervisor).run(sockets=[sock])
     return supervisor.exit_code
+
+
+_MM_LIMITS = ("image",)
+_MM_PROCESSOR_KWARGS = ("min_pixels", "max_pixels")
+
+
+def _json_flag(ns: argparse.Namespace, name: str, allowed: tuple[str, ...]) -> dict[str, int]:
+    """A JSON-object flag whose keys are `allowed` with positive integer values."""
+    flag = "--" + name.replace("_", "-")
+    raw = getattr(ns, name)
+    if raw is None:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag}: not JSON ({e})") from None
+    if not isinstance(value, dict) or set(value) - set(allowed):
+        raise ValueError(f"{flag}: a JSON object with keys among {sorted(allowed)}")
+    for k, v in value.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{flag}: {k} must be a non-negative integer (got {v!r})")
+    return value
+
+
+def _image_settings(ns: argparse.Namespace, client: Any) -> tuple[str | None, Any]:
+    """The prompt text of one image (None: the model takes no images) and the media policy;
+    the flags' limits also go to the client's input processor, which enforces them again."""
+    from pathlib import Path
+
+    from flatout.server.media import MediaPolicy
+
+    limits = _json_flag(ns, "limit_mm_per_prompt", _MM_LIMITS)
+    pixels = _json_flag(ns, "mm_processor_kwargs", _MM_PROCESSOR_KWARGS)
+    local = ns.allowed_local_media_path
+    if local is not None and not Path(local).is_dir():
+        raise ValueError(f"--allowed-local-media-path: no such directory: {local}")
+    media = MediaPolicy(allowed_local_media_path=Path(local) if local else None)
+    inputs = client.inputs
+    if "image" in limits:
+        media.max_images_per_prompt = inputs.max_images_per_prompt = limits["image"]
+    inputs.min_pixels = pixels.get("min_pixels", inputs.min_pixels)
+    inputs.max_pixels = pixels.get("max_pixels", inputs.max_pixels)
+    placeholder = inputs.image_placeholder
+    if placeholder is None and client.ready.model_config.vision is not None:
+        log.warning("the tokenizer does not spell the image tokens as single tokens: image "
+                    "parts will be refused")
+    return placeholder, media

@@ -3,20 +3,23 @@ reasoning split into `reasoning_content`."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from flatout.engine.messages import MultiModalItem
 from flatout.engine.outputs import CompletionOutput, OutputAccumulator
 from flatout.sampling_params import SamplingParams
 from flatout.server.admission import Ticket
 from flatout.server.errors import OpenAIError
 from flatout.server.limits import check_prompt_chars
+from flatout.server.media import ImageRef
 from flatout.server.protocol import (
     ChatCompletionRequest,
     chat_messages,
@@ -50,6 +53,8 @@ class _Prepared:
     top_logprobs: int
     tool_parser: ToolParser | None = None  # the request has tools and may call them
     forced_tools: ForcedToolCalls | None = None  # tool_choice required / a named function
+    images: list[ImageRef] = field(default_factory=list)  # image parts, in prompt order
+    mm_items: list[MultiModalItem] = field(default_factory=list)  # once they are decoded
 
 
 def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
@@ -63,7 +68,8 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
     forced = ForcedToolCalls.from_request(req.tool_choice, req.tools)
     tool_parser = (state.tool_parser if req.tools and req.tool_choice != "none" and forced is None
                    else None)
-    messages = chat_messages(req.messages)
+    urls: list[tuple[str, str]] = []
+    messages = chat_messages(req.messages, state.image_placeholder, urls, state.content_format)
     kwargs = dict(req.chat_template_kwargs or {})
     if req.enable_thinking is not None:
         kwargs.setdefault("enable_thinking", req.enable_thinking)
@@ -92,7 +98,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
     params = state.client.default_sampling_params(**fields)
     state.client.inputs.validate(ids, params)
     return _Prepared(new_id("chatcmpl"), model, ids, params, opened, req.top_logprobs or 0,
-                     tool_parser, forced)
+                     tool_parser, forced, [ImageRef(url, param) for url, param in urls])
 
 
 def _reasoning_end_id(state: ServerState, field: str) -> int:
@@ -107,12 +113,28 @@ def _reasoning_end_id(state: ServerState, field: str) -> int:
     return int(ids[0])
 
 
+async def attach_images(state: ServerState, p: _Prepared) -> None:
+    """Decode the request's images (thread pool) and expand its placeholders to their token
+    counts; every error is a 400 raised before anything is queued, and a prompt the images'
+    sizes (from their headers) make too long before any is decoded."""
+    inputs = state.client.inputs
+    pixels = await state.media.load(
+        p.images, lambda sizes: inputs.check_image_sizes(p.prompt_token_ids, sizes, p.params))
+    loop = asyncio.get_running_loop()
+    ids, items = await loop.run_in_executor(state.media.pool, inputs.expand_images,
+                                            p.prompt_token_ids, pixels)
+    inputs.validate(ids, p.params)
+    p.prompt_token_ids, p.mm_items = ids, items
+
+
 async def create_chat_completion(
     state: ServerState, req: ChatCompletionRequest, raw: Request, *, offload: bool = False
 ) -> Response:
     arrival = time.monotonic()
     state.admission.check()  # turn away at once while overloaded, draining or without engine
     p = await state.prepare(prepare_chat, state, req, offload=offload)
+    if p.images:
+        await attach_images(state, p)
     ticket = state.admission.accept(p.params.n, arrival)
     if req.stream:
         return EventStream(_stream(state, req, p, arrival, ticket), ticket)
@@ -128,7 +150,8 @@ async def create_chat_completion(
 def _generators(state: ServerState, p: _Prepared, ticket: Ticket) -> Generators:
     return lambda: [state.client.generate(p.request_id, p.prompt_token_ids, p.params,
                                           deadline=ticket.deadline,
-                                          on_started=ticket.on_started(p.params.n))]
+                                          on_started=ticket.on_started(p.params.n),
+                                          mm_items=p.mm_items)]
 
 
 def _reasoning_stream(state: ServerState, p: _Prepared) -> ReasoningStream | None:

@@ -15,6 +15,7 @@ from flatout.engine.messages import CoreReady
 from flatout.server.admission import Admission
 from flatout.server.chat import ChatRenderer
 from flatout.server.errors import OpenAIError
+from flatout.server.media import MediaPolicy
 from flatout.server.metrics import ServerMetrics
 from flatout.server.reasoning import ReasoningParser
 from flatout.server.tool_parsers import ToolParser
@@ -34,6 +35,10 @@ class ServerState:
     api_key: str | None = None
     tool_parser: ToolParser | None = None  # --enable-auto-tool-choice
     max_prompt_chars: int | None = None  # longer prompts cannot fit (see limits.py)
+    # vision models: the template text of one image and where images may come from
+    image_placeholder: str | None = None
+    content_format: str = "string"  # --chat-template-content-format
+    media: MediaPolicy = field(default_factory=MediaPolicy)
     started: float = field(default_factory=time.time)
     _token_text: dict[int, str] = field(default_factory=dict, repr=False)
     # one thread renders and tokenizes large requests, so the event loop keeps streaming

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from flatout.engine.batch import SchedulerOutput
+from flatout.engine.batch import ImageSlice, SchedulerOutput
 
 
 class BlockTables:
@@ -55,6 +55,11 @@ class InputBatch:
     prefix_lens: list[int] = field(default_factory=list)
     # 2: positions hold (position, block position) pairs per token (ChatGLM-6B v1)
     position_dims: int = 1
+    # M-RoPE: (t, h, w) rows over the flat tokens, when any row has image positions (the
+    # others' tokens sit at `positions` on all three axes); None: `positions` is all
+    mrope_positions: tuple[list[int], list[int], list[int]] | None = None
+    image_index: list[int] | None = None  # flat indices of the image tokens, in order ...
+    image_slices: list[ImageSlice] | None = None  # ... and the encoder rows they take
 
     @classmethod
     def build(cls, batch: SchedulerOutput, tables: list[list[int]], block_size: int,
@@ -76,7 +81,7 @@ class InputBatch:
                     raise ValueError(f"sequence {s.seq_id}: 2-D positions need its PrefixLayout")
                 flat.positions.extend(s.prefix.positions(start, end))
             else:
-                flat.positions.extend(range(start, end))
+                flat.positions.extend(range(start + s.rope_delta, end + s.rope_delta))
             flat.prefix_lens.append(s.prefix.context_len if s.prefix is not None else 0)
             flat.slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             flat.query_start_loc.append(flat.query_start_loc[-1] + s.num_tokens)
@@ -85,7 +90,26 @@ class InputBatch:
             flat.block_tables.extend([0] * (flat.max_blocks - len(table)))
             if s.sample:
                 flat.logits_rows.append(flat.query_start_loc[-1] - 1)
+        if any(s.image_slices or s.mrope_positions for s in batch.seqs):
+            flat._add_images(batch)
         return flat
+
+    def _add_images(self, batch: SchedulerOutput) -> None:
+        t: list[int] = []
+        h: list[int] = []
+        w: list[int] = []
+        self.image_index, self.image_slices = [], []
+        for s, base in zip(batch.seqs, self.query_start_loc, strict=False):
+            if s.mrope_positions is not None:
+                for axis, rows in zip((t, h, w), s.mrope_positions, strict=True):
+                    axis.extend(rows)
+            else:
+                for axis in (t, h, w):
+                    axis.extend(self.positions[base : base + s.num_tokens])
+            for sl in s.image_slices:
+                self.image_index.extend(range(base + sl.at, base + sl.at + sl.last - sl.first))
+                self.image_slices.append(sl)
+        self.mrope_positions = (t, h, w)
 
     @property
     def num_rows(self) -> int:
@@ -98,16 +122,24 @@ class InputBatch:
 
     def to_device(self, device: torch.device) -> DeviceInputs:
         """Every index tensor of the step in one host-to-device copy."""
-        ids, pos, slots, rows, pend_at, pend_rows, qsl, lens, tables, prefix = upload(
-            device, self.input_ids, self.positions, self.slot_mapping, self.logits_rows,
+        mrope = self.mrope_positions
+        if mrope is None:
+            positions, image_index = self.positions, []
+        else:
+            positions, image_index = mrope[0] + mrope[1] + mrope[2], self.image_index or []
+        has_prefix = any(self.prefix_lens)
+        ids, pos, slots, rows, pend_at, pend_rows, qsl, lens, tables, image, prefix = upload(
+            device, self.input_ids, positions, self.slot_mapping, self.logits_rows,
             self.pending_at, self.pending_rows, self.query_start_loc, self.seq_lens,
-            self.block_tables, self.prefix_lens if any(self.prefix_lens) else [],
+            self.block_tables, image_index, self.prefix_lens if has_prefix else [],
         )
-        if self.position_dims > 1:
+        if mrope is not None:
+            pos = pos.view(3, -1)  # [3, T]: t, h, w
+        elif self.position_dims > 1:
             pos = pos.view(-1, self.position_dims)
         return DeviceInputs(ids, pos, slots, rows, pend_at, pend_rows, qsl, lens,
-                            tables.view(self.num_rows, self.max_blocks),
-                            prefix if any(self.prefix_lens) else None)
+                            tables.view(self.num_rows, self.max_blocks), image,
+                            prefix if has_prefix else None)
 
 
 @dataclass
@@ -115,7 +147,7 @@ class DeviceInputs:
     """`InputBatch` as int64 tensors on the device."""
 
     input_ids: torch.Tensor
-    positions: torch.Tensor  # [T], or [T, 2] for 2-D positions
+    positions: torch.Tensor  # [T]; [T, 2] for 2-D positions; [3, T] with M-RoPE images
     slot_mapping: torch.Tensor
     logits_rows: torch.Tensor
     pending_at: torch.Tensor
@@ -123,6 +155,7 @@ class DeviceInputs:
     query_start_loc: torch.Tensor
     seq_lens: torch.Tensor
     block_tables: torch.Tensor  # [num rows, max_blocks]
+    image_index: torch.Tensor  # flat indices of the image tokens (empty without images)
     prefix_lens: torch.Tensor | None = None  # [num rows]; None: no row has a prefix
 
 

@@ -3,8 +3,9 @@ memory went to.
 
 On a GPU the cache takes what is left of `gpu_memory_utilization` x the card after the weights,
 the peak of a profiled forward over the largest batch the scheduler can form (including the
-sampler's widest path), and the memory outside torch's allocator (CUDA context, NCCL). On the
-CPU it takes `kv_cache_memory` (1 GiB by default); `num_kv_blocks` fixes it anywhere.
+sampler's widest path, and for a vision model the tower over the largest image allowed), and
+the memory outside torch's allocator (CUDA context, NCCL). On the CPU it takes
+`kv_cache_memory` (1 GiB by default); `num_kv_blocks` fixes it anywhere.
 
 `--kv-cache-dtype fp8` stores K and V as float8_e4m3fn (one byte per value, so twice the blocks
 in the same memory); `auto` stores them in the model's dtype.
@@ -17,8 +18,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from flatout.config import CacheConfig, SchedulerConfig
+from flatout.config import CacheConfig, ModelConfig, SchedulerConfig
 from flatout.layers.attention import Attention, AttentionMetadata, forward_context
+from flatout.multimodal.image_size import MAX_PIXELS
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -110,6 +112,17 @@ def plan_num_blocks(model: Model, attn_layers: list[Attention], cache: CacheConf
     return num_blocks
 
 
+def largest_image_grid(config: ModelConfig) -> tuple[int, int, int]:
+    """The (t, h, w) patch grid of the largest (square) image the default max_pixels admits,
+    whose vision-tower activations the profile reserves."""
+    vc = config.vision
+    assert vc is not None
+    m = vc.spatial_merge_size
+    patches = MAX_PIXELS // (vc.temporal_patch_size * vc.patch_size**2)
+    side = max(m, int(patches**0.5) // m * m)
+    return 1, side, side
+
+
 @torch.inference_mode()
 def profile_peak_memory(model: Model, num_tokens: int, num_seqs: int,
                         device: torch.device) -> int:
@@ -133,6 +146,15 @@ def profile_peak_memory(model: Model, num_tokens: int, num_seqs: int,
     probs = torch.softmax(logits, dim=-1)
     probs.sort(dim=-1, descending=True)
     del hidden, logits, probs
+    vision = model.config.vision
+    if vision is not None:  # a vision model: the tower over the largest image allowed
+        from flatout.models.glm4v import Glm4vForConditionalGeneration
+
+        assert isinstance(model, Glm4vForConditionalGeneration)
+        grid = largest_image_grid(model.config)
+        pixel_values = torch.zeros(grid[1] * grid[2], vision.patch_dim, device=device)
+        model.encode_images(pixel_values, [grid])
+        del pixel_values
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     torch.cuda.empty_cache()

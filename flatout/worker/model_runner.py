@@ -16,11 +16,13 @@ import torch
 
 from flatout import distributed
 from flatout.config import EngineConfig
-from flatout.engine.batch import SamplingInfo, SchedulerOutput
+from flatout.engine.batch import MultiModalItem, SamplingInfo, SchedulerOutput
 from flatout.layers.attention import Attention, AttentionMetadata, forward_context
 from flatout.layers.sampler import Sampler, SamplingBatch, SamplingRow
+from flatout.models.glm4v import Glm4vForConditionalGeneration
 from flatout.models.registry import TORCH_DTYPES, load_model
 from flatout.monitor.step_clock import StepClock, StepCost, measure_peak
+from flatout.multimodal.preprocess import preprocess_image
 from flatout.worker.control import ControlChannel, StepMessage
 from flatout.worker.cuda_graph import DecodeGraphs
 from flatout.worker.input_batch import BlockTables, InputBatch, upload
@@ -108,6 +110,10 @@ class ModelRunner:
         self._prev_tokens: torch.Tensor | None = None
         self._num_prev_sampled = 0
         self.block_tables = BlockTables()  # every rank's copy, from each step's deltas
+        # the vision encoder's outputs by image content hash: [image tokens, hidden] each,
+        # added and dropped as each step's SchedulerOutput says (engine/encoder_cache.py)
+        self.encoder_outputs: dict[bytes, torch.Tensor] = {}
+        self.num_encoded_images = 0
         # each step's device time and work (busy fraction, MBU/MFU); the peaks are measured
         # before the KV cache takes the free memory
         run = engine.runner
@@ -234,6 +240,10 @@ class ModelRunner:
         The same calls in the same order on every rank: the layers' collectives pair up."""
         for sid in batch.finished_seq_ids:
             self.generators.pop(sid, None)
+        for h in batch.freed_encoder_hashes:
+            self.encoder_outputs.pop(h, None)
+        if batch.encoder_inputs:
+            self._encode_images(batch.encoder_inputs)
         flat = InputBatch.build(batch, self.block_tables.apply(batch), self.block_size,
                                 self.position_dims)
         t = flat.to_device(self.device)
@@ -246,7 +256,8 @@ class ModelRunner:
         self._num_prev_sampled = len(flat.logits_rows)
         graphs = self.graphs
         max_query_len = flat.max_query_len
-        if graphs is not None and max_query_len == 1 and flat.num_rows <= graphs.max_bs:
+        if (graphs is not None and max_query_len == 1 and flat.num_rows <= graphs.max_bs
+                and flat.mrope_positions is None):
             hidden = graphs.replay(t.input_ids, t.positions, t.slot_mapping, t.seq_lens,
                                    t.block_tables)
         else:
@@ -263,12 +274,35 @@ class ModelRunner:
                 prefix_lens_cpu=flat.prefix_lens if t.prefix_lens is not None else None,
             )
             with forward_context(meta):
-                hidden = self.model(t.input_ids, t.positions)
+                if flat.image_slices:
+                    out = self.encoder_outputs
+                    image_embeds = torch.cat([out[sl.content_hash][sl.first : sl.last]
+                                              for sl in flat.image_slices])
+                    hidden = self.model(t.input_ids, t.positions, image_embeds, t.image_index)
+                else:
+                    hidden = self.model(t.input_ids, t.positions)
         if not flat.logits_rows:
             return None
         if len(flat.logits_rows) != len(flat.input_ids):  # decode-only steps sample every row
             hidden = hidden[t.logits_rows]
         return self.model.compute_logits(hidden)
+
+    def _encode_images(self, items: list[MultiModalItem]) -> None:
+        """Preprocess the step's new images on the device and run the vision tower over all
+        of them at once; each image's output is kept under its content hash."""
+        vc, model = self.config.vision, self.model
+        if vc is None or not isinstance(model, Glm4vForConditionalGeneration):
+            raise ValueError(f"{self.config.architecture} takes no images")
+        pixel_values = torch.cat([
+            preprocess_image(torch.from_numpy(item.pixels).to(self.device), item.resized,
+                             patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
+                             temporal_patch_size=vc.temporal_patch_size)
+            for item in items
+        ])  # fmt: skip
+        embeds = model.encode_images(pixel_values, [item.grid_thw for item in items])
+        for item, out in zip(items, embeds.split([i.num_tokens for i in items]), strict=True):
+            self.encoder_outputs[item.content_hash] = out
+        self.num_encoded_images += len(items)
 
     def _with_pending(self, output_ids: torch.Tensor, pending_of: list[int], vocab: int
                       ) -> torch.Tensor:

@@ -185,3 +185,17 @@ def test_presets_count_the_vision_tower() -> None:
 
 def test_param_count_matches_the_built_model(ours) -> None:
     assert sum(p.numel() for p in ours.parameters()) == ours.config.num_params
+
+
+@torch.no_grad()
+def test_mrope_table_is_gathered_once_per_forward(ours, monkeypatch) -> None:  # noqa: ANN001
+    """The per-token M-RoPE cos|sin is built once per forward and shared by every layer (a
+    layer handed the raw [3, T] positions would gather its own: one call per layer)."""
+    rope = ours.model.language_model.rotary_emb
+    calls = []
+    real = rope.prepare
+    monkeypatch.setattr(rope, "prepare", lambda p: calls.append(p.shape) or real(p))
+    pixels, grids = _pixels(SIZES["one"])
+    _our_logits(ours, _prompt(grids), pixels, grids)
+    assert len(calls) == 1 and calls[0][0] == 3
+    assert all(layer.self_attn.rotary_emb is rope for layer in ours.model.language_model.layers)

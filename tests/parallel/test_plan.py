@@ -106,3 +106,16 @@ def test_fp8_kv_cache_doubles_the_tokens(capsys: pytest.CaptureFixture[str]) -> 
                  "--kv-cache-dtype", "fp8"]) == 0
     out = capsys.readouterr().out
     assert f"= {fp8.kv_tokens} tokens (20.0 KiB/token on each GPU, float8_e4m3fn)" in out
+
+
+def test_vision_models_reserve_the_towers_activation_peak() -> None:
+    """GLM-4.1V: the reserve covers the tower over the largest image (30,000 patches: more than
+    the text forward at 4096 tokens) plus the encoder cache; a text model has neither."""
+    from flatout.plan import activation_reserve, vision_activation_reserve
+
+    vl = resolve_model_config("glm-4.1v-9b-thinking")
+    text = resolve_model_config("glm-4-9b-0414")
+    assert vision_activation_reserve(vl) > activation_reserve(text, 1, 4096, 256)
+    assert activation_reserve(vl, 1, 4096, 256) == (
+        vision_activation_reserve(vl) + 4096 * vl.hidden_size * vl.dtype_bytes)
+    assert 1 << 30 < vision_activation_reserve(vl) < 4 << 30
