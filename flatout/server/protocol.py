@@ -73,7 +73,8 @@ class _SamplingFields(_Body):
     # vLLM extras
     top_k: int | None = Field(None, ge=SP.MIN_TOP_K)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=SP.MAX_REPETITION_PENALTY)
+    repetition_penalty: float | None = Field(None, ge=SP.MIN_REPETITION_PENALTY,
+                                              le=SP.MAX_REPETITION_PENALTY)
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None

@@ -18,7 +18,7 @@ from flatout import distributed
 from flatout.config import EngineConfig
 from flatout.engine.batch import SamplingInfo, SchedulerOutput
 from flatout.layers.attention import Attention, AttentionMetadata, forward_context
-from flatout.layers.sampler import Sampler, SamplingBatch, SamplingRow
+from flatout.layers.sampler import Sampler, SamplingBatch, SamplingRow, seeded_generator
 from flatout.models.registry import TORCH_DTYPES, load_model
 from flatout.monitor.step_clock import StepClock, StepCost, measure_peak
 from flatout.worker.control import ControlChannel, StepMessage
@@ -254,8 +254,7 @@ class ModelRunner:
         if info.seed is not None:
             generator = self.generators.get(seq_id)
             if generator is None:
-                generator = torch.Generator(self.device)
-                generator.manual_seed(info.seed)
+                generator = seeded_generator(info.seed, self.device)
                 self.generators[seq_id] = generator
         return SamplingRow(
             params=info.params,
