@@ -25,6 +25,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer in [0, 65535], got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {port}")
+    return port
+
+
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
     p.add_argument("prompt", nargs="+", help="prompt text (several: one completion each)")
@@ -47,7 +58,7 @@ def add_info_args(p: argparse.ArgumentParser) -> None:
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    p.add_argument("--port", type=_port, default=8000, help="port (0: any free port)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="model id(s) the API answers to (default: the model folder's name)")
     p.add_argument("--chat-template", default=None,
