@@ -18,6 +18,7 @@ from flatout.server.errors import OpenAIError
 from flatout.server.limits import check_prompt_chars
 from flatout.server.protocol import (
     ChatCompletionRequest,
+    TokenizeRequest,
     chat_messages,
     chat_sampling_fields,
     refuse_unsupported,
@@ -58,18 +59,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
                           "--enable-auto-tool-choice --tool-call-parser NAME", param="tool_choice",
                           code="unsupported_parameter")
     tool_parser = state.tool_parser if req.tools and req.tool_choice != "none" else None
-    messages = chat_messages(req.messages)
-    kwargs = dict(req.chat_template_kwargs or {})
-    if req.enable_thinking is not None:
-        kwargs.setdefault("enable_thinking", req.enable_thinking)
-    prompt = state.renderer.render(
-        messages,
-        add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
-        continue_final_message=req.continue_final_message,
-        tools=req.tools,
-        template_kwargs=kwargs,
-    )
-    check_prompt_chars(prompt, state.max_prompt_chars, "messages")
+    prompt = render_chat_prompt(state, req)
     ids = state.renderer.encode(prompt)
     fields = chat_sampling_fields(req)
     parser = state.reasoning
@@ -82,6 +72,26 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
     opened = parser is not None and parser.prompt_opens_reasoning(prompt)
     return _Prepared(new_id("chatcmpl"), model, ids, params, opened, req.top_logprobs or 0,
                      tool_parser)
+
+
+def render_chat_prompt(state: ServerState, req: ChatCompletionRequest | TokenizeRequest) -> str:
+    """The prompt text of a chat request's messages (roles checked, `developer` as `system`,
+    text parts joined), refused when no prompt that long can fit the context. /tokenize renders
+    its messages here too, so it counts exactly what chat would send."""
+    assert req.messages is not None
+    messages = chat_messages(req.messages)
+    kwargs = dict(req.chat_template_kwargs or {})
+    if req.enable_thinking is not None:
+        kwargs.setdefault("enable_thinking", req.enable_thinking)
+    prompt = state.renderer.render(
+        messages,
+        add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+        continue_final_message=req.continue_final_message,
+        tools=req.tools,
+        template_kwargs=kwargs,
+    )
+    check_prompt_chars(prompt, state.max_prompt_chars, "messages")
+    return prompt
 
 
 async def create_chat_completion(
