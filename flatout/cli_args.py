@@ -72,6 +72,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="the model's tool-call format (auto: from the checkpoint's architecture)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $FLATOUT_API_KEY)")
+    p.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
+                   help="answer only requests whose Host header names one of these (400 "
+                   "otherwise; '.example.com' includes subdomains, '*' any): stops DNS-rebinding "
+                   "pages from reaching a local server (default: no check)")
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     r = p.add_argument_group("reliability")

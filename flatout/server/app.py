@@ -24,6 +24,7 @@ from flatout.server.limits import OFFLOAD_BYTES, BodySizeLimit
 from flatout.server.metrics import HTTPMetricsMiddleware
 from flatout.server.openapi import install_openapi
 from flatout.server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
+from flatout.server.request_guards import RequestGuards
 from flatout.server.responses import ClientDisconnected
 from flatout.server.serving_chat import create_chat_completion
 from flatout.server.serving_completion import create_completion
@@ -72,6 +73,7 @@ async def _answer(work: Awaitable[Response]) -> Response:
 def build_app(
     state: ServerState, supervisor: Supervisor | None = None,
     on_ready: Callable[[], None] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    allowed_hosts: list[str] | None = None,
 ) -> FastAPI:
     """The API over a started engine client; the engine's outputs are routed into the server's
     event loop when it starts, and the engine is shut down with the server. The supervisor
@@ -140,9 +142,11 @@ def build_app(
         return Response(state.metrics.render(), media_type=prom.CONTENT_TYPE_LATEST)
 
     install_openapi(app, api_key_required=bool(state.api_key), public_paths=PUBLIC_PATHS)
-    # outermost last: metrics see every response, the key is checked before any body is read
+    # outermost last: metrics see every response, the key is checked before any body is read,
+    # the Host and Content-Type before the key
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     if state.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=state.api_key)
+    app.add_middleware(RequestGuards, allowed_hosts=allowed_hosts)
     app.add_middleware(HTTPMetricsMiddleware, metrics=state.metrics)
     return app

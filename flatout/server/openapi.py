@@ -136,6 +136,7 @@ _ERRORS = {
     "404": "Unknown model, or no such path.",
     "405": "Method not allowed on this path.",
     "413": "Request body larger than --max-request-body-bytes.",
+    "415": "Request body not sent as Content-Type: application/json.",
     "500": "The engine refused a request it had accepted (a bug: please report it).",
     "503": "Overloaded (queue full), shutting down, or the engine is not running; see "
            "Retry-After.",
@@ -189,7 +190,7 @@ def install_openapi(app: FastAPI, *, api_key_required: bool,
                         "(`data: {chunk}` lines, then `data: [DONE]`).",
                         "content": {"application/json": {"schema": ref(response)},
                                     "text/event-stream": {"schema": sse_event(chunk)}}},
-                **errors("400", "404", "405", "413", "500", "503", "504"),
+                **errors("400", "404", "405", "413", "415", "500", "503", "504"),
             }
         for path, response in _GETS.items():
             op = paths[path]["get"]
@@ -205,7 +206,7 @@ def install_openapi(app: FastAPI, *, api_key_required: bool,
                 if method == "post":  # other routes that parse JSON bodies themselves
                     op.setdefault("requestBody", {"required": True, "content": {
                         "application/json": {"schema": {"type": "object"}}}})
-                    for code, resp in errors("400", "404", "405", "413", "503").items():
+                    for code, resp in errors("400", "404", "405", "413", "415", "503").items():
                         op["responses"].setdefault(code, resp)
                 op["responses"].update(errors("405"))
                 if api_key_required and path not in public_paths:

@@ -166,7 +166,7 @@ def _serve(ns: argparse.Namespace, client: Any, sock: socket.socket, start: floa
         print("\n".join(banner_lines(state, url, time.monotonic() - start)), flush=True)
 
     app = build_app(state, supervisor, on_ready=on_ready,
-                    max_body_bytes=ns.max_request_body_bytes)
+                    max_body_bytes=ns.max_request_body_bytes, allowed_hosts=ns.allowed_hosts)
     config = uvicorn.Config(app, log_level=ns.uvicorn_log_level, access_log=False,
                             timeout_graceful_shutdown=5)
     FlatoutServer(config, supervisor).run(sockets=[sock])
