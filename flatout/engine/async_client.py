@@ -58,6 +58,9 @@ class AsyncEngineClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._send_lock = threading.Lock()
         self._generation = 0  # one per core process; a stale reader's messages are dropped
+        # the generation whose pipe the reader saw close: known dead from that moment, before
+        # the event loop has run the failure (which fails the requests in flight)
+        self._pipe_closed = -1
         self._in_core: set[str] = set()  # requests sent whose last output has not come back
         self._busy_since = self._last_heard = time.monotonic()
 
@@ -139,7 +142,14 @@ class AsyncEngineClient:
 
     @property
     def is_alive(self) -> bool:
-        return self.dead is None and self.process is not None and self.process.is_alive()
+        return (self.dead is None and self._pipe_closed != self._generation
+                and self.process is not None and self.process.is_alive())
+
+    def problem(self) -> str | None:
+        """Why the core cannot take requests now (None: it can)."""
+        if self.dead is not None:
+            return self.dead
+        return None if self.is_alive else "the engine core is not running"
 
     # -- failure handling -------------------------------------------------------------------
     def seconds_unresponsive(self) -> float:
@@ -173,8 +183,9 @@ class AsyncEngineClient:
         is queued. Closing or cancelling the consumer (a client that went away) aborts the
         request in the core. `deadline` (event-loop time) raises RequestTimeoutError when passed;
         `on_started` is called once: at the first output, or at the end if none came."""
-        if self.dead is not None:
-            raise EngineDeadError(self.dead)
+        problem = self.problem()
+        if problem is not None:
+            raise EngineDeadError(problem)
         text, ids = self.inputs.encode(prompt)
         max_tokens = self.inputs.validate(ids, params)
         if request_id in self.queues:
@@ -224,8 +235,11 @@ class AsyncEngineClient:
             raise EngineDeadError(self.dead)
         if self._inbox_w is None:
             raise EngineDeadError("the engine core was not started")
-        with self._send_lock:
-            self._inbox_w.send(msg)
+        try:
+            with self._send_lock:
+                self._inbox_w.send(msg)
+        except OSError as e:  # the core's end is closed: it died (its failure is on its way)
+            raise EngineDeadError(f"the engine core's pipe is closed ({e.strerror})") from e
 
     # -- output routing (reader thread -> event loop) ---------------------------------------
     def _read_outputs(self, conn: Connection, process: BaseProcess, generation: int) -> None:
@@ -234,6 +248,7 @@ class AsyncEngineClient:
             try:
                 msg = conn.recv()
             except (EOFError, OSError):
+                self._pipe_closed = generation  # before waiting for the exit status
                 msg = CoreFailed(f"engine core process {_exit_status(process)}")
             self._last_heard = time.monotonic()
             try:

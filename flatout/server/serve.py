@@ -142,12 +142,9 @@ def _serve(ns: argparse.Namespace, client: Any, sock: socket.socket, start: floa
     names = ns.served_model_name or [default_model_name(mc.model)]
     metrics = ServerMetrics(lambda: client.stats, names[0])
 
-    def engine_problem() -> str | None:
-        return client.dead or (None if client.is_alive else "the engine core is not running")
-
     admission = Admission(
         metrics.registry, max_waiting=ns.max_waiting_requests or 4 * ns.max_num_seqs,
-        request_timeout=ns.request_timeout or None, engine_problem=engine_problem)
+        request_timeout=ns.request_timeout or None, engine_problem=client.problem)
     state = ServerState(
         client=client, ready=ready, served_model_names=names,
         renderer=ChatRenderer(client.tokenizer, template, source), reasoning=parser,
