@@ -4,7 +4,8 @@ with uvicorn in this process.
 The listening socket is bound before the model loads, so a taken port fails at once and
 `--port 0` picks a free port (the banner says which). Exit status: 0 after a drained shutdown
 (SIGTERM/SIGINT, also while loading), 1 when the engine died (or failed to start) and was not
-restarted, 2 for bad arguments.
+restarted, 2 for bad arguments, 128 + the signal's number when a second signal cut the drain
+short.
 """
 
 from __future__ import annotations
