@@ -14,7 +14,12 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from flatout.server.protocol import ChatCompletionRequest, CompletionRequest
+from flatout.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 
 
 # -- response bodies (documentation only) -----------------------------------------------------
@@ -122,6 +127,16 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class Tokens(BaseModel):
+    count: int
+    tokens: list[int]
+    max_model_len: int
+
+
+class Text(BaseModel):
+    prompt: str
+
+
 class Status(BaseModel):
     status: str
 
@@ -149,6 +164,8 @@ _GENERATION: tuple[tuple[str, _Model, _Model, _Model], ...] = (
     ("/v1/completions", CompletionRequest, Completion, CompletionChunk),
 )
 _GETS: dict[str, _Model] = {"/v1/models": ModelList, "/health": Status, "/version": Version}
+_TOKENIZE: tuple[tuple[str, _Model, _Model], ...] = (
+    ("/tokenize", TokenizeRequest, Tokens), ("/detokenize", DetokenizeRequest, Text))
 
 
 def install_openapi(app: FastAPI, *, api_key_required: bool,
@@ -192,6 +209,12 @@ def install_openapi(app: FastAPI, *, api_key_required: bool,
                                     "text/event-stream": {"schema": sse_event(chunk)}}},
                 **errors("400", "404", "405", "413", "415", "500", "503", "504"),
             }
+        for path, request, response in _TOKENIZE:
+            op = paths[path]["post"]
+            op["requestBody"] = {"required": True,
+                                 "content": {"application/json": {"schema": ref(request)}}}
+            op["responses"] = {"200": {"description": "OK", "content": {
+                "application/json": {"schema": ref(response)}}}}
         for path, response in _GETS.items():
             op = paths[path]["get"]
             op["responses"] = {"200": {"description": "OK", "content": {
