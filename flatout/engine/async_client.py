@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -143,7 +144,8 @@ class AsyncEngineClient:
     @property
     def is_alive(self) -> bool:
         return (self.dead is None and self._pipe_closed != self._generation
-                and self.process is not None and self.process.is_alive())
+                and self.process is not None and self.process.is_alive()
+                and not process_exiting(self.process.pid))
 
     def problem(self) -> str | None:
         """Why the core cannot take requests now (None: it can)."""
@@ -293,6 +295,28 @@ class AsyncEngineClient:
             queue = self.queues.get(out.request_id)
             if queue is not None:
                 queue.put_nowait(out)
+
+
+_PF_EXITING = 0x4  # the kernel's flag on a task that has begun to exit
+
+
+def process_exiting(pid: int | None) -> bool:
+    """Whether the kernel has begun tearing process `pid` down (Linux; False elsewhere).
+
+    A killed process with many threads and a large heap takes a while (0.1-0.5 s) to release
+    its memory; only then do its pipes close and can it be waited for. Its main thread is marked
+    exiting (then a zombie) at once, which /proc shows."""
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except FileNotFoundError:
+        return os.path.isdir("/proc/self")  # no entry: gone (where /proc exists at all)
+    except (OSError, IndexError):
+        return False
+    state, flags = fields[0], int(fields[6])  # fields 3 and 9 of proc(5)'s stat
+    return state in (b"Z", b"X", b"x") or bool(flags & _PF_EXITING)
 
 
 def _exit_status(process: BaseProcess | None) -> str:

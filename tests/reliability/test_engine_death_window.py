@@ -1,17 +1,22 @@
-"""The engine core is known dead the moment its pipe closes, before the event loop has failed
-its requests: /health and admission say so from then on, a request in that window is a 503
-with Retry-After counted as rejected, and a send into the closed pipe is no 500."""
+"""The engine core is known dead from the moment the kernel starts tearing it down (its main
+thread exiting, long before a big process's pipes close) or its pipe closes, before the event
+loop has failed its requests: /health and admission say so from then on, a request in that
+window is a 503 with Retry-After counted as rejected, and a send into the closed pipe is no 500."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import time
 from typing import Any
 
 import prometheus_client as prom
 import pytest
 
 from flatout.config import EngineArgs
-from flatout.engine.async_client import AsyncEngineClient
+from flatout.engine.async_client import AsyncEngineClient, process_exiting
 from flatout.engine.messages import EngineDeadError
 from flatout.sampling_params import SamplingParams
 from flatout.server.admission import Admission
@@ -20,6 +25,7 @@ from flatout.server.errors import OpenAIError, to_openai_error
 
 class _Process:
     exitcode = -9
+    pid = None
 
     def is_alive(self) -> bool:  # the OS has not reaped it yet: it still looks alive
         return True
@@ -90,3 +96,21 @@ def test_a_send_into_the_closed_pipe_is_engine_death_not_a_500() -> None:
     err = to_openai_error(EngineDeadError("engine core died"))
     assert err.status == 503 and err.headers == {"Retry-After": "1"}
     assert err.code == "engine_unavailable"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_process_is_exiting_before_it_can_be_waited_for() -> None:
+    # a killed engine core with many threads and a big heap is a zombie main thread for a
+    # while before its pipes close: that is when /health must already say 503
+    assert not process_exiting(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert not process_exiting(child.pid)
+        child.kill()
+        deadline = time.monotonic() + 10
+        while not process_exiting(child.pid):  # not waited for: a zombie, then
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        child.wait()
+    assert process_exiting(child.pid)  # reaped: gone
