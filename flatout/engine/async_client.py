@@ -161,6 +161,13 @@ class AsyncEngineClient:
             return 0.0
         return time.monotonic() - max(self._last_heard, self._busy_since)
 
+    def notice_exit(self) -> None:
+        """Fail the requests in flight now if the core has begun to exit, rather than when its
+        pipe closes, which for a big process comes 0.1-0.5 s later (event-loop thread)."""
+        if self.dead is None and self.process is not None and process_exiting(self.process.pid):
+            self._dispatch(CoreFailed("engine core process is exiting (killed or crashed)"),
+                           self._generation)
+
     def kill_hung(self, reason: str) -> None:
         """Stop a core that stopped answering and fail its requests now (event-loop thread)."""
         if self.process is not None:

@@ -73,6 +73,7 @@ class Supervisor:
         client = self.state.client
         while True:
             await asyncio.sleep(_TICK_S)
+            client.notice_exit()
             stalled = client.seconds_unresponsive()
             if self.step_timeout is not None and stalled > self.step_timeout:
                 client.kill_hung(f"it stopped answering: nothing for {stalled:.0f} s while "

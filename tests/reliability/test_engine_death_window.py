@@ -114,3 +114,25 @@ def test_a_killed_process_is_exiting_before_it_can_be_waited_for() -> None:
     finally:
         child.wait()
     assert process_exiting(child.pid)  # reaped: gone
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_requests_in_flight_hear_of_an_exiting_core_at_once() -> None:
+    client = _client()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        client.process = child  # type: ignore[assignment]  # pid is all notice_exit reads
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        client.queues["r"] = queue
+        client.notice_exit()
+        assert client.dead is None and queue.empty()  # alive: nothing happens
+        child.kill()
+        deadline = time.monotonic() + 10
+        while not process_exiting(child.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        client.notice_exit()  # the supervisor's tick; the pipe has not closed
+        assert client.dead is not None and "exiting" in client.dead
+        assert isinstance(queue.get_nowait(), EngineDeadError)
+    finally:
+        child.wait()
