@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from flatout import cli_args
 
@@ -99,12 +100,20 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser: a bad argument is one line on stderr (exit 2), not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flatout", description=__doc__.split("\n\n")[0],
         epilog="`flatout COMMAND --help` lists a command's options.")
     parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_CommandParser)
     for name, help_text, add_args, run in _COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_args(p)

@@ -30,6 +30,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer in [0, 65535], got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {port}")
+    return port
+
+
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
     p.add_argument("prompt", nargs="+", help="prompt text (several: one completion each)")
@@ -64,7 +75,7 @@ def add_quantization_args(p: argparse.ArgumentParser) -> None:
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    p.add_argument("--port", type=_port, default=8000, help="port (0: any free port)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="model id(s) the API answers to (default: the model folder's name)")
     p.add_argument("--chat-template", default=None,
@@ -78,6 +89,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="the model's tool-call format (auto: from the checkpoint's architecture)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $FLATOUT_API_KEY)")
+    p.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
+                   help="answer only requests whose Host header names one of these (400 "
+                   "otherwise; '.example.com' includes subdomains, '*' any): stops DNS-rebinding "
+                   "pages from reaching a local server (default: no check)")
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     p.add_argument("--chat-template-content-format", default="string",

@@ -121,6 +121,9 @@ class SamplingParams:
     MAX_LOGPROBS = 20
     MAX_TEMPERATURE = 100.0
     MAX_REPETITION_PENALTY = 10.0
+    # the sampler divides positive logits by the penalty in float32 (then by a temperature down to
+    # 1e-5): below this the penalised logits overflow to inf and the row's probabilities to NaN
+    MIN_REPETITION_PENALTY = 1e-6
     MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY]
     MIN_TOP_K = -1  # -1 or 0: no top-k
     MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1  # the runner's generators take 64-bit seeds
@@ -165,9 +168,10 @@ class SamplingParams:
         if not 0.0 <= mp <= 1.0:
             raise SamplingParamsError("min_p", f"must be in [0, 1], got {mp}")
         rp = num("repetition_penalty")
-        if not 0.0 < rp <= self.MAX_REPETITION_PENALTY:
+        if not self.MIN_REPETITION_PENALTY <= rp <= self.MAX_REPETITION_PENALTY:
             raise SamplingParamsError(
-                "repetition_penalty", f"must be in (0, {self.MAX_REPETITION_PENALTY:g}], got {rp}")
+                "repetition_penalty", f"must be in [{self.MIN_REPETITION_PENALTY:g}, "
+                f"{self.MAX_REPETITION_PENALTY:g}], got {rp}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = num(name)
             if not -self.MAX_PENALTY <= v <= self.MAX_PENALTY:

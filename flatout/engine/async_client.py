@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -60,6 +61,9 @@ class AsyncEngineClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._send_lock = threading.Lock()
         self._generation = 0  # one per core process; a stale reader's messages are dropped
+        # the generation whose pipe the reader saw close: known dead from that moment, before
+        # the event loop has run the failure (which fails the requests in flight)
+        self._pipe_closed = -1
         self._in_core: set[str] = set()  # requests sent whose last output has not come back
         self._busy_since = self._last_heard = time.monotonic()
 
@@ -141,7 +145,15 @@ class AsyncEngineClient:
 
     @property
     def is_alive(self) -> bool:
-        return self.dead is None and self.process is not None and self.process.is_alive()
+        return (self.dead is None and self._pipe_closed != self._generation
+                and self.process is not None and self.process.is_alive()
+                and not process_exiting(self.process.pid))
+
+    def problem(self) -> str | None:
+        """Why the core cannot take requests now (None: it can)."""
+        if self.dead is not None:
+            return self.dead
+        return None if self.is_alive else "the engine core is not running"
 
     # -- failure handling -------------------------------------------------------------------
     def seconds_unresponsive(self) -> float:
@@ -150,6 +162,13 @@ class AsyncEngineClient:
         if not self._in_core or self.dead is not None:
             return 0.0
         return time.monotonic() - max(self._last_heard, self._busy_since)
+
+    def notice_exit(self) -> None:
+        """Fail the requests in flight now if the core has begun to exit, rather than when its
+        pipe closes, which for a big process comes 0.1-0.5 s later (event-loop thread)."""
+        if self.dead is None and self.process is not None and process_exiting(self.process.pid):
+            self._dispatch(CoreFailed("engine core process is exiting (killed or crashed)"),
+                           self._generation)
 
     def kill_hung(self, reason: str) -> None:
         """Stop a core that stopped answering and fail its requests now (event-loop thread)."""
@@ -177,8 +196,9 @@ class AsyncEngineClient:
         request in the core. `deadline` (event-loop time) raises RequestTimeoutError when passed;
         `on_started` is called once: at the first output, or at the end if none came.
         `mm_items`: the prompt's images (InputProcessor.expand_images made prompt and items)."""
-        if self.dead is not None:
-            raise EngineDeadError(self.dead)
+        problem = self.problem()
+        if problem is not None:
+            raise EngineDeadError(problem)
         text, ids = self.inputs.encode(prompt)
         max_tokens = self.inputs.validate(ids, params)
         if request_id in self.queues:
@@ -229,8 +249,11 @@ class AsyncEngineClient:
             raise EngineDeadError(self.dead)
         if self._inbox_w is None:
             raise EngineDeadError("the engine core was not started")
-        with self._send_lock:
-            self._inbox_w.send(msg)
+        try:
+            with self._send_lock:
+                self._inbox_w.send(msg)
+        except OSError as e:  # the core's end is closed: it died (its failure is on its way)
+            raise EngineDeadError(f"the engine core's pipe is closed ({e.strerror})") from e
 
     # -- output routing (reader thread -> event loop) ---------------------------------------
     def _read_outputs(self, conn: Connection, process: BaseProcess, generation: int) -> None:
@@ -239,6 +262,7 @@ class AsyncEngineClient:
             try:
                 msg = conn.recv()
             except (EOFError, OSError):
+                self._pipe_closed = generation  # before waiting for the exit status
                 msg = CoreFailed(f"engine core process {_exit_status(process)}")
             self._last_heard = time.monotonic()
             try:
@@ -284,6 +308,28 @@ class AsyncEngineClient:
             queue = self.queues.get(out.request_id)
             if queue is not None:
                 queue.put_nowait(out)
+
+
+_PF_EXITING = 0x4  # the kernel's flag on a task that has begun to exit
+
+
+def process_exiting(pid: int | None) -> bool:
+    """Whether the kernel has begun tearing process `pid` down (Linux; False elsewhere).
+
+    A killed process with many threads and a large heap takes a while (0.1-0.5 s) to release
+    its memory; only then do its pipes close and can it be waited for. Its main thread is marked
+    exiting (then a zombie) at once, which /proc shows."""
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except FileNotFoundError:
+        return os.path.isdir("/proc/self")  # no entry: gone (where /proc exists at all)
+    except (OSError, IndexError):
+        return False
+    state, flags = fields[0], int(fields[6])  # fields 3 and 9 of proc(5)'s stat
+    return state in (b"Z", b"X", b"x") or bool(flags & _PF_EXITING)
 
 
 def _exit_status(process: BaseProcess | None) -> str:

@@ -91,8 +91,12 @@ class BlockManager:
         the sequence samples from."""
         if seq.block_table:
             raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
+        # `num_cached_tokens` is what the admission that first ran found: a preempted sequence's
+        # recomputation may hit its own output blocks, which are not prompt tokens
+        first = seq.first_scheduled_time is None
         seq.num_computed_tokens = 0
-        seq.num_cached_tokens = 0
+        if first:
+            seq.num_cached_tokens = 0
         seq.block_hashes = []
         if not self.enable_prefix_caching:
             return
@@ -109,9 +113,11 @@ class BlockManager:
             seq.block_table.append(block)
             seq.block_hashes.append(h)
             prev = h
-        seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * bs
+        seq.num_computed_tokens = len(seq.block_table) * bs
+        if first:
+            seq.num_cached_tokens = seq.num_computed_tokens
         self.num_queried_tokens += len(tokens)
-        self.num_hit_tokens += seq.num_cached_tokens
+        self.num_hit_tokens += seq.num_computed_tokens
 
     # -- growth -----------------------------------------------------------------------------
     def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:

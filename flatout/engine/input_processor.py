@@ -4,6 +4,7 @@ Runs beside the caller (the offline LLM, or the server's API process); imports n
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ from flatout.multimodal.image_size import MAX_PIXELS, MIN_PIXELS, ImageGrid, ima
 from flatout.sampling_params import SamplingParams
 
 DEFAULT_MAX_IMAGES_PER_PROMPT = 8
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -23,7 +25,7 @@ class ProcessedPrompt:
 
     text: str | None  # as given, when it was text
     token_ids: list[int]
-    max_tokens: int  # resolved: the request's, or what max_model_len leaves
+    max_tokens: int  # resolved: the request's, or what max_model_len (and the KV cache) leave
     mm_items: list[MultiModalItem] = field(default_factory=list)
 
 
@@ -47,6 +49,14 @@ class InputProcessor:
         self.cache_tokens = cache_tokens
         self.max_images_per_prompt = max_images_per_prompt
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        # a KV cache smaller than max_model_len: requests that leave max_tokens unset get what the
+        # cache leaves rather than what max_model_len leaves (so they are served, not refused)
+        self.default_limit = min(model_config.max_model_len, cache_tokens)
+        if cache_tokens < model_config.max_model_len:
+            logger.warning(
+                "the KV cache holds %d tokens, fewer than max_model_len (%d): one sequence can "
+                "use at most %d tokens, and requests without max_tokens get what that leaves",
+                cache_tokens, model_config.max_model_len, cache_tokens)
         eos = list(model_config.eos_token_ids)
         if tokenizer is not None:
             from flatout.tokenizers import stop_token_ids
@@ -168,7 +178,12 @@ class InputProcessor:
                 f"prompt has {n} tokens; this model's max_model_len is {limit} "
                 f"(the prompt plus at least one generated token must fit)"
             )
-        max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
+        if params.max_tokens is None and n >= self.default_limit:
+            raise RequestError(
+                f"prompt has {n} tokens; the KV cache holds {self.cache_tokens} tokens "
+                f"(the prompt plus at least one generated token must fit)"
+            )
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.default_limit - n
         if n + max_tokens > limit:
             raise RequestError(
                 f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds "

@@ -29,6 +29,25 @@ from torch import nn
 
 from flatout.sampling_params import SamplingParams
 
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+_MASK64 = 2**64 - 1
+
+
+def generator_seed(seed: int) -> int:
+    """The 64-bit value a request's `seed` (any int; taken modulo 2**64) seeds its generator
+    with: splitmix64's finaliser, a bijection on 64 bits. CUDA's Philox generator uses all 64
+    bits, but the CPU's Mersenne Twister keeps only the low 32, so seeds that differ only in
+    their high bits (5 and 2**32 + 5) would share a stream without the mixing."""
+    z = seed & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A request's own generator on `device`, seeded from its 64-bit `seed`."""
+    return torch.Generator(device).manual_seed(generator_seed(seed))
+
 
 @dataclass
 class SamplingRow:
@@ -92,7 +111,9 @@ class SamplingBatch:
             return [neutral if p.is_greedy else float(getattr(p, name)) for p in params]
 
         temperature = per_row("temperature", 1.0)
-        top_p = per_row("top_p", 1.0)
+        # a top_p below float32's smallest normal number would round to 0 (dropping every token);
+        # any top_p below the largest probability keeps only the most likely token, as this does
+        top_p = [max(v, _FLOAT32_TINY) for v in per_row("top_p", 1.0)]
         min_p = per_row("min_p", 0.0)
         # greedy rows keep 1 (their token is taken before truncation), so they never force the
         # full-vocabulary path

@@ -187,7 +187,13 @@ def _read_json(path: Path, required: bool) -> dict[str, Any]:
         if required:
             raise FileNotFoundError(f"{path} not found: not a Hugging Face checkpoint folder")
         return {}
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _resolve_dtype(dtype: str, device_type: str, checkpoint_dtype: str | None) -> str:

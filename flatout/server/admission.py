@@ -25,10 +25,9 @@ from typing import TypeVar
 
 import prometheus_client as prom
 
-from flatout.server.errors import OpenAIError
+from flatout.server.errors import RETRY_AFTER_S, OpenAIError
 
 T = TypeVar("T")
-RETRY_AFTER_S = 1  # what 503s advise; the queue turns over in well under a second at load
 
 
 class Outcome(StrEnum):

@@ -12,20 +12,19 @@ from typing import Any
 import prometheus_client as prom
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
 
 import flatout
 from flatout.server.defaults import DEFAULT_MAX_BODY_BYTES
 from flatout.server.errors import (
     OpenAIError,
-    from_validation_error,
     install_error_handlers,
     to_openai_error,
 )
-from flatout.server.limits import BodySizeLimit
+from flatout.server.limits import OFFLOAD_BYTES, BodySizeLimit
 from flatout.server.metrics import HTTPMetricsMiddleware
 from flatout.server.openapi import install_openapi
-from flatout.server.protocol import ChatCompletionRequest, CompletionRequest
+from flatout.server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
+from flatout.server.request_guards import RequestGuards
 from flatout.server.responses import ClientDisconnected
 from flatout.server.serving_chat import create_chat_completion
 from flatout.server.serving_completion import create_completion
@@ -34,7 +33,6 @@ from flatout.server.supervisor import Supervisor
 from flatout.server.tokenize import add_tokenize_routes
 
 _CLIENT_CLOSED = 499  # nginx's code for "client closed the request"; nobody reads it
-_OFFLOAD_BYTES = 64 * 1024  # bodies this large are prepared off the event loop
 
 
 PUBLIC_PATHS = frozenset({"/health", "/version", "/metrics", "/openapi.json"})
@@ -72,18 +70,10 @@ async def _answer(work: Awaitable[Response]) -> Response:
         raise to_openai_error(e) from e
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> tuple[Any, int]:
-    """The validated body, and its size in bytes."""
-    body = await request.body()
-    try:
-        return model.model_validate_json(body), len(body)
-    except ValidationError as e:
-        raise from_validation_error(e) from None
-
-
 def build_app(
     state: ServerState, supervisor: Supervisor | None = None,
     on_ready: Callable[[], None] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    allowed_hosts: list[str] | None = None,
 ) -> FastAPI:
     """The API over a started engine client; the engine's outputs are routed into the server's
     event loop when it starts, and the engine is shut down with the server. The supervisor
@@ -116,15 +106,15 @@ def build_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req, size = await _parse(request, ChatCompletionRequest)
+        req, size = await parse_body(request, ChatCompletionRequest)
         return await _answer(create_chat_completion(state, req, request,
-                                                    offload=size > _OFFLOAD_BYTES))
+                                                    offload=size > OFFLOAD_BYTES))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req, size = await _parse(request, CompletionRequest)
+        req, size = await parse_body(request, CompletionRequest)
         return await _answer(create_completion(state, req, request,
-                                               offload=size > _OFFLOAD_BYTES))
+                                               offload=size > OFFLOAD_BYTES))
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
@@ -152,9 +142,11 @@ def build_app(
         return Response(state.metrics.render(), media_type=prom.CONTENT_TYPE_LATEST)
 
     install_openapi(app, api_key_required=bool(state.api_key), public_paths=PUBLIC_PATHS)
-    # outermost last: metrics see every response, the key is checked before any body is read
+    # outermost last: metrics see every response, the key is checked before any body is read,
+    # the Host and Content-Type before the key
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     if state.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=state.api_key)
+    app.add_middleware(RequestGuards, allowed_hosts=allowed_hosts)
     app.add_middleware(HTTPMetricsMiddleware, metrics=state.metrics)
     return app

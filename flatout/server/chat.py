@@ -4,12 +4,13 @@ The template is, in order: the `--chat-template` override (a file, or the templa
 the checkpoint's own (tokenizer_config.json `chat_template` or chat_template.jinja, as the
 tokenizer loaded it; the tokenizer loader supplies built-in GLM templates to remote-code GLM and
 ChatGLM checkpoints whose tokenizer builds prompts in Python), or, for a GLM architecture whose
-tokenizer still has none, the built-in GLM-4 template. Rendering goes through transformers'
-`apply_chat_template`, which compiles templates in Jinja's ImmutableSandboxedEnvironment: a
-template (or a message) cannot reach Python internals or mutate the values passed in, and it
-has no loader, so `{% include %}` / `{% import %}` cannot read files. A template that tries is
-refused at render time (a 400 naming the problem, and a warning in the log for the operator);
-the server keeps serving.
+tokenizer still has none, the built-in GLM-4 template. The chosen template's syntax is checked
+at startup (a syntax error stops the server with a message naming the file). Rendering goes
+through transformers' `apply_chat_template`, which compiles templates in Jinja's
+ImmutableSandboxedEnvironment: a template (or a message) cannot reach Python internals or mutate
+the values passed in, and it has no loader, so `{% include %}` / `{% import %}` cannot read
+files. A template that tries is refused at render time (a 400 naming the problem, and a warning
+in the log for the operator); the server keeps serving.
 """
 
 from __future__ import annotations
@@ -63,10 +64,25 @@ def resolve_chat_template(
     if isinstance(own, dict):  # several named templates: the default one
         own = own.get("default")
     if isinstance(own, str) and own.strip():
+        # checked now, as --chat-template is: a broken checkpoint template would otherwise turn
+        # every chat request into a 400 blaming the messages
+        try:
+            check_template_syntax(own)
+        except ValueError as e:
+            raise ValueError(f"{_template_file(tokenizer)}: {e} (fix it, or start with "
+                             f"--chat-template FILE)") from e
         return own, "checkpoint"
     if tokenizer is not None and architecture in _GLM_REMOTE_CODE_ARCHS:
         return GLM4_CHAT_TEMPLATE, "built-in GLM-4"
     return None, "none"
+
+
+def _template_file(tokenizer: Any) -> str:
+    """The checkpoint file the tokenizer's template came from (chat_template.jinja is read
+    before tokenizer_config.json's `chat_template`)."""
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or "."))
+    jinja_file = folder / "chat_template.jinja"
+    return str(jinja_file if jinja_file.is_file() else folder / "tokenizer_config.json")
 
 
 class ChatRenderer:

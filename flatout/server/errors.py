@@ -13,9 +13,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from flatout.engine.messages import (
     EngineDeadError,
@@ -27,6 +28,7 @@ from flatout.engine.messages import (
 from flatout.sampling_params import SamplingParamsError
 
 log = logging.getLogger(__name__)
+RETRY_AFTER_S = 1  # what 503s advise; the queue turns over in well under a second at load
 
 _TYPE_BY_STATUS = {
     401: "authentication_error",
@@ -112,8 +114,9 @@ def to_openai_error(e: BaseException) -> OpenAIError:
         msg = str(e)
         code = "context_length_exceeded" if "max_model_len" in msg or "KV cache" in msg else None
         return OpenAIError(msg, code=code)
-    if isinstance(e, EngineDeadError):
-        return OpenAIError(f"the engine is not running: {e}", status=503)
+    if isinstance(e, EngineDeadError):  # as admission's engine_unavailable: retry shortly
+        return OpenAIError(f"the engine is not running: {e}", status=503,
+                           code="engine_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(e, RequestTimeoutError):
         return OpenAIError("the request ran past the server's --request-timeout and was stopped",
                            status=504, code="request_timeout")
@@ -137,6 +140,12 @@ def install_error_handlers(app: FastAPI) -> None:
         code = "not_found" if e.status_code == 404 else None
         return OpenAIError(str(e.detail), status=e.status_code, code=code,
                            headers=e.headers).response()  # e.g. 405's Allow
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_closed(_: Request, __: ClientDisconnect) -> Response:
+        # the client hung up while its body was being read: nobody is left to answer, and
+        # nothing went wrong here (no 500, no traceback in the log)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _other(_: Request, e: Exception) -> JSONResponse:

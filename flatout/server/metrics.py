@@ -179,8 +179,14 @@ class _EngineCollector:
                     "start: how many sequences a step advances on average.", mean)
 
 
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer"
+
+
 class HTTPMetricsMiddleware:
-    """Counts HTTP responses by path and status (pure ASGI, so streams pass through)."""
+    """Counts HTTP responses by path and status (pure ASGI, so streams pass through). A request
+    whose client hung up before any response started (headers only, a short or unterminated
+    body, `Expect: 100-continue` then nothing) counts as 499: no status was ever sent, so it must
+    not show as a 5xx."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], metrics: ServerMetrics) -> None:
         self.app = app
@@ -191,16 +197,27 @@ class HTTPMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         status = 500
+        started = client_gone = False
+
+        async def receive_wrapper() -> dict[str, Any]:
+            nonlocal client_gone
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                client_gone = True
+            return message
 
         async def send_wrapper(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
+            nonlocal status, started
+            if message["type"] == "http.response.start" and not started:
+                started = not client_gone
+                status = message["status"] if started else CLIENT_CLOSED
             await send(message)
 
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive_wrapper, send_wrapper)
         finally:
+            if client_gone and not started:
+                status = CLIENT_CLOSED
             path = scope.get("path", "")
             self.metrics.http_requests.labels(
                 path if path in _KNOWN_PATHS else "other", str(status)

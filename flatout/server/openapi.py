@@ -14,7 +14,12 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from flatout.server.protocol import ChatCompletionRequest, CompletionRequest
+from flatout.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 
 
 # -- response bodies (documentation only) -----------------------------------------------------
@@ -122,6 +127,16 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class Tokens(BaseModel):
+    count: int
+    tokens: list[int]
+    max_model_len: int
+
+
+class Text(BaseModel):
+    prompt: str
+
+
 class Status(BaseModel):
     status: str
 
@@ -136,6 +151,7 @@ _ERRORS = {
     "404": "Unknown model, or no such path.",
     "405": "Method not allowed on this path.",
     "413": "Request body larger than --max-request-body-bytes.",
+    "415": "Request body not sent as Content-Type: application/json.",
     "500": "The engine refused a request it had accepted (a bug: please report it).",
     "503": "Overloaded (queue full), shutting down, or the engine is not running; see "
            "Retry-After.",
@@ -148,6 +164,8 @@ _GENERATION: tuple[tuple[str, _Model, _Model, _Model], ...] = (
     ("/v1/completions", CompletionRequest, Completion, CompletionChunk),
 )
 _GETS: dict[str, _Model] = {"/v1/models": ModelList, "/health": Status, "/version": Version}
+_TOKENIZE: tuple[tuple[str, _Model, _Model], ...] = (
+    ("/tokenize", TokenizeRequest, Tokens), ("/detokenize", DetokenizeRequest, Text))
 
 
 def install_openapi(app: FastAPI, *, api_key_required: bool,
@@ -189,8 +207,14 @@ def install_openapi(app: FastAPI, *, api_key_required: bool,
                         "(`data: {chunk}` lines, then `data: [DONE]`).",
                         "content": {"application/json": {"schema": ref(response)},
                                     "text/event-stream": {"schema": sse_event(chunk)}}},
-                **errors("400", "404", "405", "413", "500", "503", "504"),
+                **errors("400", "404", "405", "413", "415", "500", "503", "504"),
             }
+        for path, request, response in _TOKENIZE:
+            op = paths[path]["post"]
+            op["requestBody"] = {"required": True,
+                                 "content": {"application/json": {"schema": ref(request)}}}
+            op["responses"] = {"200": {"description": "OK", "content": {
+                "application/json": {"schema": ref(response)}}}}
         for path, response in _GETS.items():
             op = paths[path]["get"]
             op["responses"] = {"200": {"description": "OK", "content": {
@@ -205,7 +229,7 @@ def install_openapi(app: FastAPI, *, api_key_required: bool,
                 if method == "post":  # other routes that parse JSON bodies themselves
                     op.setdefault("requestBody", {"required": True, "content": {
                         "application/json": {"schema": {"type": "object"}}}})
-                    for code, resp in errors("400", "404", "405", "413", "503").items():
+                    for code, resp in errors("400", "404", "405", "413", "415", "503").items():
                         op["responses"].setdefault(code, resp)
                 op["responses"].update(errors("405"))
                 if api_key_required and path not in public_paths:

@@ -8,18 +8,21 @@ fields are ignored, as OpenAI's clients expect: they send parameters a given ser
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from flatout.sampling_params import SamplingParams
-from flatout.server.errors import OpenAIError
+from flatout.server.errors import OpenAIError, from_validation_error
 from flatout.server.structured import (
     from_guided,
     from_response_format,
     from_structured_outputs,
     one_of,
 )
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
 
 MAX_MESSAGES = 2048  # messages in one chat request
 MAX_STOP = 64  # stop strings, and stop token ids, in one request
@@ -36,6 +39,19 @@ Seed = Annotated[int, Field(ge=SP.MIN_SEED, le=SP.MAX_SEED)]
 
 class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+B = TypeVar("B", bound=BaseModel)
+
+
+async def parse_body(request: Request, model: type[B]) -> tuple[B, int]:
+    """The request's body validated as `model` (a 400 naming the field otherwise), and its size
+    in bytes."""
+    body = await request.body()
+    try:
+        return model.model_validate_json(body), len(body)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
 
 
 class StreamOptions(_Body):
@@ -86,7 +102,8 @@ class _SamplingFields(_Body):
     # vLLM extras
     top_k: int | None = Field(None, ge=SP.MIN_TOP_K)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=SP.MAX_REPETITION_PENALTY)
+    repetition_penalty: float | None = Field(None, ge=SP.MIN_REPETITION_PENALTY,
+                                              le=SP.MAX_REPETITION_PENALTY)
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
@@ -138,6 +155,28 @@ class ChatCompletionRequest(_SamplingFields):
     continue_final_message: bool = False
     enable_thinking: bool | None = None  # top-level, as LangChain's extra_body sends it
     return_reasoning: bool = True
+
+
+class TokenizeRequest(_Body):
+    """`POST /tokenize` (vLLM's shape): a prompt, or messages rendered as chat renders them."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    # default: true for a prompt, false for messages (the template writes the special tokens)
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    enable_thinking: bool | None = None
+
+
+class DetokenizeRequest(_Body):
+    """`POST /detokenize` (vLLM's shape): token ids, strictly integers (1.0 and "1" are not)."""
+
+    model: str | None = None
+    tokens: list[TokenId]
 
 
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}

@@ -4,7 +4,8 @@ with uvicorn in this process.
 The listening socket is bound before the model loads, so a taken port fails at once and
 `--port 0` picks a free port (the banner says which). Exit status: 0 after a drained shutdown
 (SIGTERM/SIGINT, also while loading), 1 when the engine died (or failed to start) and was not
-restarted, 2 for bad arguments.
+restarted, 2 for bad arguments, 128 + the signal's number when a second signal cut the drain
+short.
 """
 
 from __future__ import annotations
@@ -148,12 +149,9 @@ def _serve(ns: argparse.Namespace, client: Any, sock: socket.socket, start: floa
     names = ns.served_model_name or [default_model_name(mc.model)]
     metrics = ServerMetrics(lambda: client.stats, names[0])
 
-    def engine_problem() -> str | None:
-        return client.dead or (None if client.is_alive else "the engine core is not running")
-
     admission = Admission(
         metrics.registry, max_waiting=ns.max_waiting_requests or 4 * ns.max_num_seqs,
-        request_timeout=ns.request_timeout or None, engine_problem=engine_problem)
+        request_timeout=ns.request_timeout or None, engine_problem=client.problem)
     placeholder, media = _image_settings(ns, client)
     state = ServerState(
         client=client, ready=ready, served_model_names=names,
@@ -175,7 +173,7 @@ def _serve(ns: argparse.Namespace, client: Any, sock: socket.socket, start: floa
         print("\n".join(banner_lines(state, url, time.monotonic() - start)), flush=True)
 
     app = build_app(state, supervisor, on_ready=on_ready,
-                    max_body_bytes=ns.max_request_body_bytes)
+                    max_body_bytes=ns.max_request_body_bytes, allowed_hosts=ns.allowed_hosts)
     config = uvicorn.Config(app, log_level=ns.uvicorn_log_level, access_log=False,
                             timeout_graceful_shutdown=5)
     FlatoutServer(config, supervisor).run(sockets=[sock])

@@ -22,6 +22,7 @@ from flatout.server.limits import check_prompt_chars
 from flatout.server.media import ImageRef
 from flatout.server.protocol import (
     ChatCompletionRequest,
+    TokenizeRequest,
     chat_messages,
     chat_sampling_fields,
     refuse_unsupported,
@@ -69,18 +70,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
     tool_parser = (state.tool_parser if req.tools and req.tool_choice != "none" and forced is None
                    else None)
     urls: list[tuple[str, str]] = []
-    messages = chat_messages(req.messages, state.image_placeholder, urls, state.content_format)
-    kwargs = dict(req.chat_template_kwargs or {})
-    if req.enable_thinking is not None:
-        kwargs.setdefault("enable_thinking", req.enable_thinking)
-    prompt = state.renderer.render(
-        messages,
-        add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
-        continue_final_message=req.continue_final_message,
-        tools=req.tools,
-        template_kwargs=kwargs,
-    )
-    check_prompt_chars(prompt, state.max_prompt_chars, "messages")
+    prompt = render_chat_prompt(state, req, urls)
     ids = state.renderer.encode(prompt)
     fields = chat_sampling_fields(req)
     parser = state.reasoning
@@ -125,6 +115,30 @@ async def attach_images(state: ServerState, p: _Prepared) -> None:
                                             p.prompt_token_ids, pixels)
     inputs.validate(ids, p.params)
     p.prompt_token_ids, p.mm_items = ids, items
+
+
+def render_chat_prompt(state: ServerState, req: ChatCompletionRequest | TokenizeRequest,
+                       image_urls: list[tuple[str, str]] | None = None) -> str:
+    """The prompt text of a chat request's messages (roles checked, `developer` as `system`,
+    text parts joined, each image part as the model's placeholder, its (url, param) appended to
+    `image_urls`), refused when no prompt that long can fit the context. /tokenize renders its
+    messages here too, so it counts what chat would send (images as one placeholder each: their
+    token counts come from decoding them, which /tokenize does not do)."""
+    assert req.messages is not None
+    messages = chat_messages(req.messages, state.image_placeholder,
+                             [] if image_urls is None else image_urls, state.content_format)
+    kwargs = dict(req.chat_template_kwargs or {})
+    if req.enable_thinking is not None:
+        kwargs.setdefault("enable_thinking", req.enable_thinking)
+    prompt = state.renderer.render(
+        messages,
+        add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+        continue_final_message=req.continue_final_message,
+        tools=req.tools,
+        template_kwargs=kwargs,
+    )
+    check_prompt_chars(prompt, state.max_prompt_chars, "messages")
+    return prompt
 
 
 async def create_chat_completion(

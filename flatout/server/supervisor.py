@@ -9,7 +9,9 @@
   is killed and treated as dead.
 - SIGTERM or SIGINT: drain. New requests get 503 and /health 503; in-flight requests run to
   completion for up to `--shutdown-timeout` seconds; any left then end with an error; the process
-  exits 0. A second signal exits at once.
+  exits 0. A second signal ends every request still running at once (an error response, or an
+  error event then `[DONE]` on a stream) and exits with 128 + the signal's number (143 for
+  SIGTERM, 130 for SIGINT): the drain was cut short. A third exits without waiting for anything.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from flatout.server.state import ServerState
 log = logging.getLogger(__name__)
 
 DEAD_ENGINE_LINGER_S = 2.0  # /health shows 503 this long before a dead server exits
+FORCED_EXIT_WAIT_S = 2.0  # after a second signal: time for the failed requests to send their error
 MAX_RESTARTS, RESTART_WINDOW_S = 3, 60.0
 _TICK_S = 0.1
 
@@ -48,6 +51,7 @@ class Supervisor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._signalled = False
+        self._forced = False
         self._restart_times: deque[float] = deque()
 
     # -- lifecycle (called from the app's lifespan) -----------------------------------------
@@ -69,6 +73,7 @@ class Supervisor:
         client = self.state.client
         while True:
             await asyncio.sleep(_TICK_S)
+            client.notice_exit()
             stalled = client.seconds_unresponsive()
             if self.step_timeout is not None and stalled > self.step_timeout:
                 client.kill_hung(f"it stopped answering: nothing for {stalled:.0f} s while "
@@ -106,21 +111,51 @@ class Supervisor:
 
     # -- shutdown ---------------------------------------------------------------------------
     def on_signal(self, sig: int) -> None:
-        """SIGTERM/SIGINT (runs in the signal handler): the first drains, a second forces."""
-        if self._signalled or self._loop is None or self.server is None:
+        """SIGTERM/SIGINT (runs in the signal handler): the first drains, a second ends the
+        requests still running and exits non-zero, a third exits at once."""
+        if self._loop is None or self.server is None:
             if self.server is not None:
                 self.server.should_exit = self.server.force_exit = True
             return
-        self._signalled = True
-        self._loop.call_soon_threadsafe(self._begin_drain)
+        if not self._signalled:
+            self._signalled = True
+            self._loop.call_soon_threadsafe(self._begin_drain)
+        elif not self._forced:
+            self._forced = True
+            self._loop.call_soon_threadsafe(self._cut_short, sig)
+        else:
+            self.server.should_exit = self.server.force_exit = True
 
     def _begin_drain(self) -> None:
         adm = self.state.admission
         adm.draining = True
         log.info("shutting down: finishing %d requests (at most %.0f s; a second signal "
-                 "exits at once)", adm.num_in_flight, self.shutdown_timeout)
+                 "ends them now)", adm.num_in_flight, self.shutdown_timeout)
         assert self._loop is not None
         self._tasks.append(self._loop.create_task(self._drain()))
+
+    def _cut_short(self, sig: int) -> None:
+        """The second signal: every request still running ends now with an error its client
+        sees (not a cut connection), then the server exits with 128 + `sig`."""
+        adm = self.state.admission
+        adm.draining = True
+        if self.exit_code == 0:
+            self.exit_code = 128 + sig
+        log.warning("second signal: ending the %d requests still running and exiting",
+                    adm.num_in_flight)
+        self.state.client.fail_all(lambda: OpenAIError(
+            "the server was stopped (a second signal) before the request finished", status=503,
+            code="shutting_down"))
+        assert self._loop is not None
+        self._tasks.append(self._loop.create_task(self._exit_when_answered()))
+
+    async def _exit_when_answered(self) -> None:
+        adm = self.state.admission
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FORCED_EXIT_WAIT_S
+        while adm.num_in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        self._exit()
 
     async def _drain(self) -> None:
         adm = self.state.admission

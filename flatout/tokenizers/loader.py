@@ -225,7 +225,11 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
         raise FileNotFoundError(f"checkpoint folder not found: {folder}")
     tokenizer_config = read_json(folder / "tokenizer_config.json")
     if (folder / "tokenizer.json").is_file():
-        tokenizer = _load_tokenizer_json(folder, tokenizer_config)
+        read_json(folder / "tokenizer.json")  # a malformed file is named, not a parser's message
+        try:
+            tokenizer = _load_tokenizer_json(folder, tokenizer_config)
+        except Exception as e:  # the tokenizers library raises bare Exceptions on bad content
+            raise ValueError(f"{folder / 'tokenizer.json'}: cannot be loaded: {e}") from e
         if tokenizer.chat_template is None and _has_tokens(tokenizer, _GLM4_MARKERS):
             tokenizer.chat_template = GLM4_CHAT_TEMPLATE
         return tokenizer

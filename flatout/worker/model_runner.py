@@ -18,7 +18,7 @@ from flatout import distributed
 from flatout.config import EngineConfig
 from flatout.engine.batch import MultiModalItem, SamplingInfo, SchedulerOutput
 from flatout.layers.attention import Attention, AttentionMetadata, forward_context
-from flatout.layers.sampler import Sampler, SamplingBatch, SamplingRow
+from flatout.layers.sampler import Sampler, SamplingBatch, SamplingRow, seeded_generator
 from flatout.models.glm4v import Glm4vForConditionalGeneration
 from flatout.models.registry import TORCH_DTYPES, load_model
 from flatout.monitor.step_clock import StepClock, StepCost, measure_peak
@@ -331,8 +331,7 @@ class ModelRunner:
         if info.seed is not None:
             generator = self.generators.get(seq_id)
             if generator is None:
-                generator = torch.Generator(self.device)
-                generator.manual_seed(info.seed)
+                generator = seeded_generator(info.seed, self.device)
                 self.generators[seq_id] = generator
         return SamplingRow(
             params=info.params,

@@ -44,6 +44,11 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(llm: LLM) -> None:
     assert batch[1].token_ids == alone
     different = llm.generate([PROMPT], SamplingParams(temperature=1.0, seed=99, max_tokens=16))
     assert different[0].token_ids != alone
+    # the high 32 bits count too: 5 and 2**32 + 5 are different seeds
+    five, high = (llm.generate([PROMPT], SamplingParams(temperature=1.0, seed=s, max_tokens=16,
+                                                        ignore_eos=True))[0].token_ids
+                  for s in (5, 2**32 + 5))
+    assert five != high
 
 
 def test_n_samples(llm: LLM) -> None:

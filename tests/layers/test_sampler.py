@@ -15,8 +15,10 @@ from flatout.layers.sampler import (
     SamplingRow,
     apply_logit_bias,
     apply_penalties,
+    generator_seed,
+    seeded_generator,
 )
-from flatout.sampling_params import SamplingParams
+from flatout.sampling_params import SamplingParams, SamplingParamsError
 
 CPU = torch.device("cpu")
 
@@ -347,3 +349,43 @@ def test_logit_bias_token_ids_checked_against_the_vocabulary():
     params.check_token_ids(10)
     with pytest.raises(ValueError, match=r"logit_bias: token id 10 is outside the vocabulary"):
         SamplingParams(logit_bias={10: 1.0}).check_token_ids(10)
+
+
+def test_tiny_top_p_keeps_the_top_token_instead_of_underflowing():
+    # 1e-300 is > 0 in float64 but 0 in float32, which used to drop every token (NaN -> token 0)
+    logits = torch.randn(16, 40, generator=seeded(11)) * 3
+    rows = [row(SamplingParams(temperature=1.0, top_p=1e-300, logprobs=1)) for _ in range(16)]
+    out = sample(logits, rows)
+    assert torch.equal(out.token_ids, logits.argmax(dim=1))
+    assert out.logprobs is not None
+    torch.testing.assert_close(out.logprobs, logits.log_softmax(dim=1).amax(dim=1))
+
+
+def test_repetition_penalty_below_float32_range_is_refused_and_the_minimum_stays_finite():
+    for bad in (1e-39, 1e-30, SamplingParams.MIN_REPETITION_PENALTY / 2):
+        with pytest.raises(SamplingParamsError) as e:
+            SamplingParams(repetition_penalty=bad)
+        assert e.value.field == "repetition_penalty"
+    # the smallest accepted penalty with the smallest sampled temperature on large logits: the
+    # penalised row stays finite, so the seen token with the largest positive logit wins
+    V = 30
+    logits = torch.randn(4, V, generator=seeded(6)) * 100
+    p = SamplingParams(temperature=1.01e-5, logprobs=0,
+                       repetition_penalty=SamplingParams.MIN_REPETITION_PENALTY)
+    seen = [3, 7, 11]
+    rows = [row(p, prompt_token_ids=seen) for _ in range(4)]
+    out = sample(logits, rows)
+    masked = torch.full_like(logits, float("-inf"))
+    masked[:, seen] = logits[:, seen]
+    pos = masked.amax(dim=1) > 0
+    assert torch.equal(out.token_ids[pos], masked.argmax(dim=1)[pos])
+    assert out.logprobs is not None and torch.isfinite(out.logprobs).all()
+
+
+def test_seeds_use_all_64_bits():
+    assert generator_seed(5) != generator_seed(2**32 + 5)
+    assert generator_seed(-1) == generator_seed(2**64 - 1)  # taken modulo 2**64
+    a = torch.rand(8, generator=seeded_generator(5, CPU))
+    b = torch.rand(8, generator=seeded_generator(2**32 + 5, CPU))
+    assert not torch.equal(a, b)
+    assert torch.equal(a, torch.rand(8, generator=seeded_generator(5, CPU)))

@@ -35,6 +35,8 @@ CASES = [
     (CHAT, b'{"messages": [{"role": "user", "content": "x"}], "presence_penalty": -Infinity}',
      400, "presence_penalty", "invalid_value"),
     (CHAT, {"messages": MSG, "top_k": -2}, 400, "top_k", "invalid_value"),
+    (CHAT, {"messages": MSG, "repetition_penalty": 1e-39, "temperature": 1}, 400,
+     "repetition_penalty", "invalid_value"),
     (CHAT, {"messages": MSG, "min_tokens": -1}, 400, "min_tokens", "invalid_value"),
     (CHAT, {"messages": MSG, "seed": 2**64}, 400, "seed", "invalid_value"),
     (CHAT, {"messages": MSG, "stop_token_ids": [2**70]}, 400, "stop_token_ids", None),

@@ -74,3 +74,34 @@ def test_requests_past_the_shutdown_timeout_end_with_an_error(tmp_path: Path) ->
         assert time.monotonic() - start < 40  # cut after 1 s: 2000 tokens each run far longer
     finally:
         server.stop()
+
+
+def test_a_second_signal_ends_every_stream_with_an_error_and_exits_non_zero(
+        tmp_path: Path) -> None:
+    server = ServerProcess([*ARGS, "--shutdown-timeout", "60"], tmp_path / "serve.log")
+    try:
+        async def run() -> list[Stream]:
+            under_way = asyncio.Semaphore(0)
+            async with httpx.AsyncClient(timeout=120) as h:
+                tasks = [asyncio.ensure_future(stream(
+                    h, server.url + (CHAT if i % 2 else COMPLETIONS),
+                    (chat_body if i % 2 else completion_body)(i, 2000),
+                    on_first_chunk=under_way.release)) for i in range(8)]
+                for _ in range(8):
+                    await asyncio.wait_for(under_way.acquire(), timeout=240)
+                server.proc.send_signal(signal.SIGTERM)  # drain: 2000 tokens take far longer
+                await asyncio.sleep(0.5)
+                server.proc.send_signal(signal.SIGTERM)  # ... so cut it short
+                return list(await asyncio.wait_for(asyncio.gather(*tasks), timeout=60))
+
+        streams = asyncio.run(run())
+        for s in streams:
+            assert s.status == 200 and s.done, "every stream ends with an error event and [DONE]"
+            assert s.error is not None and s.error["code"] == "shutting_down", s.error
+        assert server.wait_exit(timeout=30) == 128 + signal.SIGTERM
+        log = server.output
+        assert "second signal: ending the 8 requests" in log
+        assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
+        assert len(log.splitlines()) < 40, log[-3000:]
+    finally:
+        server.stop()
