@@ -13,6 +13,7 @@ import prometheus_client as prom
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 import flatout
 from flatout.server.defaults import DEFAULT_MAX_BODY_BYTES
@@ -74,7 +75,10 @@ async def _answer(work: Awaitable[Response]) -> Response:
 
 async def _parse(request: Request, model: type[BaseModel]) -> tuple[Any, int]:
     """The validated body, and its size in bytes."""
-    body = await request.body()
+    try:
+        body = await request.body()
+    except ClientDisconnect:  # e.g. closed by --timeout-request-body: nobody to answer
+        raise ClientDisconnected from None
     try:
         return model.model_validate_json(body), len(body)
     except ValidationError as e:
