@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from flatout.config import add_engine_args, engine_args_from
-from flatout.server.defaults import DEFAULT_MAX_BODY_BYTES, FD_RESERVE
+from flatout.server.defaults import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_STREAM_BACKLOG, FD_RESERVE
 from flatout.server.reasoning import PARSER_NAMES
 from flatout.server.tool_parsers import PARSERS as TOOL_PARSERS
 
@@ -92,6 +92,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="answer 503 to requests while the server holds more connections than "
                    f"this, idle ones included (default: the open-file limit, raised to its "
                    f"hard limit at startup, less {FD_RESERVE})")
+    c.add_argument("--max-stream-backlog-bytes", type=int, default=DEFAULT_MAX_STREAM_BACKLOG,
+                   help="abort a streamed request whose client falls this many bytes (as "
+                   "estimated from the outputs waiting for it) behind; it counts as aborted "
+                   f"(default {DEFAULT_MAX_STREAM_BACKLOG})")
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:

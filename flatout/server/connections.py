@@ -16,6 +16,10 @@ a connection here has its own limit; a connection past it is closed:
 that gets a 503 (OpenAI error shape, `Retry-After`, `Connection: close`). Idle connections count,
 as in uvicorn's option of that name: the limit is on what the process holds (file descriptors),
 and the idle ones are closed by their timeout.
+
+A streamed response whose client stopped reading is dropped by the application through the
+scope extension `flatout.abort_connection` (the transport's abort: a graceful close would wait
+for the client to read what is buffered).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from flatout.server.admission import RETRY_AFTER_S
 from flatout.server.defaults import FD_RESERVE
 from flatout.server.errors import OpenAIError
 from flatout.server.logs import RateLimitedLog
+from flatout.server.responses import ABORT_CONNECTION
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +120,7 @@ class _TimedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        self._offer_abort()
         if self.transport.is_closing():
             return
         state = self.conn.their_state
@@ -130,6 +136,19 @@ class _TimedH11Protocol(H11Protocol):
                                                         self._expire)
         else:  # the whole request is in: the response has no limit here
             self._cancel_body()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may start a pipelined request's cycle
+        self._offer_abort()
+
+    def _offer_abort(self) -> None:
+        """Give the current request's app a way to drop this connection at once, unflushed
+        (the ASGI scope's extensions; read before the app's task first runs)."""
+        cycle = self.cycle
+        if cycle is not None:
+            extensions: dict[str, Any] = cycle.scope.setdefault(
+                "extensions", {})
+            extensions[ABORT_CONNECTION] = self.transport.abort
 
     def _expire(self) -> None:
         self._head_timer = self._body_timer = None
