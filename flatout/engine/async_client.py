@@ -5,8 +5,9 @@ strings (OutputProcessor), and routes each request's outputs to its own asyncio 
 process (core_process.py) runs the scheduler and the model. Messages: messages.py.
 
 Backlog: outputs wait in their request's queue until its consumer takes them. A consumer that
-falls more than `max_backlog_bytes` behind (a streaming client that stopped reading, whose
-socket buffers are full) is treated as gone: its request is aborted in the core at once (its KV
+falls more than `max_backlog_bytes` behind while it is busy elsewhere (a stream blocked in
+sending to a client that stopped reading, whose socket buffers are full; not one waiting for
+the event loop to resume it) is treated as gone: its request is aborted in the core at once (its KV
 blocks freed), what waited for it is dropped, and its consumer gets `ConsumerTooSlowError`.
 
 Failures: if the core process dies (or is stopped because it stopped answering), every request in
@@ -69,6 +70,9 @@ class OutputQueue:
     def __init__(self) -> None:
         self._items: asyncio.Queue[tuple[RequestOutput | BaseException, int]] = asyncio.Queue()
         self.backlog = 0  # estimated bytes of the outputs waiting
+        # the consumer is waiting in `get` (perhaps not yet resumed: outputs that pile up while
+        # the event loop is busy elsewhere are no sign of a slow consumer)
+        self.consumer_waiting = False
 
     def put(self, item: RequestOutput | BaseException) -> None:
         size = backlog_bytes(item) if isinstance(item, RequestOutput) else 0
@@ -76,7 +80,11 @@ class OutputQueue:
         self._items.put_nowait((item, size))
 
     async def get(self) -> RequestOutput | BaseException:
-        item, size = await self._items.get()
+        self.consumer_waiting = True
+        try:
+            item, size = await self._items.get()
+        finally:
+            self.consumer_waiting = False
         self.backlog -= size
         return item
 
@@ -334,7 +342,8 @@ class AsyncEngineClient:
             if queue is not None:
                 queue.put(out)
                 limit = self.max_backlog_bytes
-                if limit is not None and queue.backlog > limit and not out.finished:
+                if (limit is not None and queue.backlog > limit and not out.finished
+                        and not queue.consumer_waiting):
                     self._drop_too_slow(out.request_id, queue, limit)
 
     def _drop_too_slow(self, request_id: str, queue: OutputQueue, limit: int) -> None:

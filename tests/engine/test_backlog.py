@@ -105,6 +105,24 @@ def test_a_consumer_that_keeps_up_is_never_dropped() -> None:
     assert asyncio.run(_bootstrap(main)) == 200
 
 
+def test_outputs_piling_up_while_the_consumer_waits_for_the_loop_are_no_backlog() -> None:
+    """Many steps dispatched back to back (the event loop was busy) while the consumer waits in
+    its queue: it is merely late, not slow, and gets them all."""
+
+    async def main() -> int:
+        client, sent = _client(16 * 1024)
+        gen = client.generate("r", [1], _params(), on_too_slow=lambda: pytest.fail("dropped"))
+        first = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0)  # the consumer now waits for its first output
+        for step in range(100):  # ~1 MB at once, far over the limit
+            client._dispatch(_step("r", step), client._generation)
+        got = [await first] + [await gen.__anext__() for _ in range(99)]
+        await gen.aclose()
+        return len(got)
+
+    assert asyncio.run(_bootstrap(main)) == 100
+
+
 async def _bootstrap(main: Any) -> Any:
     return await main()
 
