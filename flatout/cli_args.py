@@ -17,7 +17,7 @@ from flatout.config import (
     add_engine_args,
     engine_args_from,
 )
-from flatout.server.defaults import DEFAULT_MAX_BODY_BYTES
+from flatout.server.defaults import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_STREAM_BACKLOG, FD_RESERVE
 from flatout.server.reasoning import PARSER_NAMES
 from flatout.server.tool_parsers import PARSERS as TOOL_PARSERS
 
@@ -123,6 +123,24 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    "step while requests run (default 120; 0: never)")
     r.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help=f"larger request bodies get 413 (default {DEFAULT_MAX_BODY_BYTES})")
+    c = p.add_argument_group("connections")
+    c.add_argument("--timeout-keep-alive", type=_seconds, default=5.0,
+                   help="close a connection that sends no byte of a request for this many "
+                   "seconds, from its start or after a response (default 5)")
+    c.add_argument("--timeout-request-header", type=_seconds, default=10.0,
+                   help="close a connection whose request head (request line and headers) "
+                   "takes longer than this many seconds to arrive (default 10)")
+    c.add_argument("--timeout-request-body", type=_seconds, default=30.0,
+                   help="close a connection whose request body takes longer than this many "
+                   "seconds to arrive after its head (default 30)")
+    c.add_argument("--limit-concurrency", type=int, default=None,
+                   help="answer 503 to requests while the server holds more connections than "
+                   f"this, idle ones included (default: the open-file limit, raised to its "
+                   f"hard limit at startup, less {FD_RESERVE})")
+    c.add_argument("--max-stream-backlog-bytes", type=int, default=DEFAULT_MAX_STREAM_BACKLOG,
+                   help="abort a streamed request whose client falls this many bytes (as "
+                   "estimated from the outputs waiting for it) behind; it counts as aborted "
+                   f"(default {DEFAULT_MAX_STREAM_BACKLOG})")
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:

@@ -4,6 +4,12 @@ The API process tokenizes and validates prompts (InputProcessor), detokenizes an
 strings (OutputProcessor), and routes each request's outputs to its own asyncio queue; the core
 process (core_process.py) runs the scheduler and the model. Messages: messages.py.
 
+Backlog: outputs wait in their request's queue until its consumer takes them. A consumer that
+falls more than `max_backlog_bytes` behind while it is busy elsewhere (a stream blocked in
+sending to a client that stopped reading, whose socket buffers are full; not one waiting for
+the event loop to resume it) is treated as gone: its request is aborted in the core at once (its KV
+blocks freed), what waited for it is dropped, and its consumer gets `ConsumerTooSlowError`.
+
 Failures: if the core process dies (or is stopped because it stopped answering), every request in
 flight gets `EngineDeadError` at once, and `restart` can replace the process. A request the core
 refuses gets `EngineRequestError`, one past its deadline `RequestTimeoutError`; either way it is
@@ -28,6 +34,7 @@ from flatout.engine.core_process import run_engine_core
 from flatout.engine.input_processor import InputProcessor, load_tokenizer_for
 from flatout.engine.messages import (
     AbortRequest,
+    ConsumerTooSlowError,
     CoreFailed,
     CoreOutputs,
     CoreReady,
@@ -48,14 +55,64 @@ from flatout.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 
+def backlog_bytes(out: RequestOutput) -> int:
+    """What a delta holds in memory while it waits, estimated from its contents (measured
+    against tracemalloc in tests/engine/test_backlog.py)."""
+    size = 300
+    for o in out.outputs:
+        size += 250 + len(o.text) + 40 * len(o.token_ids)
+        for lp in o.logprobs or ():
+            size += 250 + 80 * len(lp.top)
+    return size
+
+
+class OutputQueue:
+    """One request's outputs (or the exception that ends it) on their way to its consumer,
+    with the bytes they hold."""
+
+    def __init__(self) -> None:
+        self._items: asyncio.Queue[tuple[RequestOutput | BaseException, int]] = asyncio.Queue()
+        self.backlog = 0  # estimated bytes of the outputs waiting
+        # the consumer is waiting in `get` (perhaps not yet resumed: outputs that pile up while
+        # the event loop is busy elsewhere are no sign of a slow consumer)
+        self.consumer_waiting = False
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        size = backlog_bytes(item) if isinstance(item, RequestOutput) else 0
+        self.backlog += size
+        self._items.put_nowait((item, size))
+
+    async def get(self) -> RequestOutput | BaseException:
+        self.consumer_waiting = True
+        try:
+            item, size = await self._items.get()
+        finally:
+            self.consumer_waiting = False
+        self.backlog -= size
+        return item
+
+    def fail(self, error: BaseException) -> None:
+        """Drop what waits; the consumer gets `error` next."""
+        while not self._items.empty():
+            self._items.get_nowait()
+        self.backlog = 0
+        self.put(error)
+
+
 class AsyncEngineClient:
     """Drives an engine core process from an asyncio server."""
 
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs, max_backlog_bytes: int | None = None) -> None:
+        """`max_backlog_bytes`: how far (estimated bytes of outputs) a request's consumer may
+        fall behind before the request is aborted; None: no limit."""
+        if max_backlog_bytes is not None and max_backlog_bytes < 1:
+            raise ValueError(f"--max-stream-backlog-bytes must be >= 1, got {max_backlog_bytes}")
         self.args = args
+        self.max_backlog_bytes = max_backlog_bytes
         self.process: BaseProcess | None = None
         self._inbox_w: Connection | None = None
-        self.queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self.queues: dict[str, OutputQueue] = {}
+        self._on_too_slow: dict[str, Callable[[], None]] = {}
         self.stats = CoreStats()
         self.dead: str | None = None  # why the core is not serving, or None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -179,7 +236,7 @@ class AsyncEngineClient:
     def fail_all(self, make_error: Callable[[], BaseException]) -> None:
         """End every request in flight with an error (event-loop thread)."""
         for q in self.queues.values():
-            q.put_nowait(make_error())
+            q.put(make_error())
 
     # -- requests ---------------------------------------------------------------------------
     def default_sampling_params(self, **overrides: Any) -> SamplingParams:
@@ -189,13 +246,17 @@ class AsyncEngineClient:
         self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
         deadline: float | None = None, on_started: Callable[[], None] | None = None,
         mm_items: list[MultiModalItem] | None = None,
+        on_too_slow: Callable[[], None] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's delta (flatout/engine/outputs.py) after every step that advanced it,
         the last one with finished=True. Validation errors (RequestError) raise before anything
         is queued. Closing or cancelling the consumer (a client that went away) aborts the
         request in the core. `deadline` (event-loop time) raises RequestTimeoutError when passed;
         `on_started` is called once: at the first output, or at the end if none came.
-        `mm_items`: the prompt's images (InputProcessor.expand_images made prompt and items)."""
+        `mm_items`: the prompt's images (InputProcessor.expand_images made prompt and items).
+        `on_too_slow` is called (from the event loop, at once) if the request is aborted because
+        its outputs were not taken (the module docstring's backlog); the iteration then raises
+        ConsumerTooSlowError when resumed."""
         problem = self.problem()
         if problem is not None:
             raise EngineDeadError(problem)
@@ -203,13 +264,15 @@ class AsyncEngineClient:
         max_tokens = self.inputs.validate(ids, params)
         if request_id in self.queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        queue = OutputQueue()
         self.queues[request_id] = queue
+        if on_too_slow is not None:
+            self._on_too_slow[request_id] = on_too_slow
         self.outputs.add_request(request_id, text, ids, params)
         timer = None
         if deadline is not None:
             timer = asyncio.get_running_loop().call_at(
-                deadline, queue.put_nowait, RequestTimeoutError("the request timed out"))
+                deadline, queue.put, RequestTimeoutError("the request timed out"))
         finished = False
         try:
             if not self._in_core:
@@ -235,8 +298,8 @@ class AsyncEngineClient:
                 timer.cancel()
             if on_started is not None:
                 on_started()
-            self.queues.pop(request_id, None)
-            if not finished:
+            self._on_too_slow.pop(request_id, None)
+            if self.queues.pop(request_id, None) is not None and not finished:
                 self.outputs.abort(request_id)
                 self._in_core.discard(request_id)
                 try:
@@ -282,13 +345,13 @@ class AsyncEngineClient:
             self._in_core.clear()
             log.error("engine core died: %s", msg.message)
             for q in self.queues.values():
-                q.put_nowait(EngineDeadError(f"engine core died: {msg.message}"))
+                q.put(EngineDeadError(f"engine core died: {msg.message}"))
             return
         if isinstance(msg, CoreRejected):
             self._in_core.discard(msg.request_id)
             rejected = self.queues.get(msg.request_id)
             if rejected is not None:
-                rejected.put_nowait(
+                rejected.put(
                     RequestFieldError(msg.field, msg.message) if msg.field is not None else
                     EngineRequestError(f"the engine refused the request: {msg.message}"))
             return
@@ -307,7 +370,26 @@ class AsyncEngineClient:
                 self._in_core.discard(out.request_id)
             queue = self.queues.get(out.request_id)
             if queue is not None:
-                queue.put_nowait(out)
+                queue.put(out)
+                limit = self.max_backlog_bytes
+                if (limit is not None and queue.backlog > limit and not out.finished
+                        and not queue.consumer_waiting):
+                    self._drop_too_slow(out.request_id, queue, limit)
+
+    def _drop_too_slow(self, request_id: str, queue: OutputQueue, limit: int) -> None:
+        """Abort a request whose consumer stopped taking its outputs (event-loop thread)."""
+        del self.queues[request_id]  # its consumer's cleanup finds nothing left to abort
+        self.outputs.abort(request_id)
+        self._in_core.discard(request_id)
+        try:
+            self._send(AbortRequest(request_id))
+        except (OSError, EngineDeadError):
+            pass
+        queue.fail(ConsumerTooSlowError(
+            f"the client fell more than {limit} bytes of output behind and was dropped"))
+        callback = self._on_too_slow.pop(request_id, None)
+        if callback is not None:
+            callback()
 
 
 _PF_EXITING = 0x4  # the kernel's flag on a task that has begun to exit

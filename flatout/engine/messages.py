@@ -164,3 +164,8 @@ class EngineRequestError(RuntimeError):
 
 class RequestTimeoutError(TimeoutError):
     """A request ran past its deadline."""
+
+
+class ConsumerTooSlowError(RuntimeError):
+    """A request's outputs piled up unread past the backlog limit: its consumer (a streaming
+    client that stopped reading) is treated as gone and the request was aborted."""

@@ -28,7 +28,7 @@ from flatout.sampling_params import SamplingParams
 @dataclass
 class _SampleState:
     detok: IncrementalDetokenizer
-    logprobs: list[TokenLogprobs] | None = None  # raw, one per token
+    logprobs: list[TokenLogprobs] | None = None  # raw, one per token not yet in a delta
     new_token_ids: list[int] = field(default_factory=list)  # since the last delta
     changed: bool = False  # has news for the next delta
     num_sent_chars: int = 0  # visible text already in a delta
@@ -59,16 +59,18 @@ class _SampleState:
         if self.logprobs is None:
             return None
         if self.detok.tokenizer is None:
-            new = self.logprobs[self.num_settled :]
-            self.num_settled = len(self.logprobs)
+            new, self.logprobs = self.logprobs, []
+            self.num_settled += len(new)
             return new
         text, visible = self.detok.text, self.detok.visible_length(done)
-        end = len(self.logprobs) if done else len(self.logprobs) - self.detok.num_pending
+        total = self.num_settled + len(self.logprobs)
+        end = total if done else total - self.detok.num_pending
         added_texts = self.detok.token_texts  # a stop token, never given to it, adds ''
         new = []
         while self.num_settled < end:
             i = self.num_settled
-            lp, added = self.logprobs[i], added_texts[i] if i < len(added_texts) else ""
+            lp = self.logprobs[len(new)]
+            added = added_texts[i] if i < len(added_texts) else ""
             start = self.settled_chars
             piece = text[start : min(start + len(added), visible)]
             if len(piece) < len(added) and not done:
@@ -77,6 +79,7 @@ class _SampleState:
             new.append(TokenLogprobs(lp.token_id, lp.logprob, lp.top, piece))
             self.settled_chars += len(piece)
             self.num_settled += 1
+        del self.logprobs[: len(new)]  # what is in a delta is no longer kept here
         return new
 
 

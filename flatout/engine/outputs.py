@@ -71,21 +71,28 @@ class OutputAccumulator:
     """Joins the deltas of one request with `n` samples into its whole RequestOutput. Each delta
     costs what it holds; the text is joined once, in `result`."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, keep_outputs: bool = True) -> None:
+        """`keep_outputs=False`: count tokens and keep finish reasons only (a stream, whose
+        deltas have been sent, needs no more for its usage); `result` then has no text."""
         self._samples = [_Sample() for _ in range(n)]
         self._last: RequestOutput | None = None  # the latest delta: request-level fields
+        self.keep_outputs = keep_outputs
+        self._num_tokens = [0] * n
 
     def add(self, delta: RequestOutput) -> None:
         for o in delta.outputs:
             s = self._samples[o.index]
+            self._num_tokens[o.index] += len(o.token_ids)
+            s.finish_reason, s.stop_reason = o.finish_reason, o.stop_reason
+            s.cumulative_logprob = o.cumulative_logprob
+            if not self.keep_outputs:
+                continue
             s.texts.append(o.text)
             s.token_ids.extend(o.token_ids)
             if o.logprobs is not None:
                 if s.logprobs is None:
                     s.logprobs = []
                 s.logprobs.extend(o.logprobs)
-            s.finish_reason, s.stop_reason = o.finish_reason, o.stop_reason
-            s.cumulative_logprob = o.cumulative_logprob
         self._last = delta
 
     @property
@@ -102,7 +109,7 @@ class OutputAccumulator:
 
     def num_tokens(self) -> list[int]:
         """Generated tokens so far, per sample."""
-        return [len(s.token_ids) for s in self._samples]
+        return list(self._num_tokens)
 
     def finish_reasons(self) -> list[str | None]:
         """Per sample: how it ended, None while it runs (or if it never started)."""

@@ -19,6 +19,7 @@ first token yet (queued in the engine, or in prefill; a request with n=4 counts 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from typing import TypeVar
@@ -120,6 +121,13 @@ class Ticket:
         self.num_waiting = num_seqs
         self.deadline = deadline  # on time.monotonic() (the event loop's clock), or None
         self.outcome: Outcome | None = None
+        self.abandoned = asyncio.Event()  # set by `too_slow`
+
+    def too_slow(self) -> None:
+        """The engine dropped the request because its client stopped reading its stream:
+        it is `aborted` now, and its response should hang up (`abandoned`)."""
+        self.end(Outcome.ABORTED)
+        self.abandoned.set()
 
     def on_started(self, num_seqs: int) -> Callable[[], None]:
         """A callback that leaves the waiting queue for `num_seqs` sequences (once)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,9 +21,13 @@ from flatout.engine.messages import TokenLogprobs
 from flatout.engine.outputs import OutputAccumulator, RequestOutput
 from flatout.server.admission import ClientDisconnected, Outcome, Ticket
 from flatout.server.errors import OpenAIError, to_openai_error
+from flatout.server.logs import RateLimitedLog
 from flatout.server.state import ServerState
 
 T = TypeVar("T")
+_dropped_log = RateLimitedLog(logging.getLogger(__name__))
+# the scope extension (connections.py) that drops a response's connection without flushing it
+ABORT_CONNECTION = "flatout.abort_connection"
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 
 
@@ -113,16 +118,18 @@ async def merge(gens: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
             async for item in g:
                 yield 0, item
         return
-    queue: asyncio.Queue[tuple[int, T | None, BaseException | None]] = asyncio.Queue()
+    # bounded: what the consumer has not taken waits in each iterator (the engine client's
+    # queue, where a backlog is measured and bounded), not here
+    queue: asyncio.Queue[tuple[int, T | None, BaseException | None]] = asyncio.Queue(len(gens))
 
     async def pump(i: int, gen: AsyncIterator[T]) -> None:
         try:
             async with aclosing(gen) as g:  # type: ignore[type-var]
                 async for item in g:
-                    queue.put_nowait((i, item, None))
-            queue.put_nowait((i, None, None))
+                    await queue.put((i, item, None))
+            await queue.put((i, None, None))
         except Exception as e:
-            queue.put_nowait((i, None, e))
+            await queue.put((i, None, e))
 
     tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
     try:
@@ -171,8 +178,11 @@ class RequestProgress:
     """The deltas of one API request's engine requests (`n` samples each) so far: joined per
     engine request, and observed for the metrics; `finish` once at the end."""
 
-    def __init__(self, state: ServerState, num_requests: int, n: int, arrival: float) -> None:
-        self.requests = [OutputAccumulator(n) for _ in range(num_requests)]
+    def __init__(self, state: ServerState, num_requests: int, n: int, arrival: float, *,
+                 keep_outputs: bool = True) -> None:
+        """`keep_outputs=False` (a stream, which has sent them): keep only the counts."""
+        self.requests = [OutputAccumulator(n, keep_outputs=keep_outputs)
+                         for _ in range(num_requests)]
         self.trackers = [state.metrics.track(arrival) for _ in range(num_requests)]
 
     def add(self, i: int, delta: RequestOutput) -> None:
@@ -224,13 +234,24 @@ class EventStream(StreamingResponse):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         body = asyncio.ensure_future(self.stream_response(send))
         gone = asyncio.ensure_future(_wait_for_disconnect(receive))
+        dropped = asyncio.ensure_future(self.ticket.abandoned.wait())
         outcome = Outcome.ERROR  # if cancelled from outside: the server cut the stream
         try:
-            await asyncio.wait({body, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({body, gone, dropped}, return_when=asyncio.FIRST_COMPLETED)
             outcome = Outcome.ABORTED  # unless the body ended and recorded its own outcome
+            if dropped.done() and not body.done():
+                _dropped_log.warning("dropped", "dropped a stream whose client stopped reading "
+                                     "(more than --max-stream-backlog-bytes behind); its "
+                                     "request is aborted")
+                # the client stopped reading (its socket is full): drop the connection, what
+                # waits in its buffers included; a graceful close would wait for the client
+                abort = scope.get("extensions", {}).get(ABORT_CONNECTION)
+                if abort is not None:
+                    abort()
+                    await asyncio.wait({gone}, timeout=1.0)
         finally:
-            for task in (body, gone):
+            for task in (body, gone, dropped):
                 task.cancel()
-            await asyncio.gather(body, gone, return_exceptions=True)
+            await asyncio.gather(body, gone, dropped, return_exceptions=True)
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
             self.ticket.end(outcome)

@@ -11,6 +11,7 @@ short.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -99,8 +100,14 @@ def run_serve(ns: argparse.Namespace) -> int:
         from flatout.server.chat import load_template_override
 
         load_template_override(ns.chat_template)  # a bad file fails before the model loads
+    from flatout.server.connections import ConnectionLimits, raise_open_file_limit
+
+    limits = ConnectionLimits(  # checked before the model loads
+        timeout_keep_alive=ns.timeout_keep_alive, timeout_request_header=ns.timeout_request_header,
+        timeout_request_body=ns.timeout_request_body, limit_concurrency=ns.limit_concurrency)
+    raise_open_file_limit()
     sock = bind_socket(ns.host, ns.port)
-    client = AsyncEngineClient(args)
+    client = AsyncEngineClient(args, max_backlog_bytes=ns.max_stream_backlog_bytes)
     previous = signal.signal(signal.SIGTERM, _interrupted)
     try:
         client.start()
@@ -116,19 +123,27 @@ def run_serve(ns: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     try:
-        return _serve(ns, client, sock, start)
+        return _serve(ns, client, sock, start, limits)
     finally:
         client.shutdown()  # no-op when the server's shutdown has stopped it
         sock.close()
 
 
-def _serve(ns: argparse.Namespace, client: Any, sock: socket.socket, start: float) -> int:
+def _serve(ns: argparse.Namespace, client: Any, sock: socket.socket, start: float,
+           limits: Any) -> int:
     import uvicorn
 
     from flatout.server.admission import Admission
     from flatout.server.app import build_app
     from flatout.server.chat import ChatRenderer, resolve_chat_template
+    from flatout.server.connections import (
+        ConcurrencyLimit,
+        ConnectionCount,
+        default_limit_concurrency,
+        h11_protocol,
+    )
     from flatout.server.limits import max_prompt_chars
+    from flatout.server.logs import RateLimitFilter
     from flatout.server.metrics import ServerMetrics
     from flatout.server.reasoning import choose_reasoning_parser
     from flatout.server.state import ServerState
@@ -170,12 +185,21 @@ def _serve(ns: argparse.Namespace, client: Any, sock: socket.socket, start: floa
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def on_ready() -> None:
+        # what startup built (tokenizer, app, libraries) lives as long as the process: keep it
+        # out of the collector's full passes, which would otherwise scan it all and stall the
+        # event loop for a large fraction of a second under a burst of connections
+        gc.freeze()
         print("\n".join(banner_lines(state, url, time.monotonic() - start)), flush=True)
 
     app = build_app(state, supervisor, on_ready=on_ready,
                     max_body_bytes=ns.max_request_body_bytes, allowed_hosts=ns.allowed_hosts)
-    config = uvicorn.Config(app, log_level=ns.uvicorn_log_level, access_log=False,
-                            timeout_graceful_shutdown=5)
+    count = ConnectionCount()
+    max_connections = limits.limit_concurrency or default_limit_concurrency()
+    config = uvicorn.Config(ConcurrencyLimit(app, max_connections, count),
+                            http=h11_protocol(limits, count), log_level=ns.uvicorn_log_level,
+                            access_log=False, timeout_graceful_shutdown=5,
+                            timeout_keep_alive=limits.timeout_keep_alive)
+    logging.getLogger("uvicorn.error").addFilter(RateLimitFilter())  # per-event lines
     FlatoutServer(config, supervisor).run(sockets=[sock])
     return supervisor.exit_code
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from flatout.engine.messages import MultiModalItem
 from flatout.engine.outputs import CompletionOutput, OutputAccumulator
@@ -156,7 +156,9 @@ async def create_chat_completion(
     async def respond() -> Response:
         finals = await unless_disconnected(
             raw, collect(state, _generators(state, p, ticket), p.params.n, arrival))
-        return JSONResponse(_response(state, req, p, finals[0]))
+        top = 1 + p.top_logprobs if req.logprobs else 0
+        return await state.responses.json(lambda: _response(state, req, p, finals[0]),
+                                          entries=sum(finals[0].num_tokens()) * (1 + top))
 
     return await ticket.settle(respond())
 
@@ -165,7 +167,7 @@ def _generators(state: ServerState, p: _Prepared, ticket: Ticket) -> Generators:
     return lambda: [state.client.generate(p.request_id, p.prompt_token_ids, p.params,
                                           deadline=ticket.deadline,
                                           on_started=ticket.on_started(p.params.n),
-                                          mm_items=p.mm_items)]
+                                          mm_items=p.mm_items, on_too_slow=ticket.too_slow)]
 
 
 def _reasoning_stream(state: ServerState, p: _Prepared) -> ReasoningStream | None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from flatout.engine.outputs import CompletionOutput, OutputAccumulator
 from flatout.sampling_params import SamplingParams
@@ -89,7 +89,10 @@ async def create_completion(
     async def respond() -> Response:
         finals = await unless_disconnected(
             raw, collect(state, _generators(state, p, ticket), n, arrival))
-        return JSONResponse(_response(state, req, p, finals))
+        top = 1 + req.logprobs if req.logprobs is not None else 0
+        tokens = sum(sum(r.num_tokens()) for r in finals)
+        return await state.responses.json(lambda: _response(state, req, p, finals),
+                                          entries=tokens * (1 + top))
 
     return await ticket.settle(respond())
 
@@ -98,7 +101,7 @@ def _generators(state: ServerState, p: _Prepared, ticket: Ticket) -> Generators:
     n = p.params.n
     return lambda: [
         state.client.generate(p.engine_id(i), ids, p.params, deadline=ticket.deadline,
-                              on_started=ticket.on_started(n))
+                              on_started=ticket.on_started(n), on_too_slow=ticket.too_slow)
         for i, ids in enumerate(p.prompts)
     ]
 

@@ -15,6 +15,7 @@ from flatout.engine.messages import CoreReady
 from flatout.server.admission import Admission
 from flatout.server.chat import ChatRenderer
 from flatout.server.errors import OpenAIError
+from flatout.server.large_json import ResponseBuilder
 from flatout.server.media import MediaPolicy
 from flatout.server.metrics import ServerMetrics
 from flatout.server.reasoning import ReasoningParser
@@ -45,6 +46,8 @@ class ServerState:
     _prepare_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="flatout-prepare"),
         repr=False)
+    # builds non-streamed responses, the large ones off the event loop (large_json.py)
+    responses: ResponseBuilder = field(default_factory=ResponseBuilder, repr=False)
 
     @property
     def model_name(self) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from flatout.engine.messages import ConsumerTooSlowError
 from flatout.engine.outputs import CompletionOutput
 from flatout.server.admission import Outcome, Ticket
 from flatout.server.responses import (
@@ -47,7 +48,7 @@ async def stream_events(
     if include_usage:
         base = {**base, "usage": None}
     gens = generators()  # nothing runs until the merge below iterates them
-    progress = RequestProgress(state, len(gens), n, arrival)
+    progress = RequestProgress(state, len(gens), n, arrival, keep_outputs=False)
     try:
         for first in opening or []:
             yield sse({**base, "choices": [first]})
@@ -79,6 +80,8 @@ async def stream_events(
             yield sse({**base, "choices": [], "usage": usage(progress.requests)})
         ticket.end(Outcome.COMPLETED)
         yield SSE_DONE
+    except ConsumerTooSlowError:
+        return  # the client stopped reading: already counted aborted, its connection dropped
     except Exception as e:  # the engine died or refused the request, a timeout
         ticket.end(Outcome.ERROR)
         yield sse_error(e)

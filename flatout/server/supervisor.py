@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import deque
 from types import FrameType
@@ -27,6 +28,7 @@ import uvicorn
 
 from flatout.engine.messages import EngineDeadError
 from flatout.server.errors import OpenAIError
+from flatout.server.logs import install_loop_exception_handler
 from flatout.server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -183,6 +185,10 @@ class FlatoutServer(uvicorn.Server):
         super().__init__(config)
         self.supervisor = supervisor
         supervisor.server = self
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        install_loop_exception_handler(asyncio.get_running_loop())  # e.g. accept() at the fd limit
+        await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.supervisor.on_signal(sig)

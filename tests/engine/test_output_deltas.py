@@ -37,8 +37,12 @@ def test_each_delta_holds_only_its_step(tok: Any) -> None:
         (o,) = delta.outputs
         assert o.token_ids == [token] and len(o.logprobs or []) <= 1 + step
         assert len(o.text) <= len(tok.decode([token])) + 8  # a step's text, not the output's
+        # what went out in a delta is not kept: the processor holds only unsettled logprobs
+        if not last:
+            assert len(proc.requests["r"].samples[0].logprobs or []) <= 4
         acc.add(delta)
     whole = acc.result()
+    assert "r" not in proc.requests
     assert whole.finished and whole.text == tok.decode(ids)
     assert whole.token_ids == ids and len(whole.outputs[0].logprobs or []) == len(ids)
     assert "".join(lp.text or "" for lp in whole.outputs[0].logprobs or []) == whole.text

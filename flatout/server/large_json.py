@@ -1,0 +1,103 @@
+"""Non-streamed responses whose size grows with the request (n x max_tokens x top_logprobs can
+make hundreds of MB of JSON) are built, encoded and written without one long step of the event
+loop, so that /health and every stream keep being served meanwhile:
+
+- built and encoded in a thread of their own (one, so that at most one such job competes with
+  the event loop for the GIL);
+- encoded piece by piece: the C encoder holds the GIL for the whole of one `json.dumps` call, so
+  the members of the top two levels (the response object, its `choices`) are encoded one at a
+  time and the GIL changes hands between them;
+- written in pieces of about 1 MiB (with a Content-Length), each `send` waiting for the socket
+  to drain, instead of one write that the event loop would copy and buffer whole.
+
+The bytes equal JSONResponse's (compact separators, UTF-8, NaN refused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from starlette.responses import JSONResponse, Response
+
+OFFLOAD_ENTRIES = 4096  # generated tokens x (1 + top logprobs) above which a response moves off
+PIECE_BYTES = 1 << 20
+
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+def encode_pieces(obj: Any, piece_bytes: int = PIECE_BYTES) -> list[bytes]:
+    """`obj` as JSON (as JSONResponse encodes it), in UTF-8 pieces of about `piece_bytes`."""
+    parts: list[str] = []
+    _encode_into(obj, parts, depth=0)
+    pieces: list[bytes] = []
+    buf: list[str] = []
+    size = 0
+    for part in parts:
+        buf.append(part)
+        size += len(part)
+        if size >= piece_bytes:
+            pieces.append("".join(buf).encode())
+            buf, size = [], 0
+    if buf or not pieces:
+        pieces.append("".join(buf).encode())
+    return pieces
+
+
+def _encode_into(obj: Any, parts: list[str], depth: int) -> None:
+    if depth < 2 and isinstance(obj, dict) and obj:
+        opening = "{"
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise TypeError(f"JSON object keys must be strings, got {type(key).__name__}")
+            parts.append(opening + _encode(key) + ":")
+            _encode_into(value, parts, depth + 1)
+            opening = ","
+        parts.append("}")
+    elif depth < 2 and isinstance(obj, list) and obj:
+        opening = "["
+        for item in obj:
+            parts.append(opening)
+            _encode_into(item, parts, depth + 1)
+            opening = ","
+        parts.append("]")
+    else:
+        parts.append(_encode(obj))
+
+
+class PiecewiseJSONResponse(Response):
+    """A JSON body already encoded in pieces, sent one piece per ASGI message."""
+
+    media_type = "application/json"
+
+    def __init__(self, pieces: list[bytes], status_code: int = 200) -> None:
+        self.pieces = pieces
+        length = sum(len(p) for p in pieces)
+        super().__init__(status_code=status_code, headers={"content-length": str(length)})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        last = len(self.pieces) - 1
+        for i, piece in enumerate(self.pieces):
+            await send({"type": "http.response.body", "body": piece, "more_body": i < last})
+
+
+class ResponseBuilder:
+    """Builds JSON responses: small ones inline, large ones (`entries` > OFFLOAD_ENTRIES) in
+    its thread."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="flatout-respond")
+
+    async def json(self, build: Callable[[], dict[str, Any]], entries: int) -> Response:
+        """The response `build()` makes; `entries`: its generated tokens x (1 + top
+        logprobs), what its building and encoding cost grows with."""
+        if entries <= OFFLOAD_ENTRIES:
+            return JSONResponse(build())
+        pieces = await asyncio.get_running_loop().run_in_executor(
+            self._pool, lambda: encode_pieces(build()))
+        return PiecewiseJSONResponse(pieces)
