@@ -42,6 +42,7 @@ from flatout.engine.messages import (
 )
 from flatout.engine.output_processor import OutputProcessor
 from flatout.engine.outputs import RequestOutput
+from flatout.engine.reasoning_split import ReasoningTokens
 from flatout.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -170,13 +171,15 @@ class AsyncEngineClient:
         self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
         deadline: float | None = None, on_started: Callable[[], None] | None = None,
         mm_items: list[MultiModalItem] | None = None,
+        reasoning: ReasoningTokens | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's delta (flatout/engine/outputs.py) after every step that advanced it,
         the last one with finished=True. Validation errors (RequestError) raise before anything
         is queued. Closing or cancelling the consumer (a client that went away) aborts the
         request in the core. `deadline` (event-loop time) raises RequestTimeoutError when passed;
         `on_started` is called once: at the first output, or at the end if none came.
-        `mm_items`: the prompt's images (InputProcessor.expand_images made prompt and items)."""
+        `mm_items`: the prompt's images (InputProcessor.expand_images made prompt and items).
+        `reasoning`: the reasoning tags' ids, to split the deltas' reasoning from the answer."""
         if self.dead is not None:
             raise EngineDeadError(self.dead)
         text, ids = self.inputs.encode(prompt)
@@ -185,7 +188,7 @@ class AsyncEngineClient:
             raise ValueError(f"request id {request_id!r} is already in use")
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self.queues[request_id] = queue
-        self.outputs.add_request(request_id, text, ids, params)
+        self.outputs.add_request(request_id, text, ids, params, reasoning)
         timer = None
         if deadline is not None:
             timer = asyncio.get_running_loop().call_at(
