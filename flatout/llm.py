@@ -35,6 +35,19 @@ class LLM:
         self.engine = LLMEngine(EngineArgs(model=model, **engine_args))
         self._ids = itertools.count()
 
+    def shutdown(self) -> None:
+        """Release the engine: stop its tensor-parallel worker processes, leave their process
+        group, free the model and the KV cache (idempotent). Another `LLM` can then start in
+        this process, with any tensor_parallel_size. Deleting the last reference to an `LLM`,
+        leaving a `with LLM(...) as llm:` block and interpreter exit do the same."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 

@@ -91,13 +91,15 @@ def control_group() -> dist.ProcessGroup:
 
 
 def destroy_distributed() -> None:
-    """Leave the process group and become a group of one again (idempotent)."""
+    """Leave the process group and become a group of one again (idempotent).
+
+    Every process group goes, NCCL's too, so that the same process can join another group
+    later (engines one after another in a notebook or a sweep). Rank 0 calls this only once its
+    workers have left their loop, so no collective is in flight on any rank."""
     _state.symmetric = None  # its buffers go with their tensors
-    if dist.is_initialized() and dist.get_backend() != "nccl":
-        dist.destroy_process_group()
-    # NCCL's teardown waits on peers that have usually exited by now and can hang; the group
-    # is left to end with the process (so one process hosts one NCCL group in its lifetime)
     _state.rank, _state.size, _state.control_group = 0, 1, None
+    if dist.is_initialized():
+        dist.destroy_process_group()  # all groups, the control group and the TCP store with it
 
 
 def env_rendezvous() -> tuple[str, int | None]:

@@ -50,6 +50,7 @@ from flatout.engine.messages import (
 )
 from flatout.engine.output_processor import OutputProcessor
 from flatout.engine.outputs import RequestOutput
+from flatout.engine.reasoning_split import ReasoningTokens
 from flatout.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -247,6 +248,7 @@ class AsyncEngineClient:
         deadline: float | None = None, on_started: Callable[[], None] | None = None,
         mm_items: list[MultiModalItem] | None = None,
         on_too_slow: Callable[[], None] | None = None,
+        reasoning: ReasoningTokens | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's delta (flatout/engine/outputs.py) after every step that advanced it,
         the last one with finished=True. Validation errors (RequestError) raise before anything
@@ -256,7 +258,8 @@ class AsyncEngineClient:
         `mm_items`: the prompt's images (InputProcessor.expand_images made prompt and items).
         `on_too_slow` is called (from the event loop, at once) if the request is aborted because
         its outputs were not taken (the module docstring's backlog); the iteration then raises
-        ConsumerTooSlowError when resumed."""
+        ConsumerTooSlowError when resumed.
+        `reasoning`: the reasoning tags' ids, to split the deltas' reasoning from the answer."""
         problem = self.problem()
         if problem is not None:
             raise EngineDeadError(problem)
@@ -268,7 +271,7 @@ class AsyncEngineClient:
         self.queues[request_id] = queue
         if on_too_slow is not None:
             self._on_too_slow[request_id] = on_too_slow
-        self.outputs.add_request(request_id, text, ids, params)
+        self.outputs.add_request(request_id, text, ids, params, reasoning)
         timer = None
         if deadline is not None:
             timer = asyncio.get_running_loop().call_at(

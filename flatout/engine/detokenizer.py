@@ -71,6 +71,18 @@ class IncrementalDetokenizer:
         self.token_texts.append("")
         return self._emit(final=False, check_stop=check_stop)
 
+    def add_marker(self, token_id: int) -> int:
+        """Append a generated token that adds no text and that text never spans: a single-token
+        reasoning tag, where the output is split by id. What was held back before it is
+        flushed first (an incomplete character as U+FFFD: no byte after the tag completes it),
+        and decoding starts afresh after it. Returns the length of the text before it."""
+        self.flush()
+        self.tokens.append(token_id)
+        self.token_texts.append("")
+        # the tag stays in the window as context (its decode is in both halves of the diff)
+        self.prefix_offset, self.read_offset = len(self.tokens) - 1, len(self.tokens)
+        return len(self.text)
+
     def flush(self) -> str:
         """At the end of the sequence: emit the held-back tokens' text even if it ends in an
         incomplete character (rendered U+FFFD, as `tokenizer.decode` does) and return it. Nothing

@@ -11,9 +11,11 @@ in messages.py.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import logging
 import time
+import weakref
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 
@@ -48,7 +50,7 @@ from flatout.models.glm4v import mrope_positions
 from flatout.models.registry import TORCH_DTYPES, resolve_model
 from flatout.worker.kv_cache import kv_cache_dtype
 from flatout.worker.model_runner import LaunchedStep, ModelRunner
-from flatout.worker.parallel import TensorParallelGroup, resolve_device
+from flatout.worker.parallel import TensorParallelGroup, ensure_no_live_group, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,13 @@ def check_stop(seq: Sequence, token: int, max_model_len: int) -> FinishReason | 
     return None
 
 
+def _release(tp_group: TensorParallelGroup | None, grammars: GrammarCompiler) -> None:
+    """Stop what a core leaves running besides itself (so it holds no reference to the core)."""
+    grammars.shutdown()
+    if tp_group is not None:
+        tp_group.shutdown()
+
+
 class EngineCore:
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
@@ -142,6 +151,7 @@ class EngineCore:
         # tensor parallel: this process is rank 0; the group starts the other ranks first, and
         # the layers read their rank when the runner builds the model
         self.tp_group: TensorParallelGroup | None = None
+        ensure_no_live_group(config.parallel.tensor_parallel_size)
         if config.parallel.tensor_parallel_size > 1:
             self.tp_group = TensorParallelGroup(config, self.device)
             self.device = self.tp_group.device
@@ -153,6 +163,7 @@ class EngineCore:
             raise
         if self.tp_group is not None:
             self.tp_group.stop_workers = self.runner.shutdown
+        self.closed = False
         self.load_seconds = time.monotonic() - start
         # the cache as planned by the runner
         self.cache_config = dataclasses.replace(config.cache, num_blocks=self.runner.num_blocks)
@@ -175,17 +186,33 @@ class EngineCore:
         self._compiling: dict[str, tuple[EngineCoreRequest, Future]] = {}
         self._seq_grammars: dict[int, SequenceGrammar] = {}
         self._rejected: list[tuple[str, GrammarError]] = []
+        # the group and the compiler's threads stop with this core: at shutdown(), when the
+        # core is garbage-collected (`del llm`) or at interpreter exit, whichever comes first
+        self._finalizer = weakref.finalize(self, _release, self.tp_group, self.grammars)
 
     def shutdown(self) -> None:
-        """Stop the other tensor-parallel ranks, if any (idempotent; also runs at exit)."""
-        self.grammars.shutdown()
-        if self.tp_group is not None:
-            self.tp_group.shutdown()
+        """Stop the other tensor-parallel ranks and leave their group, then release the model
+        and the KV cache, so that another engine can start in this process (idempotent). The
+        core takes no requests afterwards."""
+        if self.closed:
+            return
+        self.closed = True
+        self._finalizer()  # once
+        self._in_flight = None
+        del self.runner
+        if self.device.type == "cuda":  # the next engine plans its KV cache from free memory
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this engine has been shut down; create a new one")
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, req: EngineCoreRequest) -> None:
         """Queue a request; one with structured output waits (outside the scheduler) until its
         grammar is compiled, in the compiler's threads."""
+        self._check_open()
         if req.request_id in self.seqs or req.request_id in self._compiling:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         # a bad prompt fails here, before any grammar compiles for it
@@ -313,6 +340,7 @@ class EngineCore:
         N: step N+1's forward is launched first, then step N is read back, the matchers advance
         and the bitmask is filled (while the forward runs), and only then is step N+1's sampling
         launched. Steps without grammar rows launch forward and sampling together."""
+        self._check_open()
         self._admit_compiled()
         sched = self.scheduler.schedule()
         for seq in sched.preempted:

@@ -81,3 +81,8 @@ class LLMEngine:
         for request_id, index in to_abort:
             self.core.abort(request_id, index)
         return results
+
+    def shutdown(self) -> None:
+        """Stop the engine core (its tensor-parallel workers and process group) and release the
+        model and KV cache; idempotent."""
+        self.core.shutdown()

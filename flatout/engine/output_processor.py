@@ -12,7 +12,9 @@ A finished sequence's text is the decode of its generated tokens: bytes of an in
 character still held back at the end are flushed as U+FFFD. Each logprob carries the text its
 token added (`TokenLogprobs.text`), so the logprobs' texts join to the output's text; a logprob
 is reported once its text is settled (no longer held back), so the deltas of a stream join to
-the final output."""
+the final output. The same holds for the offline `LLM`, a streamed and a non-streamed response:
+they all come from here. A request given its reasoning tags' ids gets its reasoning apart from
+its answer (engine/reasoning_split.py)."""
 
 from __future__ import annotations
 
@@ -22,12 +24,15 @@ from typing import Any
 from flatout.engine.detokenizer import IncrementalDetokenizer
 from flatout.engine.messages import EngineCoreOutput, FinishReason, TokenLogprobs
 from flatout.engine.outputs import CompletionOutput, RequestOutput
+from flatout.engine.reasoning_split import ReasoningSplit, ReasoningTokens
 from flatout.sampling_params import SamplingParams
 
 
 @dataclass
 class _SampleState:
     detok: IncrementalDetokenizer
+    split: ReasoningSplit | None = None  # reasoning split from the answer by the tags' ids
+    num_sent_reasoning: int = 0  # of the split's reasoning, already in a delta
     logprobs: list[TokenLogprobs] | None = None  # raw, one per token not yet in a delta
     new_token_ids: list[int] = field(default_factory=list)  # since the last delta
     changed: bool = False  # has news for the next delta
@@ -46,12 +51,20 @@ class _SampleState:
             reason, stop_reason = FinishReason.STOP, self.detok.stopped_by
         self.finish_reason, self.stop_reason = reason, stop_reason
 
-    def new_text(self, done: bool) -> str:
-        """The visible text not yet in a delta."""
+    def new_text(self, done: bool) -> tuple[str | None, str]:
+        """(reasoning, text) visible and not yet in a delta; the reasoning is None unless the
+        output is split by the tags' ids and has reasoning, and then the text is the answer."""
         end = self.detok.visible_length(done)
-        text = self.detok.text[self.num_sent_chars : end]
-        self.num_sent_chars = max(end, self.num_sent_chars)
-        return text
+        if self.split is None:
+            text = self.detok.text[self.num_sent_chars : end]
+            self.num_sent_chars = max(end, self.num_sent_chars)
+            return None, text
+        reasoning, answer = self.split.views(self.detok.text, end, done)
+        new_reasoning = reasoning[self.num_sent_reasoning :]
+        new_answer = answer[self.num_sent_chars :]
+        self.num_sent_reasoning = max(len(reasoning), self.num_sent_reasoning)
+        self.num_sent_chars = max(len(answer), self.num_sent_chars)
+        return (new_reasoning if self.split.saw_reasoning else None), new_answer
 
     def new_logprobs(self, done: bool) -> list[TokenLogprobs] | None:
         """The logprobs whose token's text has settled in the visible text since the last delta,
@@ -104,8 +117,10 @@ class OutputProcessor:
 
     def add_request(
         self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-        params: SamplingParams,
+        params: SamplingParams, reasoning: ReasoningTokens | None = None,
     ) -> None:
+        """`reasoning`: split each sample's output into reasoning and answer where these tag
+        tokens are generated (the deltas' `reasoning` and `text`)."""
         samples = [
             _SampleState(
                 detok=IncrementalDetokenizer(
@@ -117,6 +132,7 @@ class OutputProcessor:
                     include_stop_str_in_output=params.include_stop_str_in_output,
                 ),
                 logprobs=[] if params.logprobs is not None else None,
+                split=ReasoningSplit(reasoning) if reasoning is not None else None,
             )
             for _ in range(params.n)
         ]
@@ -164,7 +180,12 @@ class OutputProcessor:
                 out.stop_reason is None or out.stop_reason == token
             ):
                 break  # the stop token itself is not part of the text
+            if s.split is not None and s.split.is_tag(token, s.detok.num_pending > 0):
+                s.split.tag(token, s.detok.add_marker(token))
+                continue
             s.detok.add_token(token, check_stop=True)
+            if s.split is not None:
+                s.split.text_added(s.detok.text)
             if s.detok.stopped_by is not None:
                 s.finish_reason, s.stop_reason = FinishReason.STOP, s.detok.stopped_by
                 return
@@ -189,10 +210,12 @@ class OutputProcessor:
             if not s.changed:
                 continue
             done = s.finish_reason is not None
+            reasoning, text = s.new_text(done)
             outs.append(
                 CompletionOutput(
                     index=i,
-                    text=s.new_text(done),
+                    text=text,
+                    reasoning=reasoning,
                     token_ids=s.new_token_ids,
                     finish_reason=str(s.finish_reason) if done else None,
                     stop_reason=s.stop_reason,

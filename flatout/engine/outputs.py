@@ -23,6 +23,9 @@ class CompletionOutput:
     stop_reason: int | str | None = None  # the stop token id or stop string, if one ended it
     logprobs: list[TokenLogprobs] | None = None
     cumulative_logprob: float | None = None  # over all the sample's tokens so far
+    # the reasoning (then `text` is the answer) where the output is split by the reasoning
+    # tags' token ids (engine/reasoning_split.py); None without a split or reasoning
+    reasoning: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -65,6 +68,7 @@ class _Sample:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     cumulative_logprob: float | None = None
+    reasoning: list[str] | None = None
 
 
 class OutputAccumulator:
@@ -88,6 +92,10 @@ class OutputAccumulator:
             if not self.keep_outputs:
                 continue
             s.texts.append(o.text)
+            if o.reasoning is not None:
+                if s.reasoning is None:
+                    s.reasoning = []
+                s.reasoning.append(o.reasoning)
             s.token_ids.extend(o.token_ids)
             if o.logprobs is not None:
                 if s.logprobs is None:
@@ -125,6 +133,7 @@ class OutputAccumulator:
                 finish_reason=s.finish_reason, stop_reason=s.stop_reason,
                 logprobs=list(s.logprobs) if s.logprobs is not None else None,
                 cumulative_logprob=s.cumulative_logprob,
+                reasoning="".join(s.reasoning) if s.reasoning is not None else None,
             )
             for i, s in enumerate(self._samples)
         ]

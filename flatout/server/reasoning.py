@@ -8,13 +8,18 @@ inside the reasoning.
 One state machine serves both the streaming and the whole-text case, so a streamed answer joins
 up to exactly the non-streamed one. A tag split over several deltas is held back until it is
 complete or ruled out; whitespace around the reasoning and at the start of the answer is dropped.
+This text matching is for tokenizers where a tag is several tokens; where both are single tokens
+the output is split by their ids instead, under the same rules (engine/reasoning_split.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import Any
+
+from flatout.engine.reasoning_split import ReasoningTokens
 
 PARSER_NAMES = ("auto", "glm45", "qwen3", "none")
 
@@ -71,7 +76,7 @@ class ReasoningStream:
         match self.state:
             case _State.BEFORE | _State.REASONING_START:
                 s = buf.lstrip()
-                if not s or self.start_tag.startswith(s):
+                if not s or (self.start_tag.startswith(s) and s != self.start_tag):
                     return False  # undecided: whitespace or a partial `<think>` so far
                 if s.startswith(self.start_tag):
                     self.buf = s[len(self.start_tag) :]
@@ -111,11 +116,22 @@ class ReasoningStream:
 @dataclass(frozen=True)
 class ReasoningParser:
     """Reasoning between `start_tag` and `end_tag`. The glm45 and qwen3 parsers share the
-    tags and the rules; both names exist so launch lines written for vLLM carry over."""
+    tags and the rules; both names exist so launch lines written for vLLM carry over.
+
+    With `tag_ids` (both tags single tokens of the vocabulary) the output processor splits the
+    output where those tokens are generated (flatout/engine/reasoning_split.py), whether or not
+    the tokenizer renders them in the text; otherwise the text is matched here."""
 
     name: str
     start_tag: str = "<think>"
     end_tag: str = "</think>"
+    tag_ids: tuple[int, int] | None = None  # (start, end) token ids
+
+    def reasoning_tokens(self, *, opened: bool) -> ReasoningTokens | None:
+        """What the output processor needs to split a request's output by id (None: by text)."""
+        if self.tag_ids is None:
+            return None
+        return ReasoningTokens(*self.tag_ids, opened=opened)
 
     def prompt_opens_reasoning(self, prompt: str) -> bool:
         """True when the template ended the prompt inside an open `<think>`."""
@@ -132,10 +148,28 @@ class ReasoningParser:
         reasoning = r1 + r2
         return (reasoning if s.saw_reasoning else None), c1 + c2
 
-    def tags_are_special(self, tokenizer: Any) -> bool:
-        """Whether decoding with skip_special_tokens would erase the tags from the text."""
-        special = set(getattr(tokenizer, "all_special_tokens", ()) or ())
-        return self.start_tag in special or self.end_tag in special
+
+
+def single_token_id(tokenizer: Any, text: str) -> int | None:
+    """The id of the one vocabulary token that is `text`, or None when it takes several."""
+    if tokenizer is None:
+        return None
+    try:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) == 1 and tokenizer.decode(ids, skip_special_tokens=False) == text:
+            return int(ids[0])
+    except (AttributeError, NotImplementedError, TypeError, ValueError):
+        pass
+    return None
+
+
+def with_tag_ids(parser: ReasoningParser, tokenizer: Any) -> ReasoningParser:
+    """`parser` splitting by id where both of its tags are single tokens of `tokenizer`."""
+    start = single_token_id(tokenizer, parser.start_tag)
+    end = single_token_id(tokenizer, parser.end_tag)
+    if start is None or end is None:
+        return parser
+    return dataclasses.replace(parser, tag_ids=(start, end))
 
 
 def choose_reasoning_parser(
@@ -149,7 +183,7 @@ def choose_reasoning_parser(
     if name == "none":
         return None
     if name != "auto":
-        return ReasoningParser(name)
+        return with_tag_ids(ReasoningParser(name), tokenizer)
     knows_think = "</think>" in (chat_template or "")
     if not knows_think and tokenizer is not None:
         try:
@@ -159,4 +193,4 @@ def choose_reasoning_parser(
     if not knows_think:
         return None
     family = "qwen3" if architecture.lower().startswith("qwen") else "glm45"
-    return ReasoningParser(family)
+    return with_tag_ids(ReasoningParser(family), tokenizer)

@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from flatout.engine.messages import MultiModalItem
 from flatout.engine.outputs import CompletionOutput, OutputAccumulator
+from flatout.engine.reasoning_split import ReasoningTokens
 from flatout.sampling_params import SamplingParams
 from flatout.server.admission import Ticket
 from flatout.server.errors import OpenAIError
@@ -56,6 +57,7 @@ class _Prepared:
     forced_tools: ForcedToolCalls | None = None  # tool_choice required / a named function
     images: list[ImageRef] = field(default_factory=list)  # image parts, in prompt order
     mm_items: list[MultiModalItem] = field(default_factory=list)  # once they are decoded
+    reasoning_tokens: ReasoningTokens | None = None  # the reasoning is split by the tags' ids
 
 
 def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
@@ -74,10 +76,6 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
     ids = state.renderer.encode(prompt)
     fields = chat_sampling_fields(req)
     parser = state.reasoning
-    if parser is not None and "skip_special_tokens" not in fields and parser.tags_are_special(
-        state.tokenizer
-    ):
-        fields["skip_special_tokens"] = False  # keep the tags in the text so they can be split
     opened = parser is not None and parser.prompt_opens_reasoning(prompt)
     so = one_of(fields.get("structured_outputs"),
                 forced.structured_outputs() if forced is not None else None)
@@ -87,8 +85,11 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
         fields["structured_outputs"] = so
     params = state.client.default_sampling_params(**fields)
     state.client.inputs.validate(ids, params)
+    # single-token tags are found by id, also where skip_special_tokens hides them from the text
+    by_id = parser.reasoning_tokens(opened=opened) if parser is not None else None
     return _Prepared(new_id("chatcmpl"), model, ids, params, opened, req.top_logprobs or 0,
-                     tool_parser, forced, [ImageRef(url, param) for url, param in urls])
+                     tool_parser, forced, [ImageRef(url, param) for url, param in urls],
+                     reasoning_tokens=by_id)
 
 
 def _reasoning_end_id(state: ServerState, field: str) -> int:
@@ -167,11 +168,15 @@ def _generators(state: ServerState, p: _Prepared, ticket: Ticket) -> Generators:
     return lambda: [state.client.generate(p.request_id, p.prompt_token_ids, p.params,
                                           deadline=ticket.deadline,
                                           on_started=ticket.on_started(p.params.n),
-                                          mm_items=p.mm_items, on_too_slow=ticket.too_slow)]
+                                          mm_items=p.mm_items, on_too_slow=ticket.too_slow,
+                                          reasoning=p.reasoning_tokens)]
 
 
 def _reasoning_stream(state: ServerState, p: _Prepared) -> ReasoningStream | None:
-    return state.reasoning.stream(opened=p.opened_reasoning) if state.reasoning else None
+    """The text parser, unless the output processor splits the reasoning by id."""
+    if state.reasoning is None or p.reasoning_tokens is not None:
+        return None
+    return state.reasoning.stream(opened=p.opened_reasoning)
 
 
 def _message(
@@ -179,7 +184,10 @@ def _message(
 ) -> dict[str, Any]:
     msg: dict[str, Any] = {"role": "assistant", "content": o.text}
     if state.reasoning is not None:
-        reasoning, content = state.reasoning.split(o.text, opened=p.opened_reasoning)
+        if p.reasoning_tokens is not None:  # split by id: o.text is the answer already
+            reasoning, content = o.reasoning, o.text
+        else:
+            reasoning, content = state.reasoning.split(o.text, opened=p.opened_reasoning)
         msg["content"] = content
         if req.return_reasoning:
             msg["reasoning_content"] = reasoning
@@ -235,7 +243,7 @@ class _ChatChoices:
     def render(self, k: int, o: CompletionOutput) -> tuple[dict[str, Any], bool]:
         finished = o.finish_reason is not None
         delta: dict[str, Any] = {}
-        reasoning, content = "", o.text
+        reasoning, content = o.reasoning or "", o.text  # split by id, or not split yet
         splitter = self.splitters[k]
         if splitter is not None:
             reasoning, content = splitter.feed(o.text)

@@ -125,7 +125,8 @@ class TensorParallelGroup:
         self.stopped = False
         # tells the other ranks to stop (rank 0's runner sends them the message), once it exists
         self.stop_workers: Callable[[], None] | None = None
-        atexit.register(self.shutdown)
+        atexit.register(self.shutdown)  # unregistered by shutdown: no reference outlives it
+        self._watchdog: threading.Thread | None = None
         try:
             self.device = rank_device(device, 0)
             distributed.init_distributed(0, tp, backend, addr, port)
@@ -134,7 +135,9 @@ class TensorParallelGroup:
             raise
         log.info("tensor parallel: %d ranks (%d on this node), %s on %s:%d", tp, self.local,
                  backend, addr, port)
-        threading.Thread(target=self._watch_workers, name="tp-watchdog", daemon=True).start()
+        self._watchdog = threading.Thread(target=self._watch_workers, name="tp-watchdog",
+                                          daemon=True)
+        self._watchdog.start()
 
     def _watch_workers(self) -> None:
         """A rank that dies leaves rank 0 blocked in a collective (NCCL waits for its peer until
@@ -158,24 +161,45 @@ class TensorParallelGroup:
         return spawn_worker(config, rank, world, local_rank, addr, port, os.getpid())
 
     def shutdown(self) -> None:
-        """Tell the workers to stop (`stop_workers`), reap them, leave the group."""
+        """Tell the workers to stop (`stop_workers`), reap them, leave the group (idempotent).
+
+        Afterwards this process is as before the group: no worker process, no process group
+        (its TCP store's port closed), no watchdog thread, its thread count restored, and
+        nothing registered at exit that would keep the runner (weights, KV cache) alive."""
         if self.stopped:
             return
         self.stopped = True
-        stop = self.stop_workers
+        stop, self.stop_workers = self.stop_workers, None
+        told = False
         if stop is not None:
             try:
                 stop()
+                told = True
             except Exception:  # noqa: BLE001 - the workers may be gone already
                 log.warning("could not tell the workers to stop", exc_info=True)
+        if told:  # every rank leaves the group at once (NCCL's teardown may wait for peers)
+            distributed.destroy_distributed()
         for p in self.procs:
             try:
-                p.wait(timeout=30 if stop is not None else 1)
+                p.wait(timeout=30 if told else 1)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        distributed.destroy_distributed()
+        distributed.destroy_distributed()  # after a failed start: once the workers are gone
         torch.set_num_threads(self._threads)
+        if self._watchdog is not None and self._watchdog is not threading.current_thread():
+            self._watchdog.join()
+        atexit.unregister(self.shutdown)
+
+
+def ensure_no_live_group(tp: int) -> None:
+    """Refuse to build an engine while another one's tensor-parallel group is alive in this
+    process: the layers read the group's rank and size, and a process joins one group at a time."""
+    if distributed.get_tp_size() > 1 or (tp > 1 and torch.distributed.is_initialized()):
+        raise RuntimeError(
+            "another engine's tensor-parallel group is still running in this process: shut it "
+            "down first (llm.shutdown(), `del llm` or `with LLM(...) as llm:`)"
+        )
 
 
 def spawn_worker(

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from flatout import LLM, SamplingParams
+from tests.helpers.processes import child_pids
 from tests.helpers.tiny_checkpoints import make_tiny_checkpoint
 
 pytestmark = [
@@ -198,3 +199,48 @@ def test_tp_on_gpus_matches_one_gpu(tmp_path: Path, arch: str) -> None:
             assert ids == want_ids, (tp, engine)
             for got, want in zip(lps, want_lps, strict=True):
                 assert got == pytest.approx(want, abs=1e-3), (tp, engine)
+
+
+def _sequential_engines(path: str, results: mp.Queue) -> None:
+    """TP 2 (fused all-reduce, CUDA graphs), deleted; TP 1; TP 2 again: in this one process."""
+    try:
+        import gc
+
+        import torch.distributed as dist
+
+        params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        prompts = [[5, 17, 42, 99, 7, 3], list(range(10, 310))]
+        outs, leftover = [], []
+        for tp in (2, 1, 2):
+            # the default gpu_memory_utilization: a leak would leave the next one no KV cache
+            llm = LLM(path, tensor_parallel_size=tp, max_model_len=512)
+            outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
+            del llm
+            gc.collect()
+            leftover.append(torch.cuda.memory_allocated())
+        results.put((outs, leftover, dist.is_initialized(), child_pids()))
+    except BaseException:  # noqa: BLE001 - reported to the test
+        results.put(traceback.format_exc())
+        raise
+
+
+def test_engines_one_after_another_in_one_process(tmp_path: Path) -> None:
+    """NCCL groups (and the symmetric-memory buffers) torn down and built again in the same
+    process: the same greedy tokens each time, the GPU memory given back in between."""
+    path = make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "llama", num_key_value_heads=2)
+    ctx = mp.get_context("spawn")
+    results: mp.Queue = ctx.Queue()
+    proc = ctx.Process(target=_sequential_engines, args=(str(path), results))
+    proc.start()
+    try:
+        got = results.get(timeout=400)
+    finally:
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+    assert not isinstance(got, str), got
+    outs, leftover, initialized, children = got
+    assert outs[1] == outs[0] and outs[2] == outs[0]
+    assert max(leftover) < 64 << 20, leftover  # weights, KV cache and graphs freed
+    assert not initialized and not children
+    assert proc.exitcode == 0

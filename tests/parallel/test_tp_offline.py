@@ -23,14 +23,17 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=
 SEEDED = SamplingParams(temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
 
 
-def _run(path: Path, tp: int, **engine: object) -> tuple[list, list, LLM]:
+def _run(path: Path, tp: int, **engine: object) -> tuple[list, list, LLM, list]:
+    """Greedy and seeded outputs, the (shut down) LLM and its attention layers."""
     llm = LLM(str(path), tensor_parallel_size=tp, **{**ENGINE, **engine})
     try:
         greedy = llm.generate(PROMPTS, GREEDY)
         seeded = llm.generate(PROMPTS[:2], SEEDED)
+        attn_layers = llm.engine.core.runner.attn_layers  # the runner goes with shutdown
     finally:
-        llm.engine.core.shutdown()
-    return [o.outputs[0] for o in greedy], [o.outputs[0].token_ids for o in seeded], llm
+        llm.shutdown()
+    return ([o.outputs[0] for o in greedy], [o.outputs[0].token_ids for o in seeded], llm,
+            attn_layers)
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
@@ -39,7 +42,7 @@ def reference(
 ) -> Iterator[tuple[Path, list, list]]:
     arch = request.param
     path = make_tiny_checkpoint(arch, tmp_path_factory.mktemp(arch.lower()))
-    greedy, seeded, _ = _run(path, 1)
+    greedy, seeded, _, _ = _run(path, 1)
     yield path, greedy, seeded
 
 
@@ -54,7 +57,7 @@ def _assert_same(got: list, want: list) -> None:
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tp_matches_one_rank(reference: tuple[Path, list, list], tp: int) -> None:
     path, greedy, seeded = reference
-    got_greedy, got_seeded, llm = _run(path, tp)
+    got_greedy, got_seeded, llm, _ = _run(path, tp)
     _assert_same(got_greedy, greedy)
     assert got_seeded == seeded  # only rank 0 samples, with the same generators
     procs = llm.engine.core.tp_group.procs
@@ -65,11 +68,11 @@ def test_tp_matches_one_rank(reference: tuple[Path, list, list], tp: int) -> Non
 def test_gqa_with_more_ranks_than_kv_heads(tmp_path: Path) -> None:
     """One KV head (GLM-4-9B has 2 over 32 heads): each rank holds a replica of it."""
     path = make_tiny_checkpoint("GlmForCausalLM", tmp_path / "mqa", num_key_value_heads=1)
-    want, _, _ = _run(path, 1)
+    want, _, _, _ = _run(path, 1)
     for tp in (2, 4):
-        got, _, llm = _run(path, tp)
+        got, _, _, attn_layers = _run(path, tp)
         _assert_same(got, want)
-        assert {a.num_kv_heads for a in llm.engine.core.runner.attn_layers} == {1}
+        assert {a.num_kv_heads for a in attn_layers} == {1}
 
 
 def test_preemption_and_prefix_cache_under_tp(tmp_path: Path) -> None:
@@ -118,7 +121,7 @@ def test_two_nodes_through_env_rendezvous(tmp_path: Path, monkeypatch: pytest.Mo
     import sys
 
     path = make_tiny_checkpoint("Glm4ForCausalLM", tmp_path / "g4")
-    want, _, _ = _run(path, 1)
+    want, _, _, _ = _run(path, 1)
     port = distributed.free_port()
     monkeypatch.setenv("FLATOUT_NNODES", "2")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
@@ -129,7 +132,7 @@ def test_two_nodes_through_env_rendezvous(tmp_path: Path, monkeypatch: pytest.Mo
          "--tensor-parallel-size", "4", "--max-model-len", "256"],
     )
     try:
-        got, _, llm = _run(path, 4)
+        got, _, llm, _ = _run(path, 4)
         assert len(llm.engine.core.tp_group.procs) == 1  # only rank 1 is local to the head
         assert node1.wait(timeout=30) == 0
     finally:
@@ -163,7 +166,7 @@ def test_tp_with_fp8_kv_cache_matches_one_rank(tmp_path: Path) -> None:
     """Each rank quantizes its own KV heads with the (replicated) per-layer scales: 2 ranks give
     one rank's fp8-cache output."""
     path = make_tiny_checkpoint("GlmForCausalLM", tmp_path / "glm")
-    one, _, _ = _run(path, 1, kv_cache_dtype="fp8")
-    two, _, llm = _run(path, 2, kv_cache_dtype="fp8")
-    assert llm.engine.core.runner.attn_layers[0].k_cache.dtype.itemsize == 1
+    one, _, _, _ = _run(path, 1, kv_cache_dtype="fp8")
+    two, _, _, attn_layers = _run(path, 2, kv_cache_dtype="fp8")
+    assert attn_layers[0].k_cache.dtype.itemsize == 1
     _assert_same(two, one)

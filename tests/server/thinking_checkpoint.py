@@ -40,11 +40,17 @@ def thinking_chain() -> list[int]:
     return chain
 
 
-def make_thinking_checkpoint(path: Path) -> Path:
+def make_thinking_checkpoint(path: Path, *, special_tags: bool = False) -> Path:
+    """`special_tags`: the tokenizer marks `<think>` and `</think>` special (same ids), so
+    decoding with skip_special_tokens erases them from the text."""
     src = Path(demo_model_path())
     path.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
         shutil.copyfile(src / name, path / name)
+    if special_tags:
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+        tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+        tok.save_pretrained(str(path))
     (path / "chat_template.jinja").write_text(GLM4_0414_CHAT_TEMPLATE, encoding="utf-8")
     weights = load_file(str(src / WEIGHTS_FILE))
     embed = weights["model.embed_tokens.weight"]
