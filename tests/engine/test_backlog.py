@@ -44,6 +44,7 @@ def _client(limit: int | None) -> tuple[AsyncEngineClient, list[object]]:
     client._send = sent.append  # type: ignore[method-assign]
     client.inputs = _Inputs()  # type: ignore[assignment]
     client.outputs = OutputProcessor(None)
+    client.problem = lambda: None  # type: ignore[method-assign]  # no core process: never dead
     return client, sent
 
 

@@ -16,7 +16,7 @@ import prometheus_client as prom
 import pytest
 
 from flatout.config import EngineArgs
-from flatout.engine.async_client import AsyncEngineClient, process_exiting
+from flatout.engine.async_client import AsyncEngineClient, OutputQueue, process_exiting
 from flatout.engine.messages import EngineDeadError
 from flatout.sampling_params import SamplingParams
 from flatout.server.admission import Admission
@@ -122,10 +122,10 @@ def test_requests_in_flight_hear_of_an_exiting_core_at_once() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         client.process = child  # type: ignore[assignment]  # pid is all notice_exit reads
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        queue = OutputQueue()
         client.queues["r"] = queue
         client.notice_exit()
-        assert client.dead is None and queue.empty()  # alive: nothing happens
+        assert client.dead is None and queue._items.empty()  # alive: nothing happens
         child.kill()
         deadline = time.monotonic() + 10
         while not process_exiting(child.pid):
@@ -133,6 +133,6 @@ def test_requests_in_flight_hear_of_an_exiting_core_at_once() -> None:
             time.sleep(0.01)
         client.notice_exit()  # the supervisor's tick; the pipe has not closed
         assert client.dead is not None and "exiting" in client.dead
-        assert isinstance(queue.get_nowait(), EngineDeadError)
+        assert isinstance(queue._items.get_nowait()[0], EngineDeadError)
     finally:
         child.wait()
