@@ -34,6 +34,11 @@ class GemvConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    # rows per program (0: all rows, padded, in one program); more rows than one program takes
+    # run as row blocks that share each weight tile through L2 (adjacent programs)
+    block_m: int = 0
+    # W8A8 FP8 only: multiply e4m3 x e4m3 on the tensor cores (else both convert to fp16, exact)
+    fp8_dot: bool = False
 
 
 # (N, K) -> tile shape, tuned on one H200 (benchmarks/results/gemv_h200.md); other shapes take
@@ -86,11 +91,12 @@ def _gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    QUANTIZE_X: tl.constexpr,
+    QUANTIZE_X: tl.constexpr, FP8_DOT: tl.constexpr, M_BLOCKS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    rows = tl.arange(0, BLOCK_M)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    # row blocks of one column block are adjacent programs: they read its weights once from HBM
+    rows = (pid % M_BLOCKS) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid // M_BLOCKS) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
     col_mask = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -117,12 +123,15 @@ def _gemv_kernel(
             x_ptr + rows[:, None] * stride_xm + ks[None, :],
             mask=row_mask[:, None] & k_mask[None, :], other=0.0,
         )
-        if QUANTIZE_X:  # x rounded to e4m3 (exact in bf16 and fp32, like the weights)
+        if QUANTIZE_X:  # x rounded to e4m3 (exact in fp16 and fp32, like the weights)
             xq = tl.clamp(x.to(tl.float32) / x_scale[:, None], -FP8_MAX, FP8_MAX)
             x = xq.to(tl.float8e4nv)
-        acc = tl.dot(
-            x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=PRECISION
-        )
+        if FP8_DOT:
+            acc = tl.dot(x, tl.trans(w), acc)
+        else:
+            acc = tl.dot(
+                x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=PRECISION
+            )
     if HAS_SCALE:  # W8A16: per-output-channel scale, applied once to the fp32 sums
         acc *= tl.load(s_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if QUANTIZE_X:
@@ -154,7 +163,8 @@ def gemv(
     config: GemvConfig | None = None,
     scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # x: [M, K], weight: [N, K] -> [M, N]
-    """x @ weight.T + bias for at most MAX_ROWS rows, fp32 accumulation, x's dtype out.
+    """x @ weight.T + bias, fp32 accumulation, x's dtype out: at most MAX_ROWS rows in one
+    program per column block, more only with a config that sets block_m.
 
     With `scale` ([N], fp32) the weight is int8 (W8A16): y = (x @ weight.T) * scale + bias; or
     float8_e4m3fn (W8A8 FP8): each row of x is quantized to e4m3 with its own scale in the
@@ -163,8 +173,9 @@ def gemv(
         raise ValueError(f"gemv needs x [M, K] and weight [N, K], got {x.shape}, {weight.shape}")
     m, k = x.shape
     n = weight.shape[0]
-    if m > MAX_ROWS:
-        raise ValueError(f"gemv takes at most {MAX_ROWS} rows, got {m}")
+    cfg = config or config_for(n, k, m, int8=scale is not None)
+    if m > MAX_ROWS and not cfg.block_m:
+        raise ValueError(f"gemv takes at most {MAX_ROWS} rows without a block_m, got {m}")
     if x.stride(1) != 1:
         x = x.contiguous()
     if weight.stride(1) != 1:
@@ -173,18 +184,22 @@ def gemv(
     if weight.dtype not in allowed:
         raise ValueError(f"gemv: a {weight.dtype} weight with {x.dtype} input needs "
                          "int8 / e4m3 weights with a scale, or weights of the input's dtype")
-    cfg = config or config_for(n, k, m, int8=scale is not None)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    grid = (triton.cdiv(n, cfg.block_n),)
+    fp8 = weight.dtype == torch.float8_e4m3fn
+    block_m = cfg.block_m or padded_rows(m)
+    m_blocks = triton.cdiv(m, block_m)
+    # e4m3 values (weights, quantized x) are exact in fp16, whose conversion from e4m3 is native
+    dtype = torch.float16 if fp8 and not INTERPRET else x.dtype
+    grid = (triton.cdiv(n, cfg.block_n) * m_blocks,)
     _gemv_kernel[grid](
         x, weight, scale if scale is not None else weight, bias if bias is not None else weight,
         y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_M=padded_rows(m),
-        QUANTIZE_X=weight.dtype == torch.float8_e4m3fn,
+        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        QUANTIZE_X=fp8, FP8_DOT=fp8 and cfg.fp8_dot and not INTERPRET, M_BLOCKS=m_blocks,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        DOT_DTYPE=dot_dtype(x.dtype), PRECISION=dot_precision(x.dtype),
+        DOT_DTYPE=dot_dtype(dtype), PRECISION=dot_precision(dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y

@@ -17,8 +17,9 @@ def flatout_logits(model: torch.nn.Module, prompts: list[torch.Tensor]) -> list[
     """All prompts in one forward without a KV cache; logits of every position, per prompt."""
     lens = [len(p) for p in prompts]
     ids = torch.cat(prompts)  # [T]
-    positions = torch.cat([torch.arange(n) for n in lens])  # [T]
-    with forward_context(AttentionMetadata.for_prefill_without_cache(lens)):
+    device = ids.device  # the metadata lives where the prompts (and the model) are
+    positions = torch.cat([torch.arange(n, device=device) for n in lens])  # [T]
+    with forward_context(AttentionMetadata.for_prefill_without_cache(lens, device=device)):
         hidden = model(ids, positions)  # [T, hidden]
     return list(model.compute_logits(hidden).split(lens))
 

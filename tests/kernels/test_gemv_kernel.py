@@ -98,3 +98,20 @@ def test_fp8_gemv_quantizes_rows_as_the_w8a8_reference(rows: int, bias: bool) ->
     # W8A8 is not W8A16: the dequantized-weight product differs by the activations' rounding
     w8a16 = reference.linear(x, q.float() * scale[:, None], b)
     assert not torch.allclose(got[:1], w8a16[:1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [65, 130])
+@pytest.mark.parametrize("weights", ["int8", "fp8", "bf16"])
+def test_row_blocked_gemv_matches_the_reference(rows: int, weights: str) -> None:
+    """More rows than one program takes: row blocks (block_m) over the same column blocks."""
+    w, x, b = randn(40, 96), randn(rows, 96), randn(40)
+    cfg = GemvConfig(16, 32, 1, 1, block_m=32)
+    if weights == "bf16":
+        torch.testing.assert_close(gemv(x, w, b, config=cfg), reference.linear(x, w, b),
+                                   atol=1e-4, rtol=1e-4)
+        return
+    quantize, ref = ((reference.quantize_int8, reference.linear_w8a16) if weights == "int8"
+                     else (reference.quantize_fp8, reference.linear_w8a8_fp8))
+    q, scale = quantize(w)
+    torch.testing.assert_close(gemv(x, q, b, config=cfg, scale=scale), ref(x, q, scale, b),
+                               atol=1e-3, rtol=1e-3)
