@@ -176,7 +176,7 @@ class MediaFetcher:
                         if not location:
                             raise _failed(f"{url_host(url)!r} answered a redirect without a "
                                           "Location", param)
-                        url = _parse(str(url.join(location)), param)
+                        url = _redirect_target(url, location, param)
                         continue
                     if response.status_code != 200:
                         raise _failed(f"{url_host(url)!r} answered HTTP "
@@ -226,6 +226,10 @@ class MediaFetcher:
                 return await client.send(request, stream=True)
             except httpx.TimeoutException:
                 raise _Timeout from None
+            except httpx.InvalidURL:  # httpx builds a redirect's next request even unasked
+                raise OpenAIError(f"{url_host(url)!r} redirected the image to a URL that "
+                                  "cannot be fetched", param=param,
+                                  code="image_url_not_allowed") from None
             except httpx.ConnectError as e:  # the next address may take it
                 error = e
             except httpx.HTTPError as e:
@@ -277,6 +281,15 @@ def _parse(url: str, param: str) -> httpx.URL:
         raise OpenAIError("image URLs with credentials (user:password@) are not fetched",
                           param=param, code="image_url_not_allowed")
     return parsed
+
+
+def _redirect_target(url: httpx.URL, location: str, param: str) -> httpx.URL:
+    try:
+        target = url.join(location)
+    except (httpx.InvalidURL, ValueError):
+        raise OpenAIError(f"{url_host(url)!r} redirected the image to an invalid URL",
+                          param=param, code="image_url_not_allowed") from None
+    return _parse(str(target), param)
 
 
 def _default_port(url: httpx.URL) -> int:
