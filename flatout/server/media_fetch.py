@@ -61,8 +61,11 @@ def parse_allowed_domains(entries: Sequence[str] | None) -> tuple[str, ...]:
         name = entry.strip().lower().rstrip(".")
         if name.startswith("[") and name.endswith("]"):
             name = name[1:-1]
-        if name == "*" or _is_address(name):
+        if name == "*":
             out.append(name)
+            continue
+        if _is_address(name):
+            out.append(str(ipaddress.ip_address(name)))  # one spelling: ::0001 is ::1
             continue
         suffix = "." if name.startswith(".") else ""
         host = _ascii_host(name[len(suffix):])
@@ -90,8 +93,9 @@ def _ascii_host(name: str) -> str | None:
 
 def url_host(url: httpx.URL) -> str:
     """The host of a URL as the allowed domains are matched against it: ASCII (IDNA), lower
-    case, without a trailing dot, an IPv6 address without brackets."""
-    return url.raw_host.decode("ascii").lower().rstrip(".")
+    case, without a trailing dot, an address in its one spelling (IPv6 without brackets)."""
+    host = url.raw_host.decode("ascii").lower().rstrip(".")
+    return str(ipaddress.ip_address(host)) if _is_address(host) else host
 
 
 def _is_address(host: str) -> bool:

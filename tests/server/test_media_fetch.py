@@ -33,6 +33,7 @@ from flatout.server.media_fetch import (
     MediaFetcher,
     is_public_address,
     parse_allowed_domains,
+    url_host,
 )
 from tests.server.image_host import ImageHost, wait_until
 from tests.server.server_process import ServerProcess
@@ -98,8 +99,10 @@ def local(**kw) -> MediaFetcher:  # noqa: ANN003
 def test_allowed_domains_are_normalized_and_checked() -> None:
     assert parse_allowed_domains(None) == ()
     assert parse_allowed_domains(["Images.Example.COM.", ".cdn.example.com", "*", "[::1]",
-                                  "127.0.0.1", "bücher.de", "images.example.com"]) == (
-        "images.example.com", ".cdn.example.com", "*", "::1", "127.0.0.1", "xn--bcher-kva.de")
+                                  "127.0.0.1", "bücher.de", "images.example.com", "::0001",
+                                  "FE80::A"]) == (
+        "images.example.com", ".cdn.example.com", "*", "::1", "127.0.0.1", "xn--bcher-kva.de",
+        "fe80::a")
     for bad in ["http://example.com", "example.com:8080", "example.com/images", "a..b", "",
                 "user@example.com", "exa mple.com"]:
         with pytest.raises(ValueError, match="--allowed-media-domains"):
@@ -158,6 +161,12 @@ def test_png_and_jpeg_are_fetched_from_an_address_listed_exactly(host: ImageHost
     assert fetch(f, host.url("/shot.png")) == PNG
     assert fetch(f, host.url("/shot.jpg")) == JPEG
     assert host.requests[-1] == ("/shot.jpg", f"127.0.0.1:{host.port}")
+
+def test_an_address_matches_in_any_spelling() -> None:
+    f = MediaFetcher(parse_allowed_domains(["[0:0::1]", "127.0.0.1"]))
+    for url in ("http://[::0001]/x.png", "http://[0::1]:8080/x.png", "http://127.0.0.1./x"):
+        assert f.host_allowed(url_host(httpx.URL(url))) == (True, True), url
+    assert f.host_allowed(url_host(httpx.URL("http://[::2]/x.png"))) == (False, False)
 
 
 def test_non_public_addresses_need_the_exact_name(host: ImageHost) -> None:
