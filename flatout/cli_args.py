@@ -115,9 +115,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    "may resolve to a loopback, private or link-local address; redirects are "
                    "followed to allowed hosts only (default: none, nothing is fetched)")
     m.add_argument("--media-fetch-timeout", type=_seconds, default=DEFAULT_MEDIA_FETCH_TIMEOUT,
+                   metavar="SECONDS",
                    help="seconds one image fetch may take in all, redirects included "
                    f"(default {DEFAULT_MEDIA_FETCH_TIMEOUT:g})")
     m.add_argument("--max-media-fetch-bytes", type=int, default=DEFAULT_MAX_MEDIA_FETCH_BYTES,
+                   metavar="BYTES",
                    help="largest fetched image in bytes; a larger one is abandoned as soon as "
                    f"it passes the limit (default {DEFAULT_MAX_MEDIA_FETCH_BYTES})")
     m.add_argument("--limit-mm-per-prompt", default=None, metavar="JSON",
