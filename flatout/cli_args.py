@@ -17,7 +17,13 @@ from flatout.config import (
     add_engine_args,
     engine_args_from,
 )
-from flatout.server.defaults import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_STREAM_BACKLOG, FD_RESERVE
+from flatout.server.defaults import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_MEDIA_FETCH_BYTES,
+    DEFAULT_MAX_STREAM_BACKLOG,
+    DEFAULT_MEDIA_FETCH_TIMEOUT,
+    FD_RESERVE,
+)
 from flatout.server.reasoning import PARSER_NAMES
 from flatout.server.tool_parsers import PARSERS as TOOL_PARSERS
 
@@ -103,6 +109,19 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("images (vision models)")
     m.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="allow image_url parts naming local files under DIR (default: none)")
+    m.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="HOST",
+                   help="fetch http(s) image URLs from these hosts ('.example.com' includes "
+                   "subdomains, '*' any host); only a host listed by its exact name or address "
+                   "may resolve to a loopback, private or link-local address; redirects are "
+                   "followed to allowed hosts only (default: none, nothing is fetched)")
+    m.add_argument("--media-fetch-timeout", type=_seconds, default=DEFAULT_MEDIA_FETCH_TIMEOUT,
+                   metavar="SECONDS",
+                   help="seconds one image fetch may take in all, redirects included "
+                   f"(default {DEFAULT_MEDIA_FETCH_TIMEOUT:g})")
+    m.add_argument("--max-media-fetch-bytes", type=int, default=DEFAULT_MAX_MEDIA_FETCH_BYTES,
+                   metavar="BYTES",
+                   help="largest fetched image in bytes; a larger one is abandoned as soon as "
+                   f"it passes the limit (default {DEFAULT_MAX_MEDIA_FETCH_BYTES})")
     m.add_argument("--limit-mm-per-prompt", default=None, metavar="JSON",
                    help='images per request at most, e.g. \'{"image": 4}\' (default 8)')
     m.add_argument("--mm-processor-kwargs", default=None, metavar="JSON",

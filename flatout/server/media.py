@@ -1,19 +1,22 @@
 """Images of chat requests: `image_url` parts into uint8 pixels, off the event loop.
 
 Accepted sources: `data:image/...;base64,...` URLs always; local files (a path or `file://`)
-only under `--allowed-local-media-path`. http(s) URLs are refused (this server fetches
-nothing). Decoding runs in a thread pool (Pillow releases the GIL while it decodes), so the event
-loop keeps streaming while images decode, several at once.
+only under `--allowed-local-media-path`; http(s) URLs only from `--allowed-media-domains`, fetched
+asynchronously by media_fetch.py (refused otherwise, with no connection made). Whatever the
+source, the bytes go through the same header check, pixel limit and decoder. Reading and
+decoding run in a thread pool (Pillow releases the GIL while it decodes), so the event loop keeps
+streaming while images are fetched and decoded, several at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -25,8 +28,10 @@ from flatout.multimodal.image_io import (
     read_image_size,
 )
 from flatout.server.errors import OpenAIError
+from flatout.server.media_fetch import MediaFetcher, is_http_url
 
 DEFAULT_MAX_IMAGES_PER_PROMPT = 8
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -41,11 +46,19 @@ class MediaPolicy:
 
     allowed_local_media_path: Path | None = None
     max_images_per_prompt: int = DEFAULT_MAX_IMAGES_PER_PROMPT
+    fetcher: MediaFetcher = field(default_factory=MediaFetcher)  # http(s) URLs
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         min(8, os.cpu_count() or 1), thread_name_prefix="flatout-image"), repr=False)
 
-    def image_bytes(self, ref: ImageRef) -> bytes:
-        """The encoded image a URL names (OpenAIError for a source that is not allowed)."""
+    async def image_bytes(self, ref: ImageRef) -> bytes:
+        """The encoded image a URL names: fetched (http(s)), or read in the pool (OpenAIError
+        for a source that is not allowed or cannot be read)."""
+        if is_http_url(ref.url):
+            return await self.fetcher.fetch(ref.url, ref.param)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.local_bytes, ref)
+
+    def local_bytes(self, ref: ImageRef) -> bytes:
+        """The encoded image of a data: URL or a local file (blocking: a file is read)."""
         url = ref.url
         if url.startswith("data:"):
             try:
@@ -53,10 +66,6 @@ class MediaPolicy:
             except ImageError as e:
                 raise OpenAIError(str(e), param=ref.param, code="invalid_image") from None
         scheme = urlparse(url).scheme.lower()
-        if scheme in ("http", "https"):
-            raise OpenAIError("image URLs over http(s) are not fetched by this server; send the "
-                              "image as a base64 data: URL", param=ref.param,
-                              code="image_url_not_allowed")
         if scheme not in ("", "file"):
             raise OpenAIError(f"image URL scheme {scheme!r} is not supported", param=ref.param,
                               code="image_url_not_allowed")
@@ -78,11 +87,15 @@ class MediaPolicy:
         except OSError:
             raise OpenAIError("the image file cannot be read", param=ref.param) from None
 
-    def read(self, ref: ImageRef) -> tuple[bytes, tuple[int, int]]:
+    async def read(self, ref: ImageRef) -> tuple[bytes, tuple[int, int]]:
         """The image's bytes and its (height, width) from the header (nothing decoded)."""
-        data = self.image_bytes(ref)
+        data = await self.image_bytes(ref)
+        loop = asyncio.get_running_loop()
+        return data, await loop.run_in_executor(self.pool, self.size, ref, data)
+
+    def size(self, ref: ImageRef, data: bytes) -> tuple[int, int]:
         try:
-            return data, read_image_size(data)
+            return read_image_size(data)
         except ImageError as e:  # its message quotes no path and no bytes
             raise OpenAIError(str(e), param=ref.param, code="invalid_image") from None
 
@@ -97,15 +110,28 @@ class MediaPolicy:
     ) -> list[np.ndarray]:
         """Every image decoded, concurrently in the pool, in order (the first error raises);
         `check_sizes` sees the (height, width) of all of them, from their headers, before any
-        is decoded."""
+        is decoded. On the first error the fetches and reads still running are cancelled."""
         if len(refs) > self.max_images_per_prompt:
             raise OpenAIError(f"{len(refs)} images in one request; at most "
                               f"{self.max_images_per_prompt} are allowed",
                               param="messages", code="too_many_images")
+        read = await first_error_cancels([self.read(ref) for ref in refs])
         loop = asyncio.get_running_loop()
-        read = await asyncio.gather(
-            *(loop.run_in_executor(self.pool, self.read, ref) for ref in refs))
         check_sizes([size for _, size in read])
         return list(await asyncio.gather(
             *(loop.run_in_executor(self.pool, self.decode, ref, data)
               for ref, (data, _) in zip(refs, read, strict=True))))
+
+
+async def first_error_cancels(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """The coroutines' results, run concurrently, in order; the first to raise cancels the
+    others (awaited until they are done) and its exception propagates."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        pending = [t for t in tasks if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending)

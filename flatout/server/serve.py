@@ -96,6 +96,7 @@ def run_serve(ns: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     _json_flag(ns, "limit_mm_per_prompt", _MM_LIMITS)  # bad flags fail before the model loads
     _json_flag(ns, "mm_processor_kwargs", _MM_PROCESSOR_KWARGS)
+    media_fetcher(ns)
     if ns.chat_template is not None:
         from flatout.server.chat import load_template_override
 
@@ -226,6 +227,14 @@ def _json_flag(ns: argparse.Namespace, name: str, allowed: tuple[str, ...]) -> d
     return value
 
 
+def media_fetcher(ns: argparse.Namespace) -> Any:
+    """The fetcher of http(s) image URLs the flags describe (ValueError naming a bad flag)."""
+    from flatout.server.media_fetch import MediaFetcher, parse_allowed_domains
+
+    return MediaFetcher(parse_allowed_domains(ns.allowed_media_domains),
+                        timeout=ns.media_fetch_timeout, max_bytes=ns.max_media_fetch_bytes)
+
+
 def _image_settings(ns: argparse.Namespace, client: Any) -> tuple[str | None, Any]:
     """The prompt text of one image (None: the model takes no images) and the media policy;
     the flags' limits also go to the client's input processor, which enforces them again."""
@@ -238,7 +247,8 @@ def _image_settings(ns: argparse.Namespace, client: Any) -> tuple[str | None, An
     local = ns.allowed_local_media_path
     if local is not None and not Path(local).is_dir():
         raise ValueError(f"--allowed-local-media-path: no such directory: {local}")
-    media = MediaPolicy(allowed_local_media_path=Path(local) if local else None)
+    media = MediaPolicy(allowed_local_media_path=Path(local) if local else None,
+                        fetcher=media_fetcher(ns))
     inputs = client.inputs
     if "image" in limits:
         media.max_images_per_prompt = inputs.max_images_per_prompt = limits["image"]

@@ -105,9 +105,9 @@ def _reasoning_end_id(state: ServerState, field: str) -> int:
 
 
 async def attach_images(state: ServerState, p: _Prepared) -> None:
-    """Decode the request's images (thread pool) and expand its placeholders to their token
-    counts; every error is a 400 raised before anything is queued, and a prompt the images'
-    sizes (from their headers) make too long before any is decoded."""
+    """Fetch or read the request's images, decode them (thread pool) and expand its
+    placeholders to their token counts; every error is a 400 raised before anything is queued,
+    and a prompt the images' sizes (from their headers) make too long before any is decoded."""
     inputs = state.client.inputs
     pixels = await state.media.load(
         p.images, lambda sizes: inputs.check_image_sizes(p.prompt_token_ids, sizes, p.params))
