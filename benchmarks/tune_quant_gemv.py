@@ -10,6 +10,7 @@ copies to exceed L2. Prints a markdown table and the best tiles as Python dicts.
     python benchmarks/tune_quant_gemv.py --out benchmarks/results/quant_gemv_h200.md
 """
 
+# ruff: noqa: B023 - every closure below runs inside the iteration that made it
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flatout.kernels import reference  # noqa: E402
+from flatout.kernels.fp8_linear import quantize_fp8_per_token  # noqa: E402
 from flatout.kernels.gemv import GemvConfig, gemv  # noqa: E402
-from flatout.kernels.reference import quantize_fp8_per_token  # noqa: E402
 
 SHAPES = {"qkv": (4608, 4096), "o_proj": (4096, 4096), "gate_up": (27392, 4096),
           "down": (4096, 13696)}
@@ -74,7 +76,8 @@ def main() -> None:
              f"{torch.cuda.get_device_name()}, torch {torch.__version__}. Time per call in us "
              "(one CUDA graph over weight copies beyond L2); GB/s = weight bytes / time.", "",
              "| shape | rows | bf16 cuBLAS | int8 kernel (best tile) | int8 dequant+cuBLAS | "
-             "fp8 kernel fp16 dot | fp8 kernel e4m3 dot | fp8 _scaled_mm |", "|---|---|---|---|---|---|---|---|"]
+             "fp8 kernel fp16 dot | fp8 kernel e4m3 dot | fp8 _scaled_mm |",
+             "|---|---|---|---|---|---|---|---|"]
     best: dict[str, dict[tuple[int, int, int], GemvConfig]] = {"int8": {}, "fp8": {}}
     for name, (n, k) in SHAPES.items():
         w16 = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
@@ -91,7 +94,7 @@ def main() -> None:
         for m in ROWS:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             ref8 = x.float() @ deq8.t()
-            xq, xs = quantize_fp8_per_token(x)
+            xq, xs = reference.quantize_fp8_per_token(x)
             reff = (xq.float() * xs) @ deqf.t()
             row: dict[str, str] = {}
 
@@ -125,7 +128,8 @@ def main() -> None:
                     col = kind if kind == "int8" else ("fp8_e4m3" if fp8_dot else "fp8_fp16")
                     if results:
                         tt, c = min(results, key=lambda r: r[0])
-                        row[col] = us(tt, n * k) + f" {c.block_m or '-'}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
+                        row[col] = us(tt, n * k) + (f" {c.block_m or '-'}x{c.block_n}x"
+                                                    f"{c.block_k} w{c.num_warps} s{c.num_stages}")
                         key = (n, k, m)
                         prev = best[kind].get(key)
                         if prev is None or tt < prev[0]:  # type: ignore[index]

@@ -115,3 +115,15 @@ def test_row_blocked_gemv_matches_the_reference(rows: int, weights: str) -> None
     q, scale = quantize(w)
     torch.testing.assert_close(gemv(x, q, b, config=cfg, scale=scale), ref(x, q, scale, b),
                                atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("rows,k", [(3, 96), (5, 2500)])  # 2500: more than one pass per row
+def test_fused_fp8_row_quantize_matches_the_reference(rows: int, k: int) -> None:
+    from flatout.kernels.fp8_linear import quantize_fp8_per_token
+
+    x = randn(rows, k) * 3
+    x[1] = 0  # an all-zero row: a tiny scale and zeros
+    q, s = quantize_fp8_per_token(x)
+    q_ref, s_ref = reference.quantize_fp8_per_token(x)
+    torch.testing.assert_close(s, s_ref)
+    torch.testing.assert_close((q.float() * s), (q_ref.float() * s_ref), atol=0, rtol=1 / 8)
