@@ -73,6 +73,9 @@ class EvaVisionConfig:
     scaling_factor: float = 8.0
     boi_token_id: int = 151339
     eoi_token_id: int = 151340
+    # the prompt's one id between boi and eoi before the span is widened (<|endoftext|>, the
+    # config's pad_token_id)
+    placeholder_token_id: int = 151329
 
     @property
     def grid(self) -> int:  # patches per side
@@ -81,6 +84,10 @@ class EvaVisionConfig:
     @property
     def num_patch_embeds(self) -> int:  # after the 2x2 conv: 1600 at 1120 / 14
         return (self.grid // 2) ** 2
+
+    @property
+    def num_image_tokens(self) -> int:  # the tower's rows per image: boi + patches + eoi
+        return self.num_patch_embeds + 2
 
     @property
     def num_params(self) -> int:

@@ -10,10 +10,9 @@ text width, a GLU (linear_proj, LayerNorm, GELU, then dense_4h_to_h(silu(gate_pr
 dense_h_to_4h)), the learned boi and eoi vectors around the patches, all divided by
 scaling_factor: 2 + (S/2P)^2 embeddings per image (1602 at 1120 / 14).
 
-Prompt: the image span in ids is boi, one placeholder, eoi; the span is replaced by the image's
-embeddings. Positions (as the checkpoint's code assigns them): boi keeps its position p, every
-patch embedding takes p + 1, eoi p + 2 and the text after it continues from there, so a token at
-index t of the expanded sequence (after the image) sits at t - (embeddings - 3).
+Prompt: the image span in ids is boi, one placeholder, eoi, widened to boi, placeholders, eoi
+(one id per embedding) and replaced by the image's embeddings; boi keeps its position p, every
+patch embedding takes p + 1, eoi p + 2 (multimodal/placement.py, as the checkpoint's code).
 
 Under tensor parallelism the tower's blocks and the adapter's gated MLP are split over the ranks
 like the text model (heads, MLP columns; a reduce after each), the rest is replicated: every rank
@@ -21,8 +20,6 @@ ends with the whole image embedding on the device of its own text embedding, so 
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,35 +31,7 @@ from flatout.layers.activation import SiluAndMul
 from flatout.layers.embedding import ParallelLMHead
 from flatout.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from flatout.layers.norm import LayerNorm
-from flatout.models.decoder import DecoderModel, fuses_reduce
-
-
-def expand_image_prompt(
-    input_ids: Sequence[int], eva: EvaVisionConfig
-) -> tuple[list[int], list[int], int]:
-    """The prompt with each image span (boi, placeholder, eoi) widened to the image's embedding
-    slots, the positions the checkpoint's code gives them, and the position delta of what
-    follows (decode token at expanded index t sits at t + delta).
-
-    The slots keep boi / eoi at their ends and the placeholder's id in between."""
-    ids = list(input_ids)
-    n = eva.num_patch_embeds
-    out_ids: list[int] = []
-    positions: list[int] = []
-    i = pos = 0
-    while i < len(ids):
-        if ids[i] != eva.boi_token_id:
-            out_ids.append(ids[i])
-            positions.append(pos)
-            i, pos = i + 1, pos + 1
-            continue
-        if i + 2 >= len(ids) or ids[i + 2] != eva.eoi_token_id:
-            raise ValueError(f"image span at {i}: boi ({eva.boi_token_id}) must be followed by "
-                             f"one placeholder and eoi ({eva.eoi_token_id})")
-        out_ids += [ids[i]] + [ids[i + 1]] * n + [ids[i + 2]]
-        positions += [pos] + [pos + 1] * n + [pos + 2]
-        i, pos = i + 3, pos + 3
-    return out_ids, positions, pos - len(out_ids)
+from flatout.models.decoder import DecoderModel, fuses_reduce, lm_head_quantization
 
 
 class EvaPatchEmbedding(nn.Module):
@@ -195,9 +164,12 @@ class _VisionHolder(nn.Module):
 class ChatGLM4VForCausalLM(nn.Module):
     """The CausalLM interface plus images.
 
-    encode_images(images [N, C, S, S]) -> [N, slots, hidden]; forward(input_ids [T], positions
-    [T], image_embeds [N, slots, hidden] or None) -> hidden [T, hidden], input_ids being the
-    expanded prompt of `expand_image_prompt` (each image's slots start at its boi)."""
+    encode_images(images [N, C, S, S]) -> [N, slots, hidden] (slots = boi + patches + eoi);
+    forward(input_ids [T], positions [T], image_embeds [rows, hidden] or None, image_index
+    [rows] or None) -> hidden [T, hidden]: image_embeds' rows replace the embeddings of the
+    tokens at image_index (by default each boi's span of `slots` tokens in input_ids, the
+    prompt widened as multimodal/placement.py does). The rows are moved to the text
+    embedding's device and dtype first: the tower may sit anywhere."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -207,7 +179,7 @@ class ChatGLM4VForCausalLM(nn.Module):
         self.eva = cfg.eva_vision
         self.fuses_reduce = fuses_reduce(cfg)
         self.model = DecoderModel(cfg, self.fuses_reduce)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, lm_head_quantization(cfg))
         self.transformer = _VisionHolder(cfg.eva_vision)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -218,21 +190,22 @@ class ChatGLM4VForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         image_embeds: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if image_embeds is None:
             return self.model(input_ids, positions)
         embeds: torch.Tensor = self.model.embed_tokens(input_ids)  # [T, hidden]
-        starts = (input_ids == self.eva.boi_token_id).nonzero().flatten().tolist()
-        slots = image_embeds.shape[1]
-        if len(starts) != image_embeds.shape[0]:
-            raise ValueError(f"{image_embeds.shape[0]} images for {len(starts)} image spans")
-        embeds = embeds.clone()
-        for start, image in zip(starts, image_embeds, strict=True):
-            end = start + slots
-            if end > len(input_ids) or int(input_ids[end - 1]) != self.eva.eoi_token_id:
-                raise ValueError(f"image span at {start} is not {slots} slots wide "
-                                 f"(expand the prompt with expand_image_prompt)")
-            embeds[start:end] = image.to(embeds.dtype)
+        if image_embeds.dim() == 3:  # [N, slots, hidden]: one image per row
+            image_embeds = image_embeds.flatten(0, 1)
+        if image_index is None:
+            slots = self.eva.num_image_tokens
+            starts = (input_ids == self.eva.boi_token_id).nonzero()[:, 0]
+            image_index = (starts[:, None] + torch.arange(slots, device=starts.device)).flatten()
+        if image_embeds.shape[0] != image_index.shape[0]:
+            raise ValueError(f"{image_embeds.shape[0]} image embeddings for "
+                             f"{image_index.shape[0]} image tokens")
+        rows = image_embeds.to(device=embeds.device, dtype=embeds.dtype)
+        embeds = embeds.index_copy(0, image_index.to(embeds.device), rows)
         return self.model(input_ids, positions, inputs_embeds=embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
