@@ -98,6 +98,15 @@ class EvaVisionConfig:
         adapter = h * o * 4 + o + o * o + 2 * o + 3 * o * g + 2 * o
         return embed + self.depth * block + adapter
 
+    def rank_quantized_counts(self, tp: int) -> tuple[int, int]:
+        """(weights, output channels) of one rank's parallel linears (those a quantized model
+        holds quantized): per block q|k|v, dense, fc1, fc2; the adapter's gate|up and down."""
+        h, i, o, g = self.hidden_size, self.intermediate_size, self.out_hidden_size, \
+            self.glu_intermediate_size
+        weights = self.depth * (4 * h * h + 2 * h * i) // tp + 3 * o * g // tp
+        channels = self.depth * (3 * h // tp + h + i // tp + h) + 2 * g // tp + o
+        return weights, channels
+
     def rank_num_params(self, tp: int) -> int:
         """Parameters one tensor-parallel rank holds: the blocks' linears and the adapter's
         gated MLP are split, the rest replicated."""
@@ -196,6 +205,9 @@ class ModelConfig:
         weights = h * (q + 2 * kv) + q * h + 2 * h * inter + inter * h
         channels = (q + 2 * kv) + h + 2 * inter + h
         weights, channels = self.num_hidden_layers * weights, self.num_hidden_layers * channels
+        if self.eva_vision is not None:  # GLM-4V-9B: the tower's parallel linears too
+            w, c = self.eva_vision.rank_quantized_counts(tp)
+            weights, channels = weights + w, channels + c
         if self.quantize_lm_head:
             vocab = -(-self.vocab_size // tp)
             weights, channels = weights + vocab * h, channels + vocab

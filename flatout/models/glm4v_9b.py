@@ -57,11 +57,12 @@ def _reduced(out: torch.Tensor | PendingReduce) -> torch.Tensor:
 class EvaAttention(nn.Module):
     """Heads split over the tensor-parallel ranks, like the text model's."""
 
-    def __init__(self, eva: EvaVisionConfig) -> None:
+    def __init__(self, eva: EvaVisionConfig, quantization: str | None = None) -> None:
         super().__init__()
         h, heads = eva.hidden_size, eva.num_heads
-        self.query_key_value = QKVParallelLinear(h, h // heads, heads, heads, bias=True)
-        self.dense = RowParallelLinear(h, h, bias=True)
+        self.query_key_value = QKVParallelLinear(h, h // heads, heads, heads, bias=True,
+                                                 quantization=quantization)
+        self.dense = RowParallelLinear(h, h, bias=True, quantization=quantization)
         self.num_heads = self.query_key_value.num_heads  # this rank's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, L, h]
@@ -74,10 +75,12 @@ class EvaAttention(nn.Module):
 
 
 class EvaMLP(nn.Module):
-    def __init__(self, eva: EvaVisionConfig) -> None:
+    def __init__(self, eva: EvaVisionConfig, quantization: str | None = None) -> None:
         super().__init__()
-        self.fc1 = MergedColumnParallelLinear(eva.hidden_size, [eva.intermediate_size], bias=True)
-        self.fc2 = RowParallelLinear(eva.intermediate_size, eva.hidden_size, bias=True)
+        self.fc1 = MergedColumnParallelLinear(eva.hidden_size, [eva.intermediate_size], bias=True,
+                                              quantization=quantization)
+        self.fc2 = RowParallelLinear(eva.intermediate_size, eva.hidden_size, bias=True,
+                                     quantization=quantization)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -88,11 +91,11 @@ class EvaMLP(nn.Module):
 class EvaBlock(nn.Module):
     """Post-norm: the norms apply to the branch outputs, before the residual add."""
 
-    def __init__(self, eva: EvaVisionConfig) -> None:
+    def __init__(self, eva: EvaVisionConfig, quantization: str | None = None) -> None:
         super().__init__()
         self.input_layernorm = LayerNorm(eva.hidden_size, eva.layer_norm_eps)
-        self.attention = EvaAttention(eva)
-        self.mlp = EvaMLP(eva)
+        self.attention = EvaAttention(eva, quantization)
+        self.mlp = EvaMLP(eva, quantization)
         self.post_attention_layernorm = LayerNorm(eva.hidden_size, eva.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,9 +104,9 @@ class EvaBlock(nn.Module):
 
 
 class EvaTransformer(nn.Module):
-    def __init__(self, eva: EvaVisionConfig) -> None:
+    def __init__(self, eva: EvaVisionConfig, quantization: str | None = None) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(EvaBlock(eva) for _ in range(eva.depth))
+        self.layers = nn.ModuleList(EvaBlock(eva, quantization) for _ in range(eva.depth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -115,13 +118,14 @@ class EvaGLU(nn.Module):
     """linear_proj (replicated), LayerNorm, GELU, then the gated MLP split over the ranks: the
     checkpoint's gate_proj and dense_h_to_4h load as the halves of gate_up_proj."""
 
-    def __init__(self, eva: EvaVisionConfig) -> None:
+    def __init__(self, eva: EvaVisionConfig, quantization: str | None = None) -> None:
         super().__init__()
         o, g = eva.out_hidden_size, eva.glu_intermediate_size
         self.linear_proj = nn.Linear(o, o, bias=False)
         self.norm1 = LayerNorm(o, 1e-5)  # torch's LayerNorm default in the checkpoint's code
-        self.gate_up_proj = MergedColumnParallelLinear(o, [g, g], bias=False)
-        self.dense_4h_to_h = RowParallelLinear(g, o, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(o, [g, g], bias=False,
+                                                       quantization=quantization)
+        self.dense_4h_to_h = RowParallelLinear(g, o, bias=False, quantization=quantization)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, L, o]
@@ -131,14 +135,17 @@ class EvaGLU(nn.Module):
 
 
 class EVA2CLIP(nn.Module):
-    def __init__(self, eva: EvaVisionConfig) -> None:
+    """With `quantization` the blocks' linears and the adapter's gated MLP (the parallel
+    linears: nearly all of its weights) hold that format, as the text model's do."""
+
+    def __init__(self, eva: EvaVisionConfig, quantization: str | None = None) -> None:
         super().__init__()
         self.eva = eva
         o = eva.out_hidden_size
         self.patch_embedding = EvaPatchEmbedding(eva)
-        self.transformer = EvaTransformer(eva)
+        self.transformer = EvaTransformer(eva, quantization)
         self.conv = nn.Conv2d(eva.hidden_size, o, kernel_size=2, stride=2)
-        self.linear_proj = EvaGLU(eva)
+        self.linear_proj = EvaGLU(eva, quantization)
         self.boi = nn.Parameter(torch.zeros(1, 1, o), requires_grad=False)
         self.eoi = nn.Parameter(torch.zeros(1, 1, o), requires_grad=False)
 
@@ -156,9 +163,9 @@ class EVA2CLIP(nn.Module):
 class _VisionHolder(nn.Module):
     """Gives the tower its checkpoint path, `transformer.vision`."""
 
-    def __init__(self, eva: EvaVisionConfig) -> None:
+    def __init__(self, eva: EvaVisionConfig, quantization: str | None = None) -> None:
         super().__init__()
-        self.vision = EVA2CLIP(eva)
+        self.vision = EVA2CLIP(eva, quantization)
 
 
 class ChatGLM4VForCausalLM(nn.Module):
@@ -180,7 +187,7 @@ class ChatGLM4VForCausalLM(nn.Module):
         self.fuses_reduce = fuses_reduce(cfg)
         self.model = DecoderModel(cfg, self.fuses_reduce)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, lm_head_quantization(cfg))
-        self.transformer = _VisionHolder(cfg.eva_vision)
+        self.transformer = _VisionHolder(cfg.eva_vision, cfg.quantization)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.transformer.vision(images)

@@ -133,12 +133,11 @@ def resolve_model_config(
     quantization = resolve_quantization(
         quantization, quantize_lm_head, raw, bool(fields["tie_word_embeddings"])
     )
-    if quantization and (fields.get("position_encoding_2d") or fields.get("eva_vision")):
-        # their fused qkv regrouping and the EVA tower's loaders are not checked with quantized
-        # weights: refuse rather than risk silently wrong outputs
-        raise ValueError(f"quantization: {quantization} is not supported for "
-                         f"{fields.get('architecture', 'this architecture')} (ChatGLM-6B v1 and "
-                         "GLM-4V-9B) yet; serve it unquantized")
+    if quantization and fields.get("position_encoding_2d"):
+        # its per-head interleaved qkv regrouping is not checked with quantized weights:
+        # refuse rather than risk silently wrong outputs
+        raise ValueError(f"quantization: {quantization} is not supported for ChatGLM-6B v1 "
+                         "yet; serve it unquantized")
     eos = list(fields.pop("eos_token_ids"))
     eos += [i for i in eos_list(generation.get("eos_token_id")) if i not in eos]
     return ModelConfig(
