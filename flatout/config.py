@@ -98,6 +98,11 @@ class EvaVisionConfig:
         adapter = h * o * 4 + o + o * o + 2 * o + 3 * o * g + 2 * o
         return embed + self.depth * block + adapter
 
+    def images_per_step(self, encoder_budget: int) -> int:
+        """The most images one step encodes under an encoder budget (in embeddings, the
+        scheduler's): one at least (the first image of a step is always allowed)."""
+        return max(1, encoder_budget // self.num_image_tokens)
+
     def rank_quantized_counts(self, tp: int) -> tuple[int, int]:
         """(weights, output channels) of one rank's parallel linears (those a quantized model
         holds quantized): per block q|k|v, dense, fc1, fc2; the adapter's gate|up and down."""

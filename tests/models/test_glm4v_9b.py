@@ -144,7 +144,7 @@ def test_int8_text_and_tower_and_their_counted_bytes(glm4v, tp: int) -> None:  #
     holds exactly the bytes `flatout plan` counts; the logits with an image stay close (top-1
     equal at 12 of the 13 positions, measured)."""
     from flatout.distributed import init_tensor_parallel
-    from flatout.plan import rank_weight_bytes
+    from flatout.plan import rank_tower_bytes, rank_weight_bytes
 
     path, _, _ = glm4v
     cfg = resolve_model_config(str(path), quantization="int8")
@@ -155,6 +155,8 @@ def test_int8_text_and_tower_and_their_counted_bytes(glm4v, tp: int) -> None:  #
             held = sum(p.numel() * p.element_size() for p in model.parameters())
             if rank == 0:
                 assert held == rank_weight_bytes(cfg, tp)
+                tower = sum(p.numel() * p.element_size() for p in model.transformer.parameters())
+                assert tower == rank_tower_bytes(cfg, tp)
     finally:
         init_tensor_parallel(0, 1)
     layer = model.transformer.vision.transformer.layers[0]
