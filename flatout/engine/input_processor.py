@@ -98,8 +98,8 @@ class InputProcessor:
         self, prompt: str | list[int], params: SamplingParams, images: list[Any] | None = None
     ) -> ProcessedPrompt:
         """Tokenize and validate one prompt (raises RequestError). With `images` (PIL images
-        or [H, W, 3] uint8 arrays, in prompt order), each `<|image|>` placeholder token of the
-        prompt is expanded to its image's token count."""
+        or [H, W, 3] uint8 arrays, in prompt order), each image placeholder of the prompt is
+        widened to its image's token count (multimodal/placement.py)."""
         text, ids = self.encode(prompt)
         items: list[MultiModalItem] = []
         if images:
