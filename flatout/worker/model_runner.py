@@ -291,12 +291,13 @@ class ModelRunner:
     def _encode_images(self, items: list[MultiModalItem]) -> None:
         """Preprocess the step's new images on the device and run the vision tower over all
         of them at once; each image's output ([its tokens, hidden]) is kept under its content
-        hash."""
+        hash. The uint8 pixels go up from pinned memory without making the host wait for the
+        device's queue."""
         model = self.model
         if isinstance(model, ChatGLM4VForCausalLM):  # GLM-4V-9B: one fixed square per image
             size = model.eva.image_size
             images = torch.stack([
-                preprocess_fixed_size(torch.from_numpy(item.pixels).to(self.device), size)
+                preprocess_fixed_size(_upload(torch.from_numpy(item.pixels), self.device), size)
                 for item in items
             ])  # fmt: skip
             embeds = model.encode_images(images).flatten(0, 1)
@@ -304,7 +305,7 @@ class ModelRunner:
             vc = model.config.vision
             assert vc is not None
             pixel_values = torch.cat([
-                preprocess_image(torch.from_numpy(item.pixels).to(self.device), item.resized,
+                preprocess_image(_upload(torch.from_numpy(item.pixels), self.device), item.resized,
                                  patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
                                  temporal_patch_size=vc.temporal_patch_size)
                 for item in items
