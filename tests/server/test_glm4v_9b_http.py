@@ -129,3 +129,20 @@ def test_bad_images_are_400_then_the_server_still_serves(client) -> None:  # noq
     r = client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=[
         {"role": "user", "content": [image_part(png(4, (40, 120)))]}])
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_offline_chat_builds_the_servers_prompt(tiny) -> None:  # noqa: ANN001
+    """LLM.chat with an image object part: the same prompt and reply as over HTTP."""
+    from flatout import LLM, SamplingParams
+
+    shot = png(5)
+    pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"))
+    llm = LLM(str(tiny[0]), max_model_len=256)
+    try:
+        assert llm.engine.inputs.image_placeholder == SPAN
+        out = llm.chat([{"role": "user", "content": [{"type": "image", "image": pixels},
+                                                     {"type": "text", "text": "what is it?"}]}],
+                       SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
+        assert out[0].outputs[0].text == expected_text(tiny, [shot, "what is it?"])
+    finally:
+        llm.shutdown()
