@@ -281,6 +281,7 @@ def model_info_lines(cfg: ModelConfig, kv_cache_dtype: str = "auto") -> list[str
         + (f", vision tower {cfg.eva_vision.num_params / 1e9:.2f} B" if cfg.eva_vision else ""),
         f"weights: {cfg.weight_bytes / 1e9:.2f} GB in {cfg.dtype}"
         + (f" (linears {cfg.quantization}" + (" incl. LM head" if cfg.quantize_lm_head else "")
+           + (" and the vision tower's" if cfg.eva_vision is not None else "")
            + " + fp32 per-channel scales)" if cfg.quantization else ""),
         f"KV cache: {kv / 1024:.1f} KiB per token in {kv_dtype}, "
         f"{kv * cfg.max_model_len / 2**30:.2f} GiB "
