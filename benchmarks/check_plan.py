@@ -1,13 +1,16 @@
 """`flatout plan` against what the engine really reserves on the GPU.
 
     python benchmarks/check_plan.py --out DIR [--model glm-4-9b] [--gpus 2x24GB]
+                                    [--quantization int8]
 
 The GPUs of the plan are emulated on bigger ones: the engine runs with a
 gpu_memory_utilization that leaves it the plan's usable bytes (utilization x the planned
 size) of the real card, and the plan's per-GPU figures are set beside rank 0's measured ones
 (weights allocated, profiled activation peak, memory outside torch, KV cache tokens). Then a
 configuration the plan says cannot fit (one GPU of that size, a long max_model_len) must be
-refused at engine startup, before any weight is loaded, with the plan's reason.
+refused at engine startup, before any weight is loaded, with the plan's reason (the long
+max_model_len is capped at the model's context: GLM-4V-9B's 8192 in bf16 on one 24 GB GPU
+cannot fit its weights).
 Writes DIR/check_plan.md and DIR/check_plan.json.
 """
 
@@ -38,6 +41,7 @@ def main() -> None:
     ap.add_argument("--gpus", default="2x24GB")
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--refuse-max-model-len", type=int, default=131072)
+    ap.add_argument("--quantization", default=None)
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -45,13 +49,15 @@ def main() -> None:
     total = torch.cuda.mem_get_info(0)[1]
     util = 0.9 * gpus.memory / total  # the engine's usable bytes == the plan's at 0.9
     cfg = resolve_model_config(a.model, load_format="dummy", device_type="cuda",
-                               max_model_len=a.max_model_len)
+                               max_model_len=a.max_model_len, quantization=a.quantization)
     plan = make_plan(cfg, gpus, gpus.count, utilization=0.9)
-    res: dict = {"gpus": a.gpus, "device": torch.cuda.get_device_name(0),
+    res: dict = {"gpus": a.gpus, "model": a.model, "quantization": a.quantization,
+                 "device": torch.cuda.get_device_name(0),
                  "device_total": total, "emulated_utilization": util, "plan": plan.lines()}
 
     llm = LLM(a.model, load_format="dummy", tensor_parallel_size=gpus.count,
-              max_model_len=a.max_model_len, gpu_memory_utilization=util)
+              max_model_len=a.max_model_len, gpu_memory_utilization=util,
+              quantization=a.quantization)
     mem = llm.engine.core.runner.memory
     rows = [
         ("weights", plan.weights, mem.weights),
@@ -68,14 +74,16 @@ def main() -> None:
 
     # a configuration the plan refuses must be refused at startup, with the same reason
     refuse_gpus = parse_gpus(f"1x{gpus.memory / 1e9:g}GB")
+    context = resolve_model_config(a.model, load_format="dummy").max_model_len
+    refuse_len = min(a.refuse_max_model_len, context)
     cfg_long = resolve_model_config(a.model, load_format="dummy", device_type="cuda",
-                                    max_model_len=a.refuse_max_model_len)
+                                    max_model_len=refuse_len)
     refuse_plan = make_plan(cfg_long, refuse_gpus, 1, utilization=0.9)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated(0)
     t = time.monotonic()
     try:
-        LLM(a.model, load_format="dummy", max_model_len=a.refuse_max_model_len,
+        LLM(a.model, load_format="dummy", max_model_len=refuse_len,
             gpu_memory_utilization=0.9 * refuse_gpus.memory / total)
         refused = None
     except ValueError as e:
@@ -94,7 +102,9 @@ def main() -> None:
 
 def report(res: dict) -> str:
     lines = [f"# `flatout plan` vs the engine on {res['device']}", "",
-             "Command: `python benchmarks/check_plan.py --out DIR --gpus " + res["gpus"] + "`", "",
+             "Command: `python benchmarks/check_plan.py --out DIR --model " + res["model"]
+             + " --gpus " + res["gpus"] + (f" --quantization {res['quantization']}"
+                                           if res["quantization"] else "") + "`", "",
              f"{res['gpus']} emulated on {res['device']} "
              f"({res['device_total'] / GIB:.1f} GiB): gpu_memory_utilization "
              f"{res['emulated_utilization']:.4f} leaves the engine 0.9 x the planned size.", "",

@@ -73,6 +73,9 @@ class EvaVisionConfig:
     scaling_factor: float = 8.0
     boi_token_id: int = 151339
     eoi_token_id: int = 151340
+    # the prompt's one id between boi and eoi before the span is widened (<|endoftext|>, the
+    # config's pad_token_id)
+    placeholder_token_id: int = 151329
 
     @property
     def grid(self) -> int:  # patches per side
@@ -83,6 +86,10 @@ class EvaVisionConfig:
         return (self.grid // 2) ** 2
 
     @property
+    def num_image_tokens(self) -> int:  # the tower's rows per image: boi + patches + eoi
+        return self.num_patch_embeds + 2
+
+    @property
     def num_params(self) -> int:
         h, i, o, g = self.hidden_size, self.intermediate_size, self.out_hidden_size, \
             self.glu_intermediate_size
@@ -90,6 +97,20 @@ class EvaVisionConfig:
         block = 4 * h + 3 * h * h + 3 * h + h * h + h + h * i + i + i * h + h
         adapter = h * o * 4 + o + o * o + 2 * o + 3 * o * g + 2 * o
         return embed + self.depth * block + adapter
+
+    def images_per_step(self, encoder_budget: int) -> int:
+        """The most images one step encodes under an encoder budget (in embeddings, the
+        scheduler's): one at least (the first image of a step is always allowed)."""
+        return max(1, encoder_budget // self.num_image_tokens)
+
+    def rank_quantized_counts(self, tp: int) -> tuple[int, int]:
+        """(weights, output channels) of one rank's parallel linears (those a quantized model
+        holds quantized): per block q|k|v, dense, fc1, fc2; the adapter's gate|up and down."""
+        h, i, o, g = self.hidden_size, self.intermediate_size, self.out_hidden_size, \
+            self.glu_intermediate_size
+        weights = self.depth * (4 * h * h + 2 * h * i) // tp + 3 * o * g // tp
+        channels = self.depth * (3 * h // tp + h + i // tp + h) + 2 * g // tp + o
+        return weights, channels
 
     def rank_num_params(self, tp: int) -> int:
         """Parameters one tensor-parallel rank holds: the blocks' linears and the adapter's
@@ -189,6 +210,9 @@ class ModelConfig:
         weights = h * (q + 2 * kv) + q * h + 2 * h * inter + inter * h
         channels = (q + 2 * kv) + h + 2 * inter + h
         weights, channels = self.num_hidden_layers * weights, self.num_hidden_layers * channels
+        if self.eva_vision is not None:  # GLM-4V-9B: the tower's parallel linears too
+            w, c = self.eva_vision.rank_quantized_counts(tp)
+            weights, channels = weights + w, channels + c
         if self.quantize_lm_head:
             vocab = -(-self.vocab_size // tp)
             weights, channels = weights + vocab * h, channels + vocab

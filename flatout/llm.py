@@ -14,7 +14,8 @@ from flatout.sampling_params import SamplingParams
 
 Prompt = str | list[int]
 # {"prompt": str | list[int], "multi_modal_data": {"image": image or [images]}}: each image
-# (PIL image or [H, W, 3] uint8 array) goes to the next <|image|> placeholder of the prompt
+# (PIL image or [H, W, 3] uint8 array) goes to the prompt's next image placeholder (GLM-4.1V's
+# <|image|>, GLM-4V-9B's <|begin_of_image|><|endoftext|><|end_of_image|>)
 MultiModalPrompt = dict[str, Any]
 Message = dict[str, Any]
 

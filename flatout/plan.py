@@ -98,6 +98,20 @@ def rank_weight_bytes(cfg: ModelConfig, tp: int) -> int:
     return cfg.quantized_weight_bytes(rank_param_count(cfg, tp), tp)
 
 
+def rank_tower_bytes(cfg: ModelConfig, tp: int) -> int:
+    """Bytes of one rank's share of GLM-4V-9B's EVA tower (0 for other models): weights a
+    decode step never reads."""
+    eva = cfg.eva_vision
+    if eva is None:
+        return 0
+    b = cfg.dtype_bytes
+    total = eva.rank_num_params(tp) * b
+    if cfg.quantization is None:
+        return total
+    weights, channels = eva.rank_quantized_counts(tp)
+    return total - weights * (b - 1) + channels * 4
+
+
 def kv_bytes_per_token_per_rank(cfg: ModelConfig, tp: int, kv_cache_dtype: str = "auto") -> int:
     kv = max(1, cfg.num_key_value_heads // tp)
     elem = kv_cache_element_bytes(kv_cache_dtype, cfg.dtype)
@@ -122,6 +136,10 @@ def activation_reserve(cfg: ModelConfig, tp: int, max_tokens: int, max_seqs: int
         vocab = -(-cfg.vocab_size // tp) if cfg.quantize_lm_head else 0
         converted = max(2 * inter, vocab) * h * b
     text = max_tokens * per_token + rows * cfg.vocab_size * 32 + converted
+    if cfg.eva_vision is not None:  # GLM-4V-9B: the step's images, then their cached rows
+        eva = cfg.eva_vision
+        tower = eva_activation_reserve(cfg, tp, eva.images_per_step(max_tokens))
+        return max(text, tower) + max(max_tokens, eva.num_image_tokens) * h * b
     if cfg.vision is None:
         return text
     # the tower runs before the forward (not beside it); its outputs wait in the encoder cache
@@ -140,6 +158,25 @@ def vision_activation_reserve(cfg: ModelConfig) -> int:
     return n * (vc.patch_dim * (4 + b) + (6 * h + 3 * o) * b)
 
 
+def eva_activation_reserve(cfg: ModelConfig, tp: int, images: int) -> int:
+    """Peak activations of GLM-4V-9B's EVA tower over `images` images at once (the runner
+    encodes a step's images together; the profile runs the same, flatout/worker/kv_cache.py):
+    per image its preprocessed pixels (float32, and their cast), then the larger of a block's
+    widths per token (residual, branch output and norm; this rank's q|k|v, attention output,
+    and the GELU MLP's input and output, the attention itself in flash form, no L x L scores)
+    and the adapter's per embedding (conv output, projection, norm; this rank's gate|up and
+    their product)."""
+    eva = cfg.eva_vision
+    assert eva is not None
+    b = cfg.dtype_bytes
+    n, h, i = eva.grid**2 + 1, eva.hidden_size, eva.intermediate_size
+    m, o, g = eva.num_patch_embeds, eva.out_hidden_size, eva.glu_intermediate_size
+    pixels = eva.in_channels * eva.image_size**2 * (4 + b)
+    block = n * (3 * h + (4 * h + 2 * i) // tp) * b
+    adapter = m * (3 * o + 3 * g // tp) * b
+    return images * (pixels + max(block, adapter))
+
+
 @dataclass(frozen=True)
 class Plan:
     cfg: ModelConfig
@@ -154,6 +191,7 @@ class Plan:
     block_size: int
     context: int
     kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) | "fp8"
+    tower: int = 0  # bytes of the weights that are GLM-4V-9B's EVA tower (per GPU)
 
     @property
     def kv_tokens(self) -> int:
@@ -166,8 +204,9 @@ class Plan:
         return self.kv_tokens >= self.cfg.max_model_len
 
     def decode_floor(self, batch: int) -> float:
-        """Seconds per decode step at `batch` sequences of `context` tokens (bytes / bandwidth)."""
-        read = self.weights + batch * self.context * self.kv_per_token
+        """Seconds per decode step at `batch` sequences of `context` tokens (bytes / bandwidth;
+        a vision tower's weights are not read by a decode step)."""
+        read = self.weights - self.tower + batch * self.context * self.kv_per_token
         return read / self.gpus.bandwidth
 
     def reason(self) -> str:
@@ -198,14 +237,17 @@ class Plan:
         quant = ""
         if cfg.quantization:
             head = " and LM head" if cfg.quantize_lm_head else ""
-            quant = f" (linears{head} {cfg.quantization})"
+            tower = ", vision tower's too" if cfg.eva_vision is not None else ""
+            quant = f" (linears{head} {cfg.quantization}{tower})"
         out = [
             f"model     {cfg.model} ({cfg.architecture}), {cfg.num_params / 1e9:.2f} B params, "
             f"{cfg.dtype}{quant}, max_model_len {cfg.max_model_len}",
             f"GPUs      {g.count} x {g.name} ({g.memory / GIB:.1f} GiB, {bw}); tensor parallel "
             f"{self.tp}; gpu_memory_utilization {self.utilization}",
             "per GPU:",
-            f"  weights       {self.weights / GIB:8.2f} GiB",
+            f"  weights       {self.weights / GIB:8.2f} GiB"
+            + (f" (vision tower {self.tower / GIB:.2f} GiB of it, not read by decode steps)"
+               if self.tower else ""),
             f"  activations   {self.activations / GIB:8.2f} GiB (reserve for the largest batch)",
             f"  runtime       {self.overhead / GIB:8.2f} GiB (CUDA context, NCCL, graphs)",
             f"  KV cache      {max(self.kv_budget, 0) / GIB:8.2f} GiB = {self.kv_tokens} tokens "
@@ -240,7 +282,8 @@ def make_plan(
     kv_cache_dtype = normalize_kv_cache_dtype(kv_cache_dtype)
     return Plan(cfg, gpus, tp, utilization, weights, act, overhead, budget,
                 kv_bytes_per_token_per_rank(cfg, tp, kv_cache_dtype), block_size,
-                min(context or cfg.max_model_len, cfg.max_model_len), kv_cache_dtype)
+                min(context or cfg.max_model_len, cfg.max_model_len), kv_cache_dtype,
+                rank_tower_bytes(cfg, tp))
 
 
 def run_plan(ns: Any) -> int:

@@ -140,13 +140,17 @@ class ScheduledSeq:
     mrope_positions: tuple[list[int], list[int], list[int]] | None = None
     rope_delta: int = 0
     image_slices: list[ImageSlice] = field(default_factory=list)  # in token order
+    # 1-D positions of this step's tokens while they are prompt tokens whose positions are not
+    # their indices (GLM-4V-9B's images); None: token i at position i + rope_delta
+    positions: list[int] | None = None
 
     def __reduce__(self) -> tuple[type[ScheduledSeq], tuple[object, ...]]:
         """Pickled (to the other tensor-parallel ranks) as its values without `sampling`,
         which only rank 0 reads: a few bytes per row."""
         return ScheduledSeq, (self.seq_id, self.start, self.token_ids, self.pending_row,
                               self.is_new, self.new_block_ids, self.sample, None, self.prefix,
-                              self.mrope_positions, self.rope_delta, self.image_slices)
+                              self.mrope_positions, self.rope_delta, self.image_slices,
+                              self.positions)
 
     @property
     def num_tokens(self) -> int:

@@ -48,6 +48,7 @@ from flatout.engine.structured import (
 )
 from flatout.models.glm4v import mrope_positions
 from flatout.models.registry import TORCH_DTYPES, resolve_model
+from flatout.multimodal.placement import collapsed_positions, image_span
 from flatout.worker.kv_cache import kv_cache_dtype
 from flatout.worker.model_runner import LaunchedStep, ModelRunner
 from flatout.worker.parallel import TensorParallelGroup, ensure_no_live_group, resolve_device
@@ -84,6 +85,9 @@ def _add_images(row: ScheduledSeq, seq: Sequence, start: int, end: int) -> None:
         # tokens past the prompt (recomputed outputs) continue at position + rope delta
         tail = list(range(seq.num_prompt_tokens + seq.rope_delta, end + seq.rope_delta))
         row.mrope_positions = (t[start:end] + tail, h[start:end] + tail, w[start:end] + tail)
+    if seq.prompt_positions is not None and start < seq.num_prompt_tokens:
+        tail = list(range(seq.num_prompt_tokens + seq.rope_delta, end + seq.rope_delta))
+        row.positions = seq.prompt_positions[start:end] + tail
     for item in seq.mm_items:
         lo, hi = max(start, item.offset), min(end, item.end)
         if lo < hi:
@@ -287,28 +291,38 @@ class EngineCore:
         return seqs
 
     def _check_images(self, req: EngineCoreRequest) -> None:
-        """ValueError if the model takes no images or the placeholders do not match them."""
-        vision = self.model_config.vision
-        if vision is None:
+        """ValueError if the model takes no images or the prompt's spans do not match them."""
+        span = image_span(self.model_config)
+        if span is None:
             raise ValueError(f"{self.model_config.architecture} takes no images")
-        ids = req.prompt_token_ids
+        ids, end = req.prompt_token_ids, 0
         for i, item in enumerate(req.mm_items):
-            if ids[item.offset : item.end] != [vision.image_token_id] * item.num_tokens:
+            if item.offset < end or not span.matches(ids, item.offset, item.num_tokens):
                 raise ValueError(f"mm_items[{i}]: prompt tokens [{item.offset}, {item.end}) "
-                                 f"are not its {item.num_tokens} image placeholders")
+                                 f"are not its {item.num_tokens} image tokens, after the "
+                                 f"previous image's")
+            end = item.end
 
     def _place_images(self, req: EngineCoreRequest, seqs: list[Sequence]) -> None:
-        """Give a request's sequences its images and M-RoPE positions (checked on admission)."""
-        vision = self.model_config.vision
-        assert vision is not None
+        """Give a request's sequences its images and their positions (checked on admission):
+        GLM-4.1V's M-RoPE rows, GLM-4V-9B's collapsed 1-D positions."""
         ids = req.prompt_token_ids
-        grids = [item.grid_thw for item in req.mm_items]
-        positions, delta = mrope_positions(ids, grids, vision.image_token_id,
-                                           vision.spatial_merge_size)
-        t, h, w = positions.tolist()
+        vision = self.model_config.vision
+        mrope: tuple[list[int], list[int], list[int]] | None = None
+        prompt_positions: list[int] | None = None
+        if vision is not None:
+            grids = [item.grid_thw for item in req.mm_items]
+            positions, delta = mrope_positions(ids, grids, vision.image_token_id,
+                                               vision.spatial_merge_size)
+            t, h, w = positions.tolist()
+            mrope = (t, h, w)
+        else:
+            prompt_positions, delta = collapsed_positions(
+                len(ids), [(item.offset, item.num_tokens) for item in req.mm_items])
         for seq in seqs:
             seq.mm_items = req.mm_items
-            seq.mrope_positions = (t, h, w)
+            seq.mrope_positions = mrope
+            seq.prompt_positions = prompt_positions
             seq.rope_delta = delta
 
     def abort(self, request_id: str, index: int | None = None) -> None:

@@ -13,6 +13,7 @@ from flatout.engine.batch import prompt_layout
 from flatout.engine.messages import MultiModalItem, RequestError
 from flatout.multimodal.image_io import ImageError, content_hash, to_rgb_array
 from flatout.multimodal.image_size import MAX_PIXELS, MIN_PIXELS, ImageGrid, image_grid
+from flatout.multimodal.placement import ImageSpan, image_span
 from flatout.sampling_params import SamplingParams
 
 DEFAULT_MAX_IMAGES_PER_PROMPT = 8
@@ -67,12 +68,16 @@ class InputProcessor:
 
     @property
     def image_placeholder(self) -> str | None:
-        """The prompt text of one image, <|begin_of_image|><|image|><|end_of_image|> (None:
-        the model takes no images, or its tokenizer does not spell them as single tokens)."""
-        vision, tok = self.model_config.vision, self.tokenizer
-        if vision is None or tok is None:
+        """The prompt text of one image (None: the model takes no images, or its tokenizer does
+        not spell them as single tokens): GLM-4.1V's <|begin_of_image|><|image|><|end_of_image|>,
+        GLM-4V-9B's <|begin_of_image|><|endoftext|><|end_of_image|>."""
+        span, tok = image_span(self.model_config), self.tokenizer
+        if span is None or tok is None:
             return None
-        ids = [vision.image_start_token_id, vision.image_token_id, vision.image_end_token_id]
+        vision = self.model_config.vision
+        ids = list(span.marker)
+        if vision is not None:  # the template's own boi / eoi around the one <|image|>
+            ids = [vision.image_start_token_id, *ids, vision.image_end_token_id]
         text = "".join(tok.convert_ids_to_tokens(ids))
         if list(tok.encode(text, add_special_tokens=False)) != ids:
             return None
@@ -93,8 +98,8 @@ class InputProcessor:
         self, prompt: str | list[int], params: SamplingParams, images: list[Any] | None = None
     ) -> ProcessedPrompt:
         """Tokenize and validate one prompt (raises RequestError). With `images` (PIL images
-        or [H, W, 3] uint8 arrays, in prompt order), each `<|image|>` placeholder token of the
-        prompt is expanded to its image's token count."""
+        or [H, W, 3] uint8 arrays, in prompt order), each image placeholder of the prompt is
+        widened to its image's token count (multimodal/placement.py)."""
         text, ids = self.encode(prompt)
         items: list[MultiModalItem] = []
         if images:
@@ -104,42 +109,53 @@ class InputProcessor:
     def expand_images(
         self, token_ids: list[int], images: list[Any]
     ) -> tuple[list[int], list[MultiModalItem]]:
-        """The prompt with each image's one placeholder token repeated to the image's token
-        count, and the images as engine items (RequestError for a text-only model, too many
-        images, a placeholder count that does not match, or an unusable image)."""
-        vision = self.model_config.vision
-        if vision is None:
-            raise RequestError(f"this model ({self.model_config.architecture}) takes no images")
+        """The prompt with each image's placeholder widened to the image's token count (as
+        multimodal/placement.py describes), and the images as engine items (RequestError for a
+        text-only model, too many images, a placeholder count that does not match, or an
+        unusable image)."""
+        span = self._image_span()
         if len(images) > self.max_images_per_prompt:
             raise RequestError(f"{len(images)} images in one prompt; at most "
                                f"{self.max_images_per_prompt} are allowed")
-        image_id = vision.image_token_id
-        n_placeholders = token_ids.count(image_id)
+        n_placeholders = len(span.find(token_ids))
         if n_placeholders != len(images):
             raise RequestError(f"prompt has {n_placeholders} image placeholders for "
                                f"{len(images)} images")
-        out: list[int] = []
-        items: list[MultiModalItem] = []
-        it = iter(images)
-        for tok in token_ids:
-            if tok != image_id:
-                out.append(tok)
-                continue
-            index = len(items)
+        pixels, grids = [], []
+        for index, image in enumerate(images):
             try:
-                pixels = to_rgb_array(next(it))
+                pixels.append(to_rgb_array(image))
             except ImageError as e:
                 raise RequestError(f"image {index}: {e}") from None
-            grid = self.image_grid(pixels.shape[0], pixels.shape[1], index)
+            grids.append(self.image_grid(pixels[-1].shape[0], pixels[-1].shape[1], index))
+        try:
+            out, offsets = span.widen(token_ids, [g.num_tokens for g in grids])
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        items = []
+        for offset, grid, px in zip(offsets, grids, pixels, strict=True):
             resized = (grid.resized_height, grid.resized_width)
-            items.append(MultiModalItem(len(out), grid.num_tokens, grid.grid_thw, resized,
-                                        content_hash(pixels, resized), pixels))
-            out.extend([image_id] * grid.num_tokens)
+            items.append(MultiModalItem(offset, grid.num_tokens, grid.grid_thw, resized,
+                                        content_hash(px, resized), px))
         return out, items
+
+    def _image_span(self) -> ImageSpan:
+        span = image_span(self.model_config)
+        if span is None:
+            raise RequestError(f"this model ({self.model_config.architecture}) takes no images")
+        return span
 
     def image_grid(self, height: int, width: int, index: int = 0) -> ImageGrid:
         """An image's resized size, grid and token count under this processor's pixel range
-        (RequestError naming the image for an unusable size)."""
+        (RequestError naming the image for an unusable size). GLM-4V-9B resizes every image
+        to its fixed square (the aspect ratio is not kept): one grid for all."""
+        eva = self.model_config.eva_vision
+        if eva is not None:
+            if height <= 0 or width <= 0:
+                raise RequestError(f"image {index}: image size must be positive (got "
+                                   f"{height}x{width})")
+            s = eva.image_size
+            return ImageGrid(s, s, (1, eva.grid, eva.grid), eva.num_image_tokens)
         vision = self.model_config.vision
         if vision is None:
             raise RequestError(f"this model ({self.model_config.architecture}) takes no images")
@@ -155,8 +171,9 @@ class InputProcessor:
                           params: SamplingParams) -> None:
         """Before any pixel is decoded: the prompt with images of these (height, width) sizes
         (from their headers) fits (RequestError otherwise, as `validate`)."""
+        marker = len(self._image_span().marker)
         n = sum(self.image_grid(h, w, i).num_tokens for i, (h, w) in enumerate(sizes))
-        self.validate(token_ids + [token_ids[0]] * (n - len(sizes)), params)
+        self.validate(token_ids + [token_ids[0]] * (n - marker * len(sizes)), params)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
         """Check a request can ever be served; return its resolved max_tokens."""

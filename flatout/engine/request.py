@@ -83,6 +83,9 @@ class Sequence:
     mm_items: list[MultiModalItem] = field(default_factory=list)
     mrope_positions: tuple[list[int], list[int], list[int]] | None = None
     rope_delta: int = 0
+    # GLM-4V-9B: the prompt's 1-D positions (an image's span shares three of them); a token at
+    # index i past the prompt sits at i + rope_delta. None: token i at position i.
+    prompt_positions: list[int] | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -10,10 +10,9 @@ text width, a GLU (linear_proj, LayerNorm, GELU, then dense_4h_to_h(silu(gate_pr
 dense_h_to_4h)), the learned boi and eoi vectors around the patches, all divided by
 scaling_factor: 2 + (S/2P)^2 embeddings per image (1602 at 1120 / 14).
 
-Prompt: the image span in ids is boi, one placeholder, eoi; the span is replaced by the image's
-embeddings. Positions (as the checkpoint's code assigns them): boi keeps its position p, every
-patch embedding takes p + 1, eoi p + 2 and the text after it continues from there, so a token at
-index t of the expanded sequence (after the image) sits at t - (embeddings - 3).
+Prompt: the image span in ids is boi, one placeholder, eoi, widened to boi, placeholders, eoi
+(one id per embedding) and replaced by the image's embeddings; boi keeps its position p, every
+patch embedding takes p + 1, eoi p + 2 (multimodal/placement.py, as the checkpoint's code).
 
 Under tensor parallelism the tower's blocks and the adapter's gated MLP are split over the ranks
 like the text model (heads, MLP columns; a reduce after each), the rest is replicated: every rank
@@ -21,8 +20,6 @@ ends with the whole image embedding on the device of its own text embedding, so 
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,35 +31,7 @@ from flatout.layers.activation import SiluAndMul
 from flatout.layers.embedding import ParallelLMHead
 from flatout.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from flatout.layers.norm import LayerNorm
-from flatout.models.decoder import DecoderModel, fuses_reduce
-
-
-def expand_image_prompt(
-    input_ids: Sequence[int], eva: EvaVisionConfig
-) -> tuple[list[int], list[int], int]:
-    """The prompt with each image span (boi, placeholder, eoi) widened to the image's embedding
-    slots, the positions the checkpoint's code gives them, and the position delta of what
-    follows (decode token at expanded index t sits at t + delta).
-
-    The slots keep boi / eoi at their ends and the placeholder's id in between."""
-    ids = list(input_ids)
-    n = eva.num_patch_embeds
-    out_ids: list[int] = []
-    positions: list[int] = []
-    i = pos = 0
-    while i < len(ids):
-        if ids[i] != eva.boi_token_id:
-            out_ids.append(ids[i])
-            positions.append(pos)
-            i, pos = i + 1, pos + 1
-            continue
-        if i + 2 >= len(ids) or ids[i + 2] != eva.eoi_token_id:
-            raise ValueError(f"image span at {i}: boi ({eva.boi_token_id}) must be followed by "
-                             f"one placeholder and eoi ({eva.eoi_token_id})")
-        out_ids += [ids[i]] + [ids[i + 1]] * n + [ids[i + 2]]
-        positions += [pos] + [pos + 1] * n + [pos + 2]
-        i, pos = i + 3, pos + 3
-    return out_ids, positions, pos - len(out_ids)
+from flatout.models.decoder import DecoderModel, fuses_reduce, lm_head_quantization
 
 
 class EvaPatchEmbedding(nn.Module):
@@ -88,11 +57,12 @@ def _reduced(out: torch.Tensor | PendingReduce) -> torch.Tensor:
 class EvaAttention(nn.Module):
     """Heads split over the tensor-parallel ranks, like the text model's."""
 
-    def __init__(self, eva: EvaVisionConfig) -> None:
+    def __init__(self, eva: EvaVisionConfig, quantization: str | None = None) -> None:
         super().__init__()
         h, heads = eva.hidden_size, eva.num_heads
-        self.query_key_value = QKVParallelLinear(h, h // heads, heads, heads, bias=True)
-        self.dense = RowParallelLinear(h, h, bias=True)
+        self.query_key_value = QKVParallelLinear(h, h // heads, heads, heads, bias=True,
+                                                 quantization=quantization)
+        self.dense = RowParallelLinear(h, h, bias=True, quantization=quantization)
         self.num_heads = self.query_key_value.num_heads  # this rank's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, L, h]
@@ -105,10 +75,12 @@ class EvaAttention(nn.Module):
 
 
 class EvaMLP(nn.Module):
-    def __init__(self, eva: EvaVisionConfig) -> None:
+    def __init__(self, eva: EvaVisionConfig, quantization: str | None = None) -> None:
         super().__init__()
-        self.fc1 = MergedColumnParallelLinear(eva.hidden_size, [eva.intermediate_size], bias=True)
-        self.fc2 = RowParallelLinear(eva.intermediate_size, eva.hidden_size, bias=True)
+        self.fc1 = MergedColumnParallelLinear(eva.hidden_size, [eva.intermediate_size], bias=True,
+                                              quantization=quantization)
+        self.fc2 = RowParallelLinear(eva.intermediate_size, eva.hidden_size, bias=True,
+                                     quantization=quantization)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -119,11 +91,11 @@ class EvaMLP(nn.Module):
 class EvaBlock(nn.Module):
     """Post-norm: the norms apply to the branch outputs, before the residual add."""
 
-    def __init__(self, eva: EvaVisionConfig) -> None:
+    def __init__(self, eva: EvaVisionConfig, quantization: str | None = None) -> None:
         super().__init__()
         self.input_layernorm = LayerNorm(eva.hidden_size, eva.layer_norm_eps)
-        self.attention = EvaAttention(eva)
-        self.mlp = EvaMLP(eva)
+        self.attention = EvaAttention(eva, quantization)
+        self.mlp = EvaMLP(eva, quantization)
         self.post_attention_layernorm = LayerNorm(eva.hidden_size, eva.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,9 +104,9 @@ class EvaBlock(nn.Module):
 
 
 class EvaTransformer(nn.Module):
-    def __init__(self, eva: EvaVisionConfig) -> None:
+    def __init__(self, eva: EvaVisionConfig, quantization: str | None = None) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(EvaBlock(eva) for _ in range(eva.depth))
+        self.layers = nn.ModuleList(EvaBlock(eva, quantization) for _ in range(eva.depth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -146,13 +118,14 @@ class EvaGLU(nn.Module):
     """linear_proj (replicated), LayerNorm, GELU, then the gated MLP split over the ranks: the
     checkpoint's gate_proj and dense_h_to_4h load as the halves of gate_up_proj."""
 
-    def __init__(self, eva: EvaVisionConfig) -> None:
+    def __init__(self, eva: EvaVisionConfig, quantization: str | None = None) -> None:
         super().__init__()
         o, g = eva.out_hidden_size, eva.glu_intermediate_size
         self.linear_proj = nn.Linear(o, o, bias=False)
         self.norm1 = LayerNorm(o, 1e-5)  # torch's LayerNorm default in the checkpoint's code
-        self.gate_up_proj = MergedColumnParallelLinear(o, [g, g], bias=False)
-        self.dense_4h_to_h = RowParallelLinear(g, o, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(o, [g, g], bias=False,
+                                                       quantization=quantization)
+        self.dense_4h_to_h = RowParallelLinear(g, o, bias=False, quantization=quantization)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, L, o]
@@ -162,14 +135,17 @@ class EvaGLU(nn.Module):
 
 
 class EVA2CLIP(nn.Module):
-    def __init__(self, eva: EvaVisionConfig) -> None:
+    """With `quantization` the blocks' linears and the adapter's gated MLP (the parallel
+    linears: nearly all of its weights) hold that format, as the text model's do."""
+
+    def __init__(self, eva: EvaVisionConfig, quantization: str | None = None) -> None:
         super().__init__()
         self.eva = eva
         o = eva.out_hidden_size
         self.patch_embedding = EvaPatchEmbedding(eva)
-        self.transformer = EvaTransformer(eva)
+        self.transformer = EvaTransformer(eva, quantization)
         self.conv = nn.Conv2d(eva.hidden_size, o, kernel_size=2, stride=2)
-        self.linear_proj = EvaGLU(eva)
+        self.linear_proj = EvaGLU(eva, quantization)
         self.boi = nn.Parameter(torch.zeros(1, 1, o), requires_grad=False)
         self.eoi = nn.Parameter(torch.zeros(1, 1, o), requires_grad=False)
 
@@ -187,17 +163,20 @@ class EVA2CLIP(nn.Module):
 class _VisionHolder(nn.Module):
     """Gives the tower its checkpoint path, `transformer.vision`."""
 
-    def __init__(self, eva: EvaVisionConfig) -> None:
+    def __init__(self, eva: EvaVisionConfig, quantization: str | None = None) -> None:
         super().__init__()
-        self.vision = EVA2CLIP(eva)
+        self.vision = EVA2CLIP(eva, quantization)
 
 
 class ChatGLM4VForCausalLM(nn.Module):
     """The CausalLM interface plus images.
 
-    encode_images(images [N, C, S, S]) -> [N, slots, hidden]; forward(input_ids [T], positions
-    [T], image_embeds [N, slots, hidden] or None) -> hidden [T, hidden], input_ids being the
-    expanded prompt of `expand_image_prompt` (each image's slots start at its boi)."""
+    encode_images(images [N, C, S, S]) -> [N, slots, hidden] (slots = boi + patches + eoi);
+    forward(input_ids [T], positions [T], image_embeds [rows, hidden] or None, image_index
+    [rows] or None) -> hidden [T, hidden]: image_embeds' rows replace the embeddings of the
+    tokens at image_index (by default each boi's span of `slots` tokens in input_ids, the
+    prompt widened as multimodal/placement.py does). The rows are moved to the text
+    embedding's device and dtype first: the tower may sit anywhere."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -207,8 +186,8 @@ class ChatGLM4VForCausalLM(nn.Module):
         self.eva = cfg.eva_vision
         self.fuses_reduce = fuses_reduce(cfg)
         self.model = DecoderModel(cfg, self.fuses_reduce)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
-        self.transformer = _VisionHolder(cfg.eva_vision)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, lm_head_quantization(cfg))
+        self.transformer = _VisionHolder(cfg.eva_vision, cfg.quantization)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.transformer.vision(images)
@@ -218,21 +197,22 @@ class ChatGLM4VForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         image_embeds: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if image_embeds is None:
             return self.model(input_ids, positions)
         embeds: torch.Tensor = self.model.embed_tokens(input_ids)  # [T, hidden]
-        starts = (input_ids == self.eva.boi_token_id).nonzero().flatten().tolist()
-        slots = image_embeds.shape[1]
-        if len(starts) != image_embeds.shape[0]:
-            raise ValueError(f"{image_embeds.shape[0]} images for {len(starts)} image spans")
-        embeds = embeds.clone()
-        for start, image in zip(starts, image_embeds, strict=True):
-            end = start + slots
-            if end > len(input_ids) or int(input_ids[end - 1]) != self.eva.eoi_token_id:
-                raise ValueError(f"image span at {start} is not {slots} slots wide "
-                                 f"(expand the prompt with expand_image_prompt)")
-            embeds[start:end] = image.to(embeds.dtype)
+        if image_embeds.dim() == 3:  # [N, slots, hidden]: one image per row
+            image_embeds = image_embeds.flatten(0, 1)
+        if image_index is None:
+            slots = self.eva.num_image_tokens
+            starts = (input_ids == self.eva.boi_token_id).nonzero()[:, 0]
+            image_index = (starts[:, None] + torch.arange(slots, device=starts.device)).flatten()
+        if image_embeds.shape[0] != image_index.shape[0]:
+            raise ValueError(f"{image_embeds.shape[0]} image embeddings for "
+                             f"{image_index.shape[0]} image tokens")
+        rows = image_embeds.to(device=embeds.device, dtype=embeds.dtype)
+        embeds = embeds.index_copy(0, image_index.to(embeds.device), rows)
         return self.model(input_ids, positions, inputs_embeds=embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

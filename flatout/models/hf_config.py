@@ -210,6 +210,10 @@ def _chatglm_fields(arch: str, raw: dict[str, Any]) -> tuple[dict[str, Any], int
     return fields, int(_require(raw, "seq_length"))
 
 
+def _first(value: Any, default: int) -> Any:
+    return default if value is None else value
+
+
 def _eva_vision(arch: str, raw: dict[str, Any], vis: Any, text: dict[str, Any]) -> EvaVisionConfig:
     if not isinstance(vis, dict):
         raise ValueError(f"{arch}: vision_config must be an object")
@@ -229,6 +233,7 @@ def _eva_vision(arch: str, raw: dict[str, Any], vis: Any, text: dict[str, Any]) 
         scaling_factor=float(vis.get("scaling_factor", 8.0)),
         boi_token_id=int(raw.get("boi_token_id", 151339)),
         eoi_token_id=int(raw.get("eoi_token_id", 151340)),
+        placeholder_token_id=int(_first(raw.get("pad_token_id"), 151329)),
     )
     if eva.grid % 2 or eva.hidden_size % eva.num_heads:
         raise ValueError(f"{arch}: vision grid {eva.grid} must be even and hidden_size "

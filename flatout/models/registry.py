@@ -133,12 +133,11 @@ def resolve_model_config(
     quantization = resolve_quantization(
         quantization, quantize_lm_head, raw, bool(fields["tie_word_embeddings"])
     )
-    if quantization and (fields.get("position_encoding_2d") or fields.get("eva_vision")):
-        # their fused qkv regrouping and the EVA tower's loaders are not checked with quantized
-        # weights: refuse rather than risk silently wrong outputs
-        raise ValueError(f"quantization: {quantization} is not supported for "
-                         f"{fields.get('architecture', 'this architecture')} (ChatGLM-6B v1 and "
-                         "GLM-4V-9B) yet; serve it unquantized")
+    if quantization and fields.get("position_encoding_2d"):
+        # its per-head interleaved qkv regrouping is not checked with quantized weights:
+        # refuse rather than risk silently wrong outputs
+        raise ValueError(f"quantization: {quantization} is not supported for ChatGLM-6B v1 "
+                         "yet; serve it unquantized")
     eos = list(fields.pop("eos_token_ids"))
     eos += [i for i in eos_list(generation.get("eos_token_id")) if i not in eos]
     return ModelConfig(
@@ -282,6 +281,7 @@ def model_info_lines(cfg: ModelConfig, kv_cache_dtype: str = "auto") -> list[str
         + (f", vision tower {cfg.eva_vision.num_params / 1e9:.2f} B" if cfg.eva_vision else ""),
         f"weights: {cfg.weight_bytes / 1e9:.2f} GB in {cfg.dtype}"
         + (f" (linears {cfg.quantization}" + (" incl. LM head" if cfg.quantize_lm_head else "")
+           + (" and the vision tower's" if cfg.eva_vision is not None else "")
            + " + fp32 per-channel scales)" if cfg.quantization else ""),
         f"KV cache: {kv / 1024:.1f} KiB per token in {kv_dtype}, "
         f"{kv * cfg.max_model_len / 2**30:.2f} GiB "

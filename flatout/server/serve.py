@@ -252,10 +252,15 @@ def _image_settings(ns: argparse.Namespace, client: Any) -> tuple[str | None, An
     inputs = client.inputs
     if "image" in limits:
         media.max_images_per_prompt = inputs.max_images_per_prompt = limits["image"]
+    model = client.ready.model_config
+    if pixels and model.eva_vision is not None:
+        s = model.eva_vision.image_size
+        raise ValueError(f"--mm-processor-kwargs: {model.model} resizes every image to its "
+                         f"fixed {s}x{s}; it takes no pixel range")
     inputs.min_pixels = pixels.get("min_pixels", inputs.min_pixels)
     inputs.max_pixels = pixels.get("max_pixels", inputs.max_pixels)
     placeholder = inputs.image_placeholder
-    if placeholder is None and client.ready.model_config.vision is not None:
+    if placeholder is None and (model.vision is not None or model.eva_vision is not None):
         log.warning("the tokenizer does not spell the image tokens as single tokens: image "
                     "parts will be refused")
     return placeholder, media

@@ -80,6 +80,8 @@ class InputBatch:
                 if s.prefix is None:
                     raise ValueError(f"sequence {s.seq_id}: 2-D positions need its PrefixLayout")
                 flat.positions.extend(s.prefix.positions(start, end))
+            elif s.positions is not None:
+                flat.positions.extend(s.positions)
             else:
                 flat.positions.extend(range(start + s.rope_delta, end + s.rope_delta))
             flat.prefix_lens.append(s.prefix.context_len if s.prefix is not None else 0)
@@ -95,10 +97,18 @@ class InputBatch:
         return flat
 
     def _add_images(self, batch: SchedulerOutput) -> None:
+        """The flat indices of the image tokens and the encoder rows they take; the M-RoPE
+        (t, h, w) rows when any row has them (GLM-4.1V; GLM-4V-9B's positions are 1-D)."""
+        self.image_index, self.image_slices = [], []
+        for s, base in zip(batch.seqs, self.query_start_loc, strict=False):
+            for sl in s.image_slices:
+                self.image_index.extend(range(base + sl.at, base + sl.at + sl.last - sl.first))
+                self.image_slices.append(sl)
+        if not any(s.mrope_positions for s in batch.seqs):
+            return
         t: list[int] = []
         h: list[int] = []
         w: list[int] = []
-        self.image_index, self.image_slices = [], []
         for s, base in zip(batch.seqs, self.query_start_loc, strict=False):
             if s.mrope_positions is not None:
                 for axis, rows in zip((t, h, w), s.mrope_positions, strict=True):
@@ -106,9 +116,6 @@ class InputBatch:
             else:
                 for axis in (t, h, w):
                     axis.extend(self.positions[base : base + s.num_tokens])
-            for sl in s.image_slices:
-                self.image_index.extend(range(base + sl.at, base + sl.at + sl.last - sl.first))
-                self.image_slices.append(sl)
         self.mrope_positions = (t, h, w)
 
     @property
@@ -123,10 +130,8 @@ class InputBatch:
     def to_device(self, device: torch.device) -> DeviceInputs:
         """Every index tensor of the step in one host-to-device copy."""
         mrope = self.mrope_positions
-        if mrope is None:
-            positions, image_index = self.positions, []
-        else:
-            positions, image_index = mrope[0] + mrope[1] + mrope[2], self.image_index or []
+        positions = self.positions if mrope is None else mrope[0] + mrope[1] + mrope[2]
+        image_index = self.image_index or []
         has_prefix = any(self.prefix_lens)
         ids, pos, slots, rows, pend_at, pend_rows, qsl, lens, tables, image, prefix = upload(
             device, self.input_ids, positions, self.slot_mapping, self.logits_rows,

@@ -146,6 +146,16 @@ def profile_peak_memory(model: Model, num_tokens: int, num_seqs: int,
     probs = torch.softmax(logits, dim=-1)
     probs.sort(dim=-1, descending=True)
     del hidden, logits, probs
+    eva = model.config.eva_vision
+    if eva is not None:  # GLM-4V-9B: the tower over the most images one step encodes
+        from flatout.models.glm4v_9b import ChatGLM4VForCausalLM
+
+        assert isinstance(model, ChatGLM4VForCausalLM)
+        s = eva.image_size
+        images = torch.zeros(eva.images_per_step(num_tokens), eva.in_channels, s, s,
+                             device=device)
+        model.encode_images(images)
+        del images
     vision = model.config.vision
     if vision is not None:  # a vision model: the tower over the largest image allowed
         from flatout.models.glm4v import Glm4vForConditionalGeneration

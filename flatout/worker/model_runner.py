@@ -20,9 +20,10 @@ from flatout.engine.batch import MultiModalItem, SamplingInfo, SchedulerOutput
 from flatout.layers.attention import Attention, AttentionMetadata, forward_context
 from flatout.layers.sampler import Sampler, SamplingBatch, SamplingRow, seeded_generator
 from flatout.models.glm4v import Glm4vForConditionalGeneration
+from flatout.models.glm4v_9b import ChatGLM4VForCausalLM
 from flatout.models.registry import TORCH_DTYPES, load_model
 from flatout.monitor.step_clock import StepClock, StepCost, measure_peak
-from flatout.multimodal.preprocess import preprocess_image
+from flatout.multimodal.preprocess import preprocess_fixed_size, preprocess_image
 from flatout.worker.control import ControlChannel, StepMessage
 from flatout.worker.cuda_graph import DecodeGraphs
 from flatout.worker.input_batch import BlockTables, InputBatch, upload
@@ -257,7 +258,7 @@ class ModelRunner:
         graphs = self.graphs
         max_query_len = flat.max_query_len
         if (graphs is not None and max_query_len == 1 and flat.num_rows <= graphs.max_bs
-                and flat.mrope_positions is None):
+                and flat.mrope_positions is None and not flat.image_slices):
             hidden = graphs.replay(t.input_ids, t.positions, t.slot_mapping, t.seq_lens,
                                    t.block_tables)
         else:
@@ -289,17 +290,29 @@ class ModelRunner:
 
     def _encode_images(self, items: list[MultiModalItem]) -> None:
         """Preprocess the step's new images on the device and run the vision tower over all
-        of them at once; each image's output is kept under its content hash."""
-        vc, model = self.config.vision, self.model
-        if vc is None or not isinstance(model, Glm4vForConditionalGeneration):
+        of them at once; each image's output ([its tokens, hidden]) is kept under its content
+        hash. The uint8 pixels go up from pinned memory without making the host wait for the
+        device's queue."""
+        model = self.model
+        if isinstance(model, ChatGLM4VForCausalLM):  # GLM-4V-9B: one fixed square per image
+            size = model.eva.image_size
+            images = torch.stack([
+                preprocess_fixed_size(_upload(torch.from_numpy(item.pixels), self.device), size)
+                for item in items
+            ])  # fmt: skip
+            embeds = model.encode_images(images).flatten(0, 1)
+        elif isinstance(model, Glm4vForConditionalGeneration):
+            vc = model.config.vision
+            assert vc is not None
+            pixel_values = torch.cat([
+                preprocess_image(_upload(torch.from_numpy(item.pixels), self.device), item.resized,
+                                 patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
+                                 temporal_patch_size=vc.temporal_patch_size)
+                for item in items
+            ])  # fmt: skip
+            embeds = model.encode_images(pixel_values, [item.grid_thw for item in items])
+        else:
             raise ValueError(f"{self.config.architecture} takes no images")
-        pixel_values = torch.cat([
-            preprocess_image(torch.from_numpy(item.pixels).to(self.device), item.resized,
-                             patch_size=vc.patch_size, merge_size=vc.spatial_merge_size,
-                             temporal_patch_size=vc.temporal_patch_size)
-            for item in items
-        ])  # fmt: skip
-        embeds = model.encode_images(pixel_values, [item.grid_thw for item in items])
         for item, out in zip(items, embeds.split([i.num_tokens for i in items]), strict=True):
             self.encoder_outputs[item.content_hash] = out
         self.num_encoded_images += len(items)

@@ -45,3 +45,20 @@ def test_image_fields_survive_the_pickle_sampling_does_not() -> None:
     assert back.sampling is None
     assert (back.mrope_positions, back.rope_delta, back.image_slices) == (
         row.mrope_positions, row.rope_delta, row.image_slices)
+
+
+def test_collapsed_1d_positions_of_a_glm4v_9b_row() -> None:
+    """GLM-4V-9B: the row's own 1-D positions (an image span shares three), no M-RoPE rows,
+    the image tokens' flat indices still given; the positions survive the pickle."""
+    text = rows()[0]
+    image = ScheduledSeq(1, 2, [290, 0, 0, 291, 8], None, True, [0], False,
+                         rope_delta=-2, image_slices=[ImageSlice(b"h", 0, 4, 0)],
+                         positions=[2, 3, 3, 4, 5])
+    flat = InputBatch.build(SchedulerOutput([text, image]), [[3], [0]], block_size=8)
+    assert flat.mrope_positions is None
+    assert flat.positions == [2, 2, 3, 3, 4, 5]
+    assert flat.image_index == [1, 2, 3, 4]
+    assert flat.slot_mapping == [3 * 8 + 5, 2, 3, 4, 5, 6]
+    t = flat.to_device(torch.device("cpu"))
+    assert t.positions.tolist() == [2, 2, 3, 3, 4, 5] and t.image_index.tolist() == [1, 2, 3, 4]
+    assert pickle.loads(pickle.dumps(image)).positions == image.positions
