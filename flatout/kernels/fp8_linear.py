@@ -1,10 +1,11 @@
 """W8A8 FP8 linear on CUDA (compute capability >= 8.9): y = x @ W^T (+ b) with W stored as
 float8_e4m3fn [N, K] plus one fp32 scale per output channel, x quantized per row (token) to
-e4m3 on the fly: y[m, n] = sum_k xq[m, k] wq[n, k] * x_scale[m] * w_scale[n]. Decode-sized
-inputs (<= gemv.MAX_ROWS rows) go through the GEMV, which quantizes the rows itself and streams
-the e4m3 weights (one kernel); more rows quantize x (one kernel: each row's absolute maximum,
-then the scaled e4m3 values) and multiply through `torch._scaled_mm` (cuBLASLt FP8 tensor
-cores) with row-wise scales.
+e4m3 on the fly: y[m, n] = sum_k xq[m, k] wq[n, k] * x_scale[m] * w_scale[n]. Inputs of up
+to GEMV_ROWS rows go through the GEMV, which quantizes the rows itself and streams the e4m3
+weights (one kernel; measured faster than _scaled_mm at one row, slower at 32:
+benchmarks/results/quant_gemv_h200.md); more rows quantize x (one kernel: each row's absolute
+maximum, then the scaled e4m3 values) and multiply through `torch._scaled_mm` (cuBLASLt FP8
+tensor cores) with row-wise scales.
 
 Everything here is a fixed sequence of device kernels with no host sync, so a decode step
 through it is captured in a CUDA graph like any other. cuBLASLt needs K and N to be multiples
@@ -23,6 +24,7 @@ from flatout.kernels import reference
 from flatout.kernels.gemv import FP8_MAX, MAX_ROWS, gemv
 
 BLOCK = 1024  # values of a row per pass
+GEMV_ROWS = 16
 
 
 @triton.jit
@@ -60,9 +62,10 @@ def linear_w8a8_fp8(
 ) -> torch.Tensor:  # x: [M, K], qweight: e4m3 [N, K], scale: fp32 [N] -> [M, N] in x's dtype
     n, k = qweight.shape
     x2 = x.reshape(-1, k)
-    if x2.shape[0] <= MAX_ROWS:  # decode: the GEMV quantizes the rows and reads e4m3 weights
+    tileable = n % 16 == 0 and k % 16 == 0
+    if x2.shape[0] <= (GEMV_ROWS if tileable else MAX_ROWS):  # the GEMV quantizes the rows
         return gemv(x2, qweight, bias, scale=scale).reshape(*x.shape[:-1], n)
-    if n % 16 or k % 16:
+    if not tileable:
         return reference.linear_w8a8_fp8(x, qweight, scale, bias)
     xq, x_scale = quantize_fp8_per_token(x2)  # [M, K] e4m3, [M, 1] fp32
     # row-wise scaled FP8 GEMMs give bf16 out; qweight.t() is the column-major [K, N] operand

@@ -24,7 +24,9 @@ import triton.language as tl
 from flatout.kernels._utils import INTERPRET, dot_dtype, dot_precision, next_pow2
 
 MAX_ROWS = 64
-CHUNKED_ROWS = 4 * MAX_ROWS  # int8 decode batches up to this many rows: GEMV chunks
+# int8 decode batches up to this many rows: the GEMV in row blocks (measured faster than
+# converting the weights for cuBLAS up to 256 rows: benchmarks/results/quant_gemv_h200.md)
+ROW_BLOCKED_ROWS = 4 * MAX_ROWS
 FP8_MAX: tl.constexpr = tl.constexpr(448.0)  # largest finite e4m3
 
 
@@ -69,21 +71,30 @@ GEMV_WINS_UP_TO: dict[tuple[int, int], int] = {
     (4096, 13696): 64,
     (151552, 4096): 64,
 }
-# int8 weights (W8A16): tiles from benchmarks/results/int8_gemv_h200.md (rows 1 and 32)
+# int8 weights (W8A16): tiles from benchmarks/results/quant_gemv_h200.md (rows 1 and 32 in one
+# program; 128 and 256 rows in row blocks); the LM head's from int8_gemv_h200.md
+G = GemvConfig
 TUNED_INT8: dict[tuple[int, int, int], GemvConfig] = {
-    (4608, 4096, 16): GemvConfig(64, 512, 4, 3),
-    (4608, 4096, 32): GemvConfig(64, 512, 4, 3),
-    (4096, 4096, 16): GemvConfig(32, 256, 4, 4),
-    (4096, 4096, 32): GemvConfig(32, 512, 4, 3),
-    (27392, 4096, 16): GemvConfig(128, 256, 4, 3),
-    (27392, 4096, 32): GemvConfig(128, 256, 4, 3),
-    (4096, 13696, 16): GemvConfig(32, 512, 4, 4),
-    (4096, 13696, 32): GemvConfig(32, 512, 4, 4),
-    (151552, 4096, 16): GemvConfig(64, 256, 4, 4),
-    (151552, 4096, 32): GemvConfig(128, 256, 4, 3),
+    (4608, 4096, 16): G(64, 512, 4, 4), (4608, 4096, 32): G(64, 512, 4, 3),
+    (4608, 4096, 128): G(64, 128, 4, 3, block_m=128), (4608, 4096, 256): G(64, 64, 4, 3, 128),
+    (4096, 4096, 16): G(32, 256, 4, 4), (4096, 4096, 32): G(32, 512, 4, 4),
+    (4096, 4096, 128): G(64, 128, 4, 3, block_m=64), (4096, 4096, 256): G(64, 128, 8, 3, 128),
+    (27392, 4096, 16): G(128, 256, 4, 3), (27392, 4096, 32): G(128, 256, 4, 3),
+    (27392, 4096, 128): G(128, 64, 4, 3, block_m=128), (27392, 4096, 256): G(128, 64, 4, 3, 64),
+    (4096, 13696, 16): G(32, 512, 4, 4), (4096, 13696, 32): G(32, 512, 4, 4),
+    (4096, 13696, 128): G(64, 128, 4, 3, block_m=64), (4096, 13696, 256): G(64, 128, 4, 3, 128),
+    (151552, 4096, 16): G(64, 256, 4, 4), (151552, 4096, 32): G(128, 256, 4, 3),
 }
+# e4m3 weights (W8A8 FP8) at one row (same file); more rows go through torch._scaled_mm
+TUNED_FP8: dict[tuple[int, int, int], GemvConfig] = {
+    (4608, 4096, 16): G(64, 256, 4, 3), (4096, 4096, 16): G(32, 512, 4, 3),
+    (27392, 4096, 16): G(128, 256, 4, 3), (4096, 13696, 16): G(32, 512, 4, 3),
+}
+# row blocks for more than MAX_ROWS rows of a shape not in the table
+DEFAULT_ROW_BLOCKED = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, block_m=64)
 DEFAULT = GemvConfig(block_n=32, block_k=256, num_warps=4, num_stages=4)
 INTERPRET_CONFIG = GemvConfig(block_n=16, block_k=32, num_warps=1, num_stages=1)
+INTERPRET_ROW_BLOCKED = GemvConfig(block_n=16, block_k=32, num_warps=1, num_stages=1, block_m=32)
 
 
 @triton.jit
@@ -149,13 +160,15 @@ def padded_rows(m: int) -> int:
     return max(16, next_pow2(m))
 
 
-def config_for(n: int, k: int, m: int, int8: bool = False) -> GemvConfig:
+def config_for(n: int, k: int, m: int, weights: torch.dtype | None = None) -> GemvConfig:
+    """The tile for m rows of an [N, K] weight (`weights`: the quantized dtype, if any)."""
     if INTERPRET:
-        return INTERPRET_CONFIG
+        return INTERPRET_CONFIG if m <= MAX_ROWS else INTERPRET_ROW_BLOCKED
     key = (n, k, padded_rows(m))
-    if int8 and key in TUNED_INT8:
-        return TUNED_INT8[key]
-    return TUNED.get(key, DEFAULT)
+    table = {torch.int8: TUNED_INT8, torch.float8_e4m3fn: TUNED_FP8}.get(weights, TUNED)  # type: ignore[arg-type]
+    if key in table:
+        return table[key]
+    return DEFAULT if m <= MAX_ROWS else DEFAULT_ROW_BLOCKED
 
 
 def gemv(
@@ -173,7 +186,7 @@ def gemv(
         raise ValueError(f"gemv needs x [M, K] and weight [N, K], got {x.shape}, {weight.shape}")
     m, k = x.shape
     n = weight.shape[0]
-    cfg = config or config_for(n, k, m, int8=scale is not None)
+    cfg = config or config_for(n, k, m, weight.dtype if scale is not None else None)
     if m > MAX_ROWS and not cfg.block_m:
         raise ValueError(f"gemv takes at most {MAX_ROWS} rows without a block_m, got {m}")
     if x.stride(1) != 1:
@@ -220,15 +233,13 @@ def linear(
 def linear_w8a16(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:  # x: [M, K], qweight: int8 [N, K], scale: fp32 [N]
-    """(x @ qweight.T) * scale + bias: the GEMV reads int8 weights for up to MAX_ROWS rows,
-    and in MAX_ROWS-row chunks up to CHUNKED_ROWS (each chunk reads the int8 weight again: 4
-    chunks still read fewer bytes than converting it); more rows (prefill) convert the weight
+    """(x @ qweight.T) * scale + bias: the GEMV reads int8 weights for up to MAX_ROWS rows in
+    one program per column block, and up to ROW_BLOCKED_ROWS in row blocks that share each
+    weight tile (both convert the weights in registers); more rows (prefill) convert the weight
     to x's dtype (exact for int8), multiply through cuBLAS and scale the output channels
     (computed in fp32, in place)."""
-    if x.dim() == 2 and x.shape[0] <= MAX_ROWS:
+    if x.dim() == 2 and x.shape[0] <= ROW_BLOCKED_ROWS:
         return gemv(x, qweight, bias, scale=scale)
-    if x.dim() == 2 and x.shape[0] <= CHUNKED_ROWS:
-        return torch.cat([gemv(c, qweight, bias, scale=scale) for c in x.split(MAX_ROWS)])
     y = torch.nn.functional.linear(x, qweight.to(x.dtype))
     y.mul_(scale)
     return y if bias is None else y.add_(bias)

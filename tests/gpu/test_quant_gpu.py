@@ -39,7 +39,7 @@ def _graph_replay(fn, *args):  # one capture, one replay, after a warm-up on a s
     return out
 
 
-@pytest.mark.parametrize("rows", [1, 32, 300])
+@pytest.mark.parametrize("rows", [1, 32, 128, 256, 300, 4096])
 @pytest.mark.parametrize(("n", "k"), SHAPES)
 @pytest.mark.parametrize("method", ["int8", "fp8"])
 def test_quantized_linear_matches_reference(method: str, rows: int, n: int, k: int) -> None:
@@ -81,3 +81,34 @@ def test_quantized_engine_same_tokens_with_and_without_cuda_graphs(tmp_path, met
         finally:
             llm.engine.core.shutdown()
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("rows", [65, 256])
+@pytest.mark.parametrize("weights", ["int8", "fp8", "fp8-e4m3-dot"])
+def test_row_blocked_gemv_on_the_gpu(weights: str, rows: int) -> None:
+    from flatout.kernels.gemv import GemvConfig, gemv
+
+    if weights.startswith("fp8") and not supports_fp8(CUDA):
+        pytest.skip("no FP8 tensor cores")
+    g = torch.Generator(CUDA).manual_seed(1)
+    w = torch.randn(4104, 4096, device=CUDA, generator=g) / 64  # N not a multiple of the tile
+    x = torch.randn(rows, 4096, device=CUDA, generator=g).bfloat16()
+    quantize, oracle = ((reference.quantize_int8, reference.linear_w8a16) if weights == "int8"
+                        else (reference.quantize_fp8, reference.linear_w8a8_fp8))
+    q, s = quantize(w)
+    cfg = GemvConfig(64, 128, 4, 3, block_m=64, fp8_dot=weights == "fp8-e4m3-dot")
+    got = gemv(x, q, None, config=cfg, scale=s)
+    want = oracle(x.float(), q, s, None)
+    assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_fused_fp8_row_quantize_on_the_gpu() -> None:
+    from flatout.kernels.fp8_linear import quantize_fp8_per_token
+
+    x = torch.randn(300, 13696, device=CUDA).bfloat16() * 5
+    x[7] = 0
+    q, s = quantize_fp8_per_token(x)
+    q_ref, s_ref = reference.quantize_fp8_per_token(x)
+    torch.testing.assert_close(s, s_ref)
+    # the kernel's fp32 division may round a value to the neighbouring e4m3 step
+    torch.testing.assert_close(q.float(), q_ref.float(), atol=2**-9, rtol=1 / 8)
