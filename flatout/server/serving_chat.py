@@ -204,6 +204,15 @@ def _message(
     return msg
 
 
+def _finish_reason(p: _Prepared, called: bool, reason: str | None) -> str | None:
+    """OpenAI's: "tool_calls" when the model chose to call (`auto`, `required`), "stop" when
+    `tool_choice` named the function (the call was not the model's choice)."""
+    if not called:
+        return reason
+    named = p.forced_tools is not None and p.forced_tools.name is not None
+    return "stop" if named else "tool_calls"
+
+
 def _response(
     state: ServerState, req: ChatCompletionRequest, p: _Prepared, request: OutputAccumulator
 ) -> dict[str, Any]:
@@ -216,7 +225,7 @@ def _response(
             "message": message,
             "logprobs": chat_logprobs(state, o.logprobs or [], p.top_logprobs)
             if req.logprobs else None,
-            "finish_reason": "tool_calls" if "tool_calls" in message else o.finish_reason,
+            "finish_reason": _finish_reason(p, "tool_calls" in message, o.finish_reason),
             "stop_reason": o.stop_reason,
         })
     return {
@@ -265,10 +274,11 @@ class _ChatChoices:
         logprobs = (chat_logprobs(self.state, new_lps, self.p.top_logprobs)
                     if self.req.logprobs else None)
         fields: dict[str, Any] = {"delta": delta, "logprobs": logprobs}
-        if tool_deltas:  # one chunk per tool-call piece after this delta's text
+        if tool_deltas:  # one chunk per tool-call piece after this delta's text, then the
+            # finish reason in a chunk of its own with an empty delta, as OpenAI's
             fields["deltas"] = ([delta] if delta else []) + [
-                {"tool_calls": [d]} for d in tool_deltas]
-            fields["finish_reason"] = "tool_calls"
+                {"tool_calls": [d]} for d in tool_deltas] + [{}]
+            fields["finish_reason"] = _finish_reason(self.p, True, o.finish_reason)
         return fields, bool(delta) or bool(self.req.logprobs and new_lps)
 
 

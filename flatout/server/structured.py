@@ -172,7 +172,7 @@ class ForcedToolCalls:
         """The calls in a finished output; None when it is not complete JSON (cut short)."""
         try:
             value = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         if self.name is not None:
             if not isinstance(value, dict):

@@ -6,7 +6,8 @@ passes through at once, the rest is held until the reply ends (or until it can n
 tool call) and then comes out as OpenAI's `delta.tool_calls` pieces.
 
 Formats:
-- glm4 (GLM-4-9B-chat): the whole reply is `name\\n{json arguments}`.
+- glm4 (GLM-4-9B-chat): the whole reply is `name\\n{json arguments}` (several: one after
+  another, each after its own `<|assistant|>`).
 - glm45 (GLM-4-0414, GLM-4.5): `<tool_call>name\\n<arg_key>k</arg_key><arg_value>v</arg_value>…
   </tool_call>`, values JSON where they parse, else strings.
 - hermes (Qwen2.5/Qwen3): `<tool_call>{"name": …, "arguments": {…}}</tool_call>`.
@@ -66,7 +67,7 @@ def _arguments(value: object) -> str | None:
 def _json_object(text: str) -> dict[str, Any] | None:
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
 
@@ -108,7 +109,7 @@ class Glm45Parser(ToolParser):
             for key, value in self._ARG.findall(rest):
                 try:
                     args[key.strip()] = json.loads(value)
-                except ValueError:
+                except (ValueError, RecursionError):
                     args[key.strip()] = value
             if self._ARG.sub("", rest).strip():  # anything but arguments: not this format
                 return text, []
@@ -119,16 +120,30 @@ class Glm45Parser(ToolParser):
 
 
 class Glm4Parser(ToolParser):
-    """GLM-4-9B-chat: the whole reply is `name\\n{json}`."""
+    """GLM-4-9B-chat: the whole reply is `name\\n{json}`, or several such calls, each after an
+    `<|assistant|>` of its own (gone from the text when special tokens are skipped)."""
 
     _NAME = re.compile(r"[\w.\-]+")
+    _TURN = "<|assistant|>"
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
-        name, newline, rest = text.strip().partition("\n")
-        obj = _json_object(rest.strip()) if newline else None
-        if obj is None or not self._NAME.fullmatch(name.strip()):
-            return text, []
-        return "", [ToolCall(name.strip(), json.dumps(obj, ensure_ascii=False))]
+        decoder = json.JSONDecoder()
+        calls: list[ToolCall] = []
+        rest = text.strip()
+        while rest:
+            name, newline, body = rest.partition("\n")
+            if not newline or not self._NAME.fullmatch(name.strip()):
+                return text, []
+            body = body.lstrip()
+            try:
+                obj, end = decoder.raw_decode(body)
+            except (ValueError, RecursionError):
+                return text, []
+            if not isinstance(obj, dict):
+                return text, []
+            calls.append(ToolCall(name.strip(), json.dumps(obj, ensure_ascii=False)))
+            rest = body[end:].strip().removeprefix(self._TURN).lstrip()
+        return ("", calls) if calls else (text, [])
 
     def still_possible(self, held: str) -> bool:
         name, newline, rest = held.lstrip().partition("\n")
@@ -150,7 +165,7 @@ class Llama3JsonParser(ToolParser):
         while i < len(body):
             try:
                 obj, end = decoder.raw_decode(body, i)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return text, []
             args = _arguments(obj.get("parameters", obj.get("arguments", {}))) if isinstance(
                 obj, dict) else None

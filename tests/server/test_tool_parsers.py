@@ -28,6 +28,12 @@ CASES = [  # parser, model output, expected content, expected [(name, arguments)
     ("glm4", "get_time\n{}", "", [("get_time", {})]),
     ("glm4", "Hello there, how are you?\nFine.", None, []),
     ("glm4", 'get_weather\n{"city": ', None, []),
+    ("glm4", 'get_weather\n{"city": "Paris"}<|assistant|>now\n{}', "",  # special tokens kept
+     [("get_weather", {"city": "Paris"}), ("now", {})]),
+    ("glm4", 'get_weather\n{"city": "Paris"}now\n{}', "",  # <|assistant|> skipped
+     [("get_weather", {"city": "Paris"}), ("now", {})]),
+    ("glm4", 'get_weather\n{"city": "Paris"}\nThat is all.', None, []),
+    ("glm4", "get_weather\n[1, 2]", None, []),
     ("llama3_json", '<|python_tag|>{"name": "f", "parameters": {"q": "x"}}', "",
      [("f", {"q": "x"})]),
     ("llama3_json", '{"name": "f", "parameters": {}}; {"name": "g", "parameters": {"n": 1}}', "",
