@@ -138,6 +138,8 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Any = Field(None, description="`none`, `auto`, `required` or `{\"type\": "
                              "\"function\", \"function\": {\"name\": ...}}` (the last two "
                              "enforced by a grammar)")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one tool call "
+                                             "per reply (default: any number)")
     # OpenAI fields flatout does not implement: a value that asks for them is a 400 naming the
     # field (refuse_unsupported), never silently ignored
     modalities: Any = Field(None, description='only ["text"]')

@@ -58,6 +58,7 @@ class _Prepared:
     images: list[ImageRef] = field(default_factory=list)  # image parts, in prompt order
     mm_items: list[MultiModalItem] = field(default_factory=list)  # once they are decoded
     reasoning_tokens: ReasoningTokens | None = None  # the reasoning is split by the tags' ids
+    max_tool_calls: int | None = None  # parallel_tool_calls false: 1
 
 
 def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
@@ -68,7 +69,8 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
         raise OpenAIError('tool_choice "auto" needs the server started with '
                           "--enable-auto-tool-choice --tool-call-parser NAME", param="tool_choice",
                           code="unsupported_parameter")
-    forced = ForcedToolCalls.from_request(req.tool_choice, req.tools)
+    parallel = req.parallel_tool_calls is not False
+    forced = ForcedToolCalls.from_request(req.tool_choice, req.tools, parallel)
     tool_parser = (state.tool_parser if req.tools and req.tool_choice != "none" and forced is None
                    else None)
     urls: list[tuple[str, str]] = []
@@ -89,7 +91,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
     by_id = parser.reasoning_tokens(opened=opened) if parser is not None else None
     return _Prepared(new_id("chatcmpl"), model, ids, params, opened, req.top_logprobs or 0,
                      tool_parser, forced, [ImageRef(url, param) for url, param in urls],
-                     reasoning_tokens=by_id)
+                     reasoning_tokens=by_id, max_tool_calls=None if parallel else 1)
 
 
 def _reasoning_end_id(state: ServerState, field: str) -> int:
@@ -198,6 +200,7 @@ def _message(
             msg["tool_calls"] = [c.to_openai() for c in forced]
     elif p.tool_parser is not None:
         content, calls = p.tool_parser.parse(msg["content"])
+        calls = calls[:p.max_tool_calls]
         if calls:
             msg["content"] = content or None
             msg["tool_calls"] = [c.to_openai() for c in calls]
@@ -245,7 +248,7 @@ class _ChatChoices:
         self.state, self.req, self.p = state, req, p
         self.splitters = [_reasoning_stream(state, p) for _ in range(p.params.n)]
         self.tool_streams: list[ToolCallStream | ForcedToolStream | None] = [
-            ToolCallStream(p.tool_parser) if p.tool_parser
+            ToolCallStream(p.tool_parser, p.max_tool_calls) if p.tool_parser
             else ForcedToolStream(p.forced_tools) if p.forced_tools else None
             for _ in range(p.params.n)]
 

@@ -216,8 +216,9 @@ class ToolCallStream:
     """One choice's stream: `feed` the text deltas, `finish` at the end; both return
     (content delta, tool_calls deltas)."""
 
-    def __init__(self, parser: ToolParser) -> None:
+    def __init__(self, parser: ToolParser, max_calls: int | None = None) -> None:
         self.parser = parser
+        self.max_calls = max_calls  # parallel_tool_calls false: 1 (later calls are dropped)
         self.text = ""
         self.sent = 0  # characters of text released as content
         self.released = False  # the held part proved not a tool call: plain text from here
@@ -242,7 +243,7 @@ class ToolCallStream:
         if self.released or not rest:
             return rest, []
         content, calls = self.parser.parse(rest)
-        self.calls = calls
+        self.calls = calls = calls[:self.max_calls]
         return content, tool_call_deltas(calls)
 
     def _release(self, upto: int) -> str:

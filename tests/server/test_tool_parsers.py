@@ -100,3 +100,20 @@ def test_unknown_parser_is_named() -> None:
     ("LlamaForCausalLM", "Llama3JsonParser")])
 def test_auto_picks_the_architectures_format(architecture: str, parser: str) -> None:
     assert type(get_tool_parser("auto", architecture)).__name__ == parser
+
+
+def test_one_call_at_most_without_parallel_tool_calls() -> None:
+    text = '<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b", ' \
+           '"arguments": {}}</tool_call>'
+    stream = ToolCallStream(get_tool_parser("hermes"), max_calls=1)
+    assert stream.feed(text) == ""
+    _, deltas = stream.finish()
+    assert [d["function"]["name"] for d in deltas if "id" in d] == ["a"]
+    # tool_choice required: the grammar's array holds exactly one call
+    from flatout.server.structured import ForcedToolCalls
+
+    tools = [{"type": "function", "function": {"name": "a"}}]
+    one = ForcedToolCalls.from_request("required", tools, parallel=False)
+    assert one is not None and one.structured_outputs().json["maxItems"] == 1
+    many = ForcedToolCalls.from_request("required", tools)
+    assert many is not None and "maxItems" not in many.structured_outputs().json

@@ -198,6 +198,16 @@ def test_malformed_and_plain_output_stays_content(served: Served) -> None:
         assert _streamed(served, name) == (text, [], "stop"), name
 
 
+def test_parallel_tool_calls_false_keeps_the_first_call(served: Served) -> None:
+    choice = _ask(served, "two", parallel_tool_calls=False).choices[0]
+    assert [c.function.name for c in choice.message.tool_calls] == ["get_weather"]
+    assert choice.finish_reason == "tool_calls"
+    calls = []
+    for chunk in _ask(served, "two", parallel_tool_calls=False, stream=True):
+        calls += [d.function.name for d in chunk.choices[0].delta.tool_calls or [] if d.id]
+    assert calls == ["get_weather"]
+
+
 def test_tool_choice_none_leaves_calls_as_text(served: Served) -> None:
     choice = _ask(served, "two", tool_choice="none").choices[0]
     assert choice.message.content == "".join(FORMATS[served.parser]["two"].pieces)
