@@ -6,9 +6,11 @@ passes through at once, the rest is held until the reply ends (or until it can n
 tool call) and then comes out as OpenAI's `delta.tool_calls` pieces.
 
 Formats:
-- glm4 (GLM-4-9B-chat): the whole reply is `name\\n{json arguments}` (several: one after
-  another, each after its own `<|assistant|>`).
-- glm45 (GLM-4-0414, GLM-4.5): `<tool_call>name\\n<arg_key>k</arg_key><arg_value>v</arg_value>…
+- glm4 (GLM-4-9B-chat, GLM-4-0414): the whole reply is `name\\n{json arguments}` (several: one
+  after another, each after its own `<|assistant|>`), as their model cards' function-call
+  examples parse it and their templates write calls back (the name as the assistant turn's
+  metadata, the arguments as its text).
+- glm45 (GLM-4.5 and later): `<tool_call>name\\n<arg_key>k</arg_key><arg_value>v</arg_value>…
   </tool_call>`, values JSON where they parse, else strings.
 - hermes (Qwen2.5/Qwen3): `<tool_call>{"name": …, "arguments": {…}}</tool_call>`.
 - llama3_json (Llama-3.1): `[<|python_tag|>]{"name": …, "parameters": {…}}`, several joined by `;`.
@@ -191,7 +193,7 @@ PARSERS: dict[str, type[ToolParser]] = {
 # `--tool-call-parser auto`: the format each architecture's chat models emit
 _BY_ARCHITECTURE = {
     "GlmForCausalLM": "glm4", "ChatGLMModel": "glm4", "ChatGLMForConditionalGeneration": "glm4",
-    "Glm4ForCausalLM": "glm45", "Qwen2ForCausalLM": "hermes", "Qwen3ForCausalLM": "hermes",
+    "Glm4ForCausalLM": "glm4", "Qwen2ForCausalLM": "hermes", "Qwen3ForCausalLM": "hermes",
     "LlamaForCausalLM": "llama3_json",
 }
 

@@ -96,7 +96,7 @@ def test_unknown_parser_is_named() -> None:
 
 @pytest.mark.parametrize(("architecture", "parser"), [
     ("GlmForCausalLM", "Glm4Parser"), ("ChatGLMModel", "Glm4Parser"),
-    ("Glm4ForCausalLM", "Glm45Parser"), ("Qwen3ForCausalLM", "HermesParser"),
+    ("Glm4ForCausalLM", "Glm4Parser"), ("Qwen3ForCausalLM", "HermesParser"),
     ("LlamaForCausalLM", "Llama3JsonParser")])
 def test_auto_picks_the_architectures_format(architecture: str, parser: str) -> None:
     assert type(get_tool_parser("auto", architecture)).__name__ == parser
