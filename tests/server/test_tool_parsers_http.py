@@ -271,3 +271,17 @@ def test_langchain_bind_tools_round_trip(served: Served) -> None:
         if choice == "none":  # the calls stay text
             assert reply.tool_calls == [] and reply.content == "".join(
                 FORMATS[served.parser]["two"].pieces)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_history_arguments_that_are_not_json_are_a_400(served: Served, stream: bool) -> None:
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": '}}
+    messages = [*MSG, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "21"}]
+    r = httpx.post(f"{served.url}/v1/chat/completions", timeout=60, json={
+        "model": "demo", "messages": messages, "tools": TOOLS, "stream": stream})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "messages[1].tool_calls[0].function.arguments", err
+    assert err["type"] == "invalid_request_error" and "not valid JSON" in err["message"]
