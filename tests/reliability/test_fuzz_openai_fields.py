@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from tests.reliability.harness import wait_idle
 from tests.server.server_process import ServerProcess
 
-EXAMPLES = 150
+EXAMPLES = 120
 
 leaf = st.none() | st.booleans() | st.integers(-3, 3) | st.text(max_size=6)
 junk = st.recursive(leaf, lambda inner: st.lists(inner, max_size=3)
