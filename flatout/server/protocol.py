@@ -8,6 +8,7 @@ fields are ignored, as OpenAI's clients expect: they send parameters a given ser
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
@@ -137,6 +138,8 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Any = Field(None, description="`none`, `auto`, `required` or `{\"type\": "
                              "\"function\", \"function\": {\"name\": ...}}` (the last two "
                              "enforced by a grammar)")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one tool call "
+                                             "per reply (default: any number)")
     # OpenAI fields flatout does not implement: a value that asks for them is a 400 naming the
     # field (refuse_unsupported), never silently ignored
     modalities: Any = Field(None, description='only ["text"]')
@@ -342,6 +345,37 @@ def chat_messages(
                                            str(image_placeholder) for p in parts)
         elif content is None:
             msg["content"] = ""
+        if m.role == "assistant" and msg.get("tool_calls") is not None:
+            msg["tool_calls"] = history_tool_calls(msg["tool_calls"], f"messages[{i}].tool_calls")
         out.append(msg)
+    return out
+
+
+def history_tool_calls(calls: object, param: str) -> list[dict[str, Any]]:
+    """An assistant message's `tool_calls` as templates expect them: each `function.arguments`
+    (a JSON string, as OpenAI sends it) parsed to an object, since templates iterate or re-encode
+    the arguments. A 400 naming the field for a call that is not `{"type": "function",
+    "function": {"name": ..., "arguments": ...}}` or arguments that are not a JSON object."""
+    if not isinstance(calls, list):
+        raise OpenAIError(f"{param} must be an array of tool calls", param=param)
+    out: list[dict[str, Any]] = []
+    for j, call in enumerate(calls):
+        where = f"{param}[{j}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if (not isinstance(call, dict) or call.get("type", "function") != "function"
+                or not isinstance(fn, dict) or not isinstance(fn.get("name"), str)):
+            raise OpenAIError(f'{where} must be {{"type": "function", "function": {{"name": '
+                              '..., "arguments": "{...}"}}', param=where)
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except (ValueError, RecursionError) as e:
+                raise OpenAIError(f"{where}.function.arguments is not valid JSON: {e}",
+                                  param=f"{where}.function.arguments") from None
+        if not isinstance(args, dict):
+            raise OpenAIError(f"{where}.function.arguments must be a JSON object (as a string)",
+                              param=f"{where}.function.arguments")
+        out.append({**call, "type": "function", "function": {**fn, "arguments": args}})
     return out
 

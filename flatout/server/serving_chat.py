@@ -58,6 +58,7 @@ class _Prepared:
     images: list[ImageRef] = field(default_factory=list)  # image parts, in prompt order
     mm_items: list[MultiModalItem] = field(default_factory=list)  # once they are decoded
     reasoning_tokens: ReasoningTokens | None = None  # the reasoning is split by the tags' ids
+    max_tool_calls: int | None = None  # parallel_tool_calls false: 1
 
 
 def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
@@ -68,7 +69,8 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
         raise OpenAIError('tool_choice "auto" needs the server started with '
                           "--enable-auto-tool-choice --tool-call-parser NAME", param="tool_choice",
                           code="unsupported_parameter")
-    forced = ForcedToolCalls.from_request(req.tool_choice, req.tools)
+    parallel = req.parallel_tool_calls is not False
+    forced = ForcedToolCalls.from_request(req.tool_choice, req.tools, parallel)
     tool_parser = (state.tool_parser if req.tools and req.tool_choice != "none" and forced is None
                    else None)
     urls: list[tuple[str, str]] = []
@@ -89,7 +91,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
     by_id = parser.reasoning_tokens(opened=opened) if parser is not None else None
     return _Prepared(new_id("chatcmpl"), model, ids, params, opened, req.top_logprobs or 0,
                      tool_parser, forced, [ImageRef(url, param) for url, param in urls],
-                     reasoning_tokens=by_id)
+                     reasoning_tokens=by_id, max_tool_calls=None if parallel else 1)
 
 
 def _reasoning_end_id(state: ServerState, field: str) -> int:
@@ -198,10 +200,20 @@ def _message(
             msg["tool_calls"] = [c.to_openai() for c in forced]
     elif p.tool_parser is not None:
         content, calls = p.tool_parser.parse(msg["content"])
+        calls = calls[:p.max_tool_calls]
         if calls:
             msg["content"] = content or None
             msg["tool_calls"] = [c.to_openai() for c in calls]
     return msg
+
+
+def _finish_reason(p: _Prepared, called: bool, reason: str | None) -> str | None:
+    """OpenAI's: "tool_calls" when the model chose to call (`auto`, `required`), "stop" when
+    `tool_choice` named the function (the call was not the model's choice)."""
+    if not called:
+        return reason
+    named = p.forced_tools is not None and p.forced_tools.name is not None
+    return "stop" if named else "tool_calls"
 
 
 def _response(
@@ -216,7 +228,7 @@ def _response(
             "message": message,
             "logprobs": chat_logprobs(state, o.logprobs or [], p.top_logprobs)
             if req.logprobs else None,
-            "finish_reason": "tool_calls" if "tool_calls" in message else o.finish_reason,
+            "finish_reason": _finish_reason(p, "tool_calls" in message, o.finish_reason),
             "stop_reason": o.stop_reason,
         })
     return {
@@ -236,7 +248,7 @@ class _ChatChoices:
         self.state, self.req, self.p = state, req, p
         self.splitters = [_reasoning_stream(state, p) for _ in range(p.params.n)]
         self.tool_streams: list[ToolCallStream | ForcedToolStream | None] = [
-            ToolCallStream(p.tool_parser) if p.tool_parser
+            ToolCallStream(p.tool_parser, p.max_tool_calls) if p.tool_parser
             else ForcedToolStream(p.forced_tools) if p.forced_tools else None
             for _ in range(p.params.n)]
 
@@ -265,10 +277,11 @@ class _ChatChoices:
         logprobs = (chat_logprobs(self.state, new_lps, self.p.top_logprobs)
                     if self.req.logprobs else None)
         fields: dict[str, Any] = {"delta": delta, "logprobs": logprobs}
-        if tool_deltas:  # one chunk per tool-call piece after this delta's text
+        if tool_deltas:  # one chunk per tool-call piece after this delta's text, then the
+            # finish reason in a chunk of its own with an empty delta, as OpenAI's
             fields["deltas"] = ([delta] if delta else []) + [
-                {"tool_calls": [d]} for d in tool_deltas]
-            fields["finish_reason"] = "tool_calls"
+                {"tool_calls": [d]} for d in tool_deltas] + [{}]
+            fields["finish_reason"] = _finish_reason(self.p, True, o.finish_reason)
         return fields, bool(delta) or bool(self.req.logprobs and new_lps)
 
 

@@ -136,10 +136,11 @@ class ForcedToolCalls:
 
     name: str | None
     functions: dict[str, dict[str, Any]]
+    parallel: bool = True  # False (parallel_tool_calls): the array holds exactly one call
 
     @classmethod
-    def from_request(cls, tool_choice: Any, tools: list[dict[str, Any]] | None
-                     ) -> ForcedToolCalls | None:
+    def from_request(cls, tool_choice: Any, tools: list[dict[str, Any]] | None,
+                     parallel: bool = True) -> ForcedToolCalls | None:
         if tool_choice is None or tool_choice in ("none", "auto"):
             return None
         if tool_choice == "required":
@@ -157,7 +158,7 @@ class ForcedToolCalls:
                        "needs tools")
         if name is not None and name not in functions:
             raise _bad("tool_choice", f"no tool is named {name!r:.80}")
-        return cls(name, functions)
+        return cls(name, functions, parallel)
 
     def structured_outputs(self) -> StructuredOutputsParams:
         if self.name is not None:
@@ -165,14 +166,16 @@ class ForcedToolCalls:
         calls = [{"type": "object", "properties": {"name": {"const": n}, "parameters": p},
                   "required": ["name", "parameters"], "additionalProperties": False}
                  for n, p in self.functions.items()]
-        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if not self.parallel:
+            schema["maxItems"] = 1
         return _params("tool_choice", json=schema)
 
     def parse(self, text: str) -> list[ToolCall] | None:
         """The calls in a finished output; None when it is not complete JSON (cut short)."""
         try:
             value = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         if self.name is not None:
             if not isinstance(value, dict):

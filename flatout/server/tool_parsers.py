@@ -6,8 +6,11 @@ passes through at once, the rest is held until the reply ends (or until it can n
 tool call) and then comes out as OpenAI's `delta.tool_calls` pieces.
 
 Formats:
-- glm4 (GLM-4-9B-chat): the whole reply is `name\\n{json arguments}`.
-- glm45 (GLM-4-0414, GLM-4.5): `<tool_call>name\\n<arg_key>k</arg_key><arg_value>v</arg_value>…
+- glm4 (GLM-4-9B-chat, GLM-4-0414): the whole reply is `name\\n{json arguments}` (several: one
+  after another, each after its own `<|assistant|>`), as their model cards' function-call
+  examples parse it and their templates write calls back (the name as the assistant turn's
+  metadata, the arguments as its text).
+- glm45 (GLM-4.5 and later): `<tool_call>name\\n<arg_key>k</arg_key><arg_value>v</arg_value>…
   </tool_call>`, values JSON where they parse, else strings.
 - hermes (Qwen2.5/Qwen3): `<tool_call>{"name": …, "arguments": {…}}</tool_call>`.
 - llama3_json (Llama-3.1): `[<|python_tag|>]{"name": …, "parameters": {…}}`, several joined by `;`.
@@ -66,7 +69,7 @@ def _arguments(value: object) -> str | None:
 def _json_object(text: str) -> dict[str, Any] | None:
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
 
@@ -108,7 +111,7 @@ class Glm45Parser(ToolParser):
             for key, value in self._ARG.findall(rest):
                 try:
                     args[key.strip()] = json.loads(value)
-                except ValueError:
+                except (ValueError, RecursionError):
                     args[key.strip()] = value
             if self._ARG.sub("", rest).strip():  # anything but arguments: not this format
                 return text, []
@@ -119,16 +122,30 @@ class Glm45Parser(ToolParser):
 
 
 class Glm4Parser(ToolParser):
-    """GLM-4-9B-chat: the whole reply is `name\\n{json}`."""
+    """GLM-4-9B-chat: the whole reply is `name\\n{json}`, or several such calls, each after an
+    `<|assistant|>` of its own (gone from the text when special tokens are skipped)."""
 
     _NAME = re.compile(r"[\w.\-]+")
+    _TURN = "<|assistant|>"
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
-        name, newline, rest = text.strip().partition("\n")
-        obj = _json_object(rest.strip()) if newline else None
-        if obj is None or not self._NAME.fullmatch(name.strip()):
-            return text, []
-        return "", [ToolCall(name.strip(), json.dumps(obj, ensure_ascii=False))]
+        decoder = json.JSONDecoder()
+        calls: list[ToolCall] = []
+        rest = text.strip()
+        while rest:
+            name, newline, body = rest.partition("\n")
+            if not newline or not self._NAME.fullmatch(name.strip()):
+                return text, []
+            body = body.lstrip()
+            try:
+                obj, end = decoder.raw_decode(body)
+            except (ValueError, RecursionError):
+                return text, []
+            if not isinstance(obj, dict):
+                return text, []
+            calls.append(ToolCall(name.strip(), json.dumps(obj, ensure_ascii=False)))
+            rest = body[end:].strip().removeprefix(self._TURN).lstrip()
+        return ("", calls) if calls else (text, [])
 
     def still_possible(self, held: str) -> bool:
         name, newline, rest = held.lstrip().partition("\n")
@@ -150,7 +167,7 @@ class Llama3JsonParser(ToolParser):
         while i < len(body):
             try:
                 obj, end = decoder.raw_decode(body, i)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return text, []
             args = _arguments(obj.get("parameters", obj.get("arguments", {}))) if isinstance(
                 obj, dict) else None
@@ -176,7 +193,7 @@ PARSERS: dict[str, type[ToolParser]] = {
 # `--tool-call-parser auto`: the format each architecture's chat models emit
 _BY_ARCHITECTURE = {
     "GlmForCausalLM": "glm4", "ChatGLMModel": "glm4", "ChatGLMForConditionalGeneration": "glm4",
-    "Glm4ForCausalLM": "glm45", "Qwen2ForCausalLM": "hermes", "Qwen3ForCausalLM": "hermes",
+    "Glm4ForCausalLM": "glm4", "Qwen2ForCausalLM": "hermes", "Qwen3ForCausalLM": "hermes",
     "LlamaForCausalLM": "llama3_json",
 }
 
@@ -201,8 +218,9 @@ class ToolCallStream:
     """One choice's stream: `feed` the text deltas, `finish` at the end; both return
     (content delta, tool_calls deltas)."""
 
-    def __init__(self, parser: ToolParser) -> None:
+    def __init__(self, parser: ToolParser, max_calls: int | None = None) -> None:
         self.parser = parser
+        self.max_calls = max_calls  # parallel_tool_calls false: 1 (later calls are dropped)
         self.text = ""
         self.sent = 0  # characters of text released as content
         self.released = False  # the held part proved not a tool call: plain text from here
@@ -227,7 +245,7 @@ class ToolCallStream:
         if self.released or not rest:
             return rest, []
         content, calls = self.parser.parse(rest)
-        self.calls = calls
+        self.calls = calls = calls[:self.max_calls]
         return content, tool_call_deltas(calls)
 
     def _release(self, upto: int) -> str:

@@ -2,7 +2,11 @@
 
 They are rendered by transformers' `apply_chat_template` (jinja2, `trim_blocks` and `lstrip_blocks`
 on). Every template writes its own prefix tokens, because `apply_chat_template` tokenizes with
-`add_special_tokens=False`. The OpenAI role `tool` is rendered as GLM's `observation`.
+`add_special_tokens=False`. The OpenAI role `tool` is rendered as GLM's `observation`, and an
+assistant message's `tool_calls` as the GLM-4 checkpoints write calls: one `<|assistant|>` turn
+per call whose metadata is the function's name and whose text is its arguments as JSON
+(`<|assistant|>get_weather\n{"city": "Paris"}`). Arguments arrive as objects (the server parses
+OpenAI's JSON strings first); a string is written as it is.
 """
 
 from __future__ import annotations
@@ -19,16 +23,30 @@ _GLM4_TOOLS = (
     "{%- endif -%}"
 )
 
-# glm-4-9b-chat (remote code): `[gMASK]<sop>` then `<|role|>{metadata}\n{content}` per message,
-# generation prompt `<|assistant|>` (the model writes the newline itself).
+# An assistant message's tool calls, each as the turn the model would have written for it.
+_GLM4_TOOL_CALLS = (
+    "{%- for call in message.tool_calls -%}"
+    "{%- set function = call.function if call.function is defined else call -%}"
+    "{%- set arguments = function.arguments if function.arguments is defined else {} -%}"
+    "{{- '<|assistant|>' + function.name + '\\n' -}}"
+    "{{- arguments if arguments is string else arguments | tojson -}}"
+    "{%- endfor -%}"
+)
+
+# glm-4-9b-chat (remote code): `[gMASK]<sop>` then `<|role|>{metadata}\n{content}` per message
+# (a message without content is left out, except a tool result), generation prompt
+# `<|assistant|>` (the model writes the newline itself, or a function's name).
 GLM4_CHAT_TEMPLATE = "".join(
     (
         "{{- '[gMASK]<sop>' -}}",
         _GLM4_TOOLS,
         "{%- for message in messages -%}",
         "{%- set role = 'observation' if message.role == 'tool' else message.role -%}",
-        "{%- if message.content -%}",
-        "{{- '<|' + role + '|>' + (message.metadata or '') + '\\n' + message.content -}}",
+        "{%- if message.content or role == 'observation' -%}",
+        "{{- '<|' + role + '|>' + (message.metadata or '') + '\\n' + (message.content or '') -}}",
+        "{%- endif -%}",
+        "{%- if role == 'assistant' and message.tool_calls -%}",
+        _GLM4_TOOL_CALLS,
         "{%- endif -%}",
         "{%- endfor -%}",
         "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}",
@@ -54,7 +72,12 @@ def _glm4_0414_template(think_by_default: bool) -> str:
             "{%- if role == 'assistant' -%}",
             "{%- set content = content.split('</think>')[-1].strip() -%}",
             "{%- endif -%}",
+            "{%- if role == 'assistant' and message.tool_calls -%}",
+            "{%- if content -%}{{- '<|assistant|>\\n' + content -}}{%- endif -%}",
+            _GLM4_TOOL_CALLS,
+            "{%- else -%}",
             "{{- '<|' + role + '|>' + (message.metadata or '') + '\\n' + content -}}",
+            "{%- endif -%}",
             "{%- endfor -%}",
             "{%- if add_generation_prompt -%}",
             "{%- if " + thinking + " -%}",

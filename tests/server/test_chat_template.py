@@ -99,3 +99,66 @@ def test_sandbox_and_template_errors_are_client_errors(tok: PreTrainedTokenizerF
         strict.render(msgs(("user", "x")))
     with pytest.raises(OpenAIError, match="chat_template_kwargs"):
         r.render(msgs(("user", "x")), template_kwargs={"add_generation_prompt": False})
+
+
+TOOL_TURNS = [
+    {"role": "user", "content": "Weather?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "北京", "days": 2}'}},
+        {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+    {"role": "tool", "tool_call_id": "call_2", "content": ""},
+]
+
+
+def _tool_msgs(raw: list[dict]) -> list[dict]:
+    return chat_messages([ChatMessage.model_validate(m) for m in raw])
+
+
+@pytest.mark.parametrize(("arch", "prompt_end"), [("ChatGLMModel", "<|assistant|>"),
+                                                  ("Glm4ForCausalLM", "<|assistant|>\n")])
+def test_glm4_templates_write_tool_calls_and_results_as_the_checkpoints(
+        tok: PreTrainedTokenizerFast, arch: str, prompt_end: str) -> None:
+    # GLM-4's own history format: a call is an assistant turn whose metadata is the function's
+    # name and whose text is its arguments; a result is an observation turn
+    bare = PreTrainedTokenizerFast.from_pretrained(str(ASSETS))
+    if arch == "ChatGLMModel":
+        bare.chat_template = None  # the built-in GLM-4-9B-chat template
+    text = renderer(bare, arch=arch).render(_tool_msgs(TOOL_TURNS))
+    assert text == ('[gMASK]<sop><|user|>\nWeather?<|assistant|>get_weather\n{"city": "北京", '
+                    '"days": 2}<|assistant|>now\n{}<|observation|>\n{"temp": 21}'
+                    "<|observation|>\n" + prompt_end)
+    # an answer beside the calls comes first, in its own turn
+    with_text = [TOOL_TURNS[0], {**TOOL_TURNS[1], "content": "Let me look."}]
+    assert "<|assistant|>\nLet me look.<|assistant|>get_weather\n" in renderer(
+        bare, arch=arch).render(_tool_msgs(with_text))
+
+
+def test_history_arguments_are_parsed_for_templates_that_iterate_them(
+        tok: PreTrainedTokenizerFast) -> None:
+    iterate = renderer(tok, "{% for m in messages %}{% for c in m.tool_calls or [] %}"
+                            "{% for k, v in c.function.arguments.items() %}{{ k }}={{ v }};"
+                            "{% endfor %}{% endfor %}{% endfor %}")
+    assert iterate.render(_tool_msgs(TOOL_TURNS)) == "city=北京;days=2;"
+
+
+@pytest.mark.parametrize(("call", "param"), [
+    ({"type": "function", "function": {"name": "f", "arguments": "{not json"}},
+     "messages[1].tool_calls[0].function.arguments"),
+    ({"type": "function", "function": {"name": "f", "arguments": "[1, 2]"}},
+     "messages[1].tool_calls[0].function.arguments"),
+    ({"type": "function", "function": {"name": "f"}},
+     "messages[1].tool_calls[0].function.arguments"),
+    ({"type": "function", "function": {"arguments": "{}"}}, "messages[1].tool_calls[0]"),
+    ({"type": "code", "function": {"name": "f", "arguments": "{}"}}, "messages[1].tool_calls[0]"),
+    ("f()", "messages[1].tool_calls[0]"),
+])
+def test_malformed_history_tool_calls_are_400s_naming_the_field(call: object, param: str) -> None:
+    raw = [TOOL_TURNS[0], {"role": "assistant", "content": None, "tool_calls": [call]}]
+    with pytest.raises(OpenAIError) as e:
+        _tool_msgs(raw)
+    assert e.value.status == 400 and e.value.param == param
+    with pytest.raises(OpenAIError) as e:
+        _tool_msgs([TOOL_TURNS[0], {"role": "assistant", "tool_calls": {"a": 1}}])
+    assert e.value.param == "messages[1].tool_calls"

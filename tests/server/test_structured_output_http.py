@@ -118,13 +118,34 @@ def test_guided_regex_and_choice(client: openai.OpenAI, demo_server) -> None:  #
     assert done.json()["choices"][0]["text"] in choices
 
 
+def _streamed_calls(client: openai.OpenAI, **kw: object) -> tuple[dict[int, list[str]], str]:
+    """{index: [name, arguments]} of a streamed reply, and its finish reason (checked to come
+    alone, in a last chunk with an empty delta, as OpenAI's)."""
+    calls: dict[int, list[str]] = {}
+    finish = None
+    for chunk in client.chat.completions.create(model="demo", messages=MSG, tools=TOOLS,
+                                                stream=True, **kw):
+        choice = chunk.choices[0]
+        assert not choice.delta.content and finish is None
+        for d in choice.delta.tool_calls or []:
+            if d.id is not None:
+                calls[d.index] = [d.function.name, ""]
+            calls[d.index][1] += d.function.arguments or ""
+        if choice.finish_reason is not None:
+            assert not choice.delta.tool_calls
+            finish = choice.finish_reason
+    assert finish is not None
+    return calls, finish
+
+
 def test_tool_choice_named_and_required_give_tool_calls(client: openai.OpenAI) -> None:
+    # a named function: OpenAI's finish_reason is "stop" (the call was not the model's choice)
     named = {"type": "function", "function": {"name": "weather"}}
     r = client.chat.completions.create(model="demo", messages=MSG, tools=TOOLS,
                                        tool_choice=named, max_tokens=40, temperature=1.0,
                                        seed=1)
     msg = r.choices[0].message
-    assert r.choices[0].finish_reason == "tool_calls" and msg.content is None
+    assert r.choices[0].finish_reason == "stop" and msg.content is None
     (call,) = msg.tool_calls
     args = json.loads(call.function.arguments)
     assert call.function.name == "weather" and args["city"] in ("Paris", "Rome")
@@ -140,20 +161,16 @@ def test_tool_choice_named_and_required_give_tool_calls(client: openai.OpenAI) -
             assert call.function.name in ("weather", "now") and call.id.startswith("call_")
             assert isinstance(json.loads(call.function.arguments), dict)
     # streamed: the call's id and name first, then its arguments in pieces
-    calls: dict[int, list[str]] = {}
-    finish = None
-    for chunk in client.chat.completions.create(model="demo", messages=MSG, tools=TOOLS,
-                                                tool_choice=named, max_tokens=40, seed=1,
-                                                temperature=1.0, stream=True):
-        choice = chunk.choices[0]
-        assert not choice.delta.content
-        for d in choice.delta.tool_calls or []:
-            if d.id is not None:
-                calls[d.index] = [d.function.name, ""]
-            calls[d.index][1] += d.function.arguments or ""
-        finish = choice.finish_reason or finish
-    assert finish == "tool_calls" and list(calls) == [0] and calls[0][0] == "weather"
+    calls, finish = _streamed_calls(client, tool_choice=named, max_tokens=40, seed=1,
+                                    temperature=1.0)
+    assert finish == "stop" and list(calls) == [0] and calls[0][0] == "weather"
     assert json.loads(calls[0][1]) == args  # the same seed: the same call as unstreamed
+    # required, streamed: "tool_calls"
+    calls, finish = _streamed_calls(client, tool_choice="required", temperature=1.0, seed=2,
+                                    logit_bias={str(CLOSE_BRACKET): 100})
+    assert finish == "tool_calls" and calls and list(calls) == list(range(len(calls)))
+    assert all(name in ("weather", "now") and isinstance(json.loads(args), dict)
+               for name, args in calls.values())
 
 
 def test_structured_output_after_the_reasoning(client: openai.OpenAI) -> None:

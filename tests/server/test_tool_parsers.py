@@ -28,6 +28,12 @@ CASES = [  # parser, model output, expected content, expected [(name, arguments)
     ("glm4", "get_time\n{}", "", [("get_time", {})]),
     ("glm4", "Hello there, how are you?\nFine.", None, []),
     ("glm4", 'get_weather\n{"city": ', None, []),
+    ("glm4", 'get_weather\n{"city": "Paris"}<|assistant|>now\n{}', "",  # special tokens kept
+     [("get_weather", {"city": "Paris"}), ("now", {})]),
+    ("glm4", 'get_weather\n{"city": "Paris"}now\n{}', "",  # <|assistant|> skipped
+     [("get_weather", {"city": "Paris"}), ("now", {})]),
+    ("glm4", 'get_weather\n{"city": "Paris"}\nThat is all.', None, []),
+    ("glm4", "get_weather\n[1, 2]", None, []),
     ("llama3_json", '<|python_tag|>{"name": "f", "parameters": {"q": "x"}}', "",
      [("f", {"q": "x"})]),
     ("llama3_json", '{"name": "f", "parameters": {}}; {"name": "g", "parameters": {"n": 1}}', "",
@@ -90,7 +96,24 @@ def test_unknown_parser_is_named() -> None:
 
 @pytest.mark.parametrize(("architecture", "parser"), [
     ("GlmForCausalLM", "Glm4Parser"), ("ChatGLMModel", "Glm4Parser"),
-    ("Glm4ForCausalLM", "Glm45Parser"), ("Qwen3ForCausalLM", "HermesParser"),
+    ("Glm4ForCausalLM", "Glm4Parser"), ("Qwen3ForCausalLM", "HermesParser"),
     ("LlamaForCausalLM", "Llama3JsonParser")])
 def test_auto_picks_the_architectures_format(architecture: str, parser: str) -> None:
     assert type(get_tool_parser("auto", architecture)).__name__ == parser
+
+
+def test_one_call_at_most_without_parallel_tool_calls() -> None:
+    text = '<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b", ' \
+           '"arguments": {}}</tool_call>'
+    stream = ToolCallStream(get_tool_parser("hermes"), max_calls=1)
+    assert stream.feed(text) == ""
+    _, deltas = stream.finish()
+    assert [d["function"]["name"] for d in deltas if "id" in d] == ["a"]
+    # tool_choice required: the grammar's array holds exactly one call
+    from flatout.server.structured import ForcedToolCalls
+
+    tools = [{"type": "function", "function": {"name": "a"}}]
+    one = ForcedToolCalls.from_request("required", tools, parallel=False)
+    assert one is not None and one.structured_outputs().json["maxItems"] == 1
+    many = ForcedToolCalls.from_request("required", tools)
+    assert many is not None and "maxItems" not in many.structured_outputs().json
