@@ -112,7 +112,7 @@ def _top_p_kernel(
                 if j == 1:  # chunk masses were relative to the chunk's max: rescale to the row's
                     cm = tl.load(cmax_ptr + row * S + chunks, mask=chunks < S, other=neg_inf)
                     m = tl.max(cm, axis=0)
-                    scale = tl.where(cm > neg_inf, tl.exp(cm - m), 0.0)
+                    scale = tl.exp(cm - tl.maximum(m, -3.0e38))  # empty chunks: 0, no inf - inf
                     parts = parts * scale[:, None]
                 hist = tl.sum(parts, axis=0)
             elif j == 1:

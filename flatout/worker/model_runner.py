@@ -103,7 +103,7 @@ class ModelRunner:
         if device.type == "cuda":
             self.memory.weights = torch.cuda.memory_allocated(device)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.sampler = Sampler()
+        self.sampler = Sampler(device)
         self.generators: dict[int, torch.Generator] = {}
         # the last launched step's sampled tokens (rank 0, on the device); every rank counts
         # them (the size of the tokens' broadcast)
