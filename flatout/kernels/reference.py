@@ -4,8 +4,8 @@ flatout.kernels.ops) and the oracle the Triton kernels are tested against.
 Each function has the signature and rounding of the Triton kernel of the same name (norm.py,
 rotary.py, activation.py, kv_cache.py, prefill_attention.py, decode_attention.py, allreduce.py,
 top_k_top_p.py), so the two are interchangeable. This module does not import triton. The
-attention functions read their tensors' values on the host (sequence lengths, chunk boundaries), so on a GPU they sync and
-cannot be captured in a CUDA graph.
+attention functions read their tensors' values on the host (sequence lengths, chunk
+boundaries), so on a GPU they sync and cannot be captured in a CUDA graph.
 """
 
 from __future__ import annotations

@@ -152,8 +152,9 @@ def _top_p_kernel(
                 x = tl.load(base + cols, mask=cols < end, other=neg_inf)
                 key = _order_key(x)
                 match = (x >= kth) & (x > neg_inf)
-                if j > 0:
-                    match = match & ((key >> (shift + DIGIT_BITS)) == (prefix >> (shift + DIGIT_BITS)))
+                if j > 0:  # the bits above this pass's digit equal the prefix
+                    high = shift + DIGIT_BITS
+                    match = match & ((key >> high) == (prefix >> high))
                 if tl.max(match.to(tl.int32), axis=0) > 0:
                     w = tl.where(match, tl.exp(x - ref), 0.0)  # [BLOCK]
                     d = ((key >> shift) & (NUM_BINS - 1)).to(tl.int32)
