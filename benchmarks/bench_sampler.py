@@ -77,8 +77,11 @@ def ambiguous_rows(logits: torch.Tensor, cfg_args, delta: float = 1e-5) -> torch
     if top_p is None:
         return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     x = logits.double()
-    lo = reference.top_k_top_p(x.clone(), top_k, (top_p - delta).clamp(min=1e-30), max_k, every)
-    hi = reference.top_k_top_p(x.clone(), top_k, (top_p + delta).clamp(max=1.0), max_k, every)
+    live = top_p < 1.0  # rows at 1 keep everything: nothing to be ambiguous about
+    lo = torch.where(live, top_p - delta, top_p).clamp(min=1e-30)
+    hi = torch.where(live, top_p + delta, top_p).clamp(max=1.0)
+    lo = reference.top_k_top_p(x.clone(), top_k, lo, max_k, every)
+    hi = reference.top_k_top_p(x.clone(), top_k, hi, max_k, every)
     return (torch.isfinite(lo) != torch.isfinite(hi)).any(dim=1)
 
 

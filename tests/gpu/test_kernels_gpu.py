@@ -253,3 +253,50 @@ def test_int8_gemv(rows: int, n: int, k: int, bias: bool) -> None:
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
     expected = reference.linear_w8a16(x.float(), q, scale, None if b is None else b.float())
     torch.testing.assert_close(linear_w8a16(x, q, scale, b).float(), expected, **tol(x.dtype))
+
+
+def _top_p_ambiguous(logits: torch.Tensor, args: tuple, delta: float = 1e-5) -> torch.Tensor:
+    """[B] bool: rows whose float64 kept set changes when top_p moves by +-delta (fp32 sums in
+    another order may put a token there on either side)."""
+    top_k, top_p, max_k, every = args
+    x = logits.double()
+    live = top_p < 1.0  # rows at 1 keep everything: nothing to be ambiguous about
+    lo = torch.where(live, top_p - delta, top_p).clamp(min=1e-30)
+    hi = torch.where(live, top_p + delta, top_p).clamp(max=1.0)
+    lo = reference.top_k_top_p(x.clone(), top_k, lo, max_k, every)
+    hi = reference.top_k_top_p(x.clone(), top_k, hi, max_k, every)
+    return (torch.isfinite(lo) != torch.isfinite(hi)).any(dim=1)
+
+
+# rows x vocabulary: one row over the whole GPU (chunked, a launch per pass), a few rows, more
+# rows than two per SM (one program per row, one launch), an awkward vocabulary
+@pytest.mark.parametrize("B,V", [(1, 151552), (7, 50257), (300, 151552), (33, 1000)])
+@pytest.mark.parametrize("bf16_logits", [False, True])  # bf16 logits upcast: many ties
+@pytest.mark.parametrize("k", [None, 50, 3000, "half"])  # none, candidates, large k, mixed rows
+def test_top_k_top_p_matches_reference(B, V, bf16_logits, k):
+    from flatout.kernels.top_k_top_p import top_k_top_p
+
+    g = torch.Generator("cuda").manual_seed(B + V)
+    logits = torch.randn(B, V, device="cuda", generator=g) * torch.linspace(0.5, 6, B,
+                                                                            device="cuda")[:, None]
+    if bf16_logits:
+        logits = logits.bfloat16().float()
+    logits[torch.rand(B, V, device="cuda", generator=g) < 0.2] = float("-inf")  # bias / grammar
+    top_p = torch.rand(B, device="cuda", generator=g) * 0.99 + 0.005
+    if B > 2:
+        logits[1, 1:] = float("-inf")  # one token left
+        top_p[2] = 1.0  # a row without top-p
+    top_k = None
+    max_k, every = 0, False
+    if k is not None:
+        kk = 50 if k == "half" else min(int(k), V - 1)
+        ks = torch.full((B,), kk, device="cuda")
+        if k == "half":
+            ks[1::2] = V
+        top_k, max_k, every = ks, kk, bool((ks < V).all())
+    args = (top_k, top_p, max_k, every)
+    ref = reference.top_k_top_p(logits.clone(), *args)
+    got = top_k_top_p(logits.clone(), *args)
+    clear = ~_top_p_ambiguous(logits, args)
+    assert clear.sum() >= B * 0.9 and bool(clear[0])
+    assert torch.equal(got[clear], ref[clear])
