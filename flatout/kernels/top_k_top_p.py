@@ -17,9 +17,13 @@ Two paths, chosen on the host from what the batch asks (no device-to-host copy):
   the threshold key from a 16-bin histogram of probability mass among the survivors that share
   the bits fixed so far. The threshold is the smallest key q whose strictly larger survivors
   hold less than top_p of the mass: in each pass the lowest bin whose higher bins (plus the mass
-  above the prefix) stay under top_p contains it. A last pass writes -inf below the threshold.
-  Each pass reads the row once and keeps only 16 sums; no candidate list, no sort, a fixed
-  amount of work whatever the distribution (a flat row costs what a peaked one does).
+  above the prefix) stay under top_p contains it. A last pass writes -inf below the threshold
+  (and below the top-k cut, which torch.topk finds first). Each pass reads the row once (the
+  first also finds the row's max, rescaling its sums as the max grows) and keeps only 16 sums;
+  no candidate list, no sort, the same nine reads whatever the distribution (a flat row costs
+  what a peaked one does, less the bins' arithmetic on tiles without a token in the prefix).
+  The kept set is exact: the threshold is found to the last bit, and ties share one key (-0.0
+  and +0.0 too).
 
 Why not bisection on values or a sort of a pre-filtered tail: either needs a data-dependent
 number of passes or a variable-size buffer (a host sync to size it), and neither bounds the worst
@@ -67,7 +71,7 @@ def _order_key(x):
 def _top_p_kernel(
     logits_ptr, stride_row, kth_ptr, top_p_ptr,
     part_ptr,  # [NUM_PASSES, B, S, NUM_BINS] fp32: each chunk's mass per bin, per pass
-    cmax_ptr,  # [B, S] fp32: each chunk's largest logit (pass 0)
+    cmax_ptr,  # [B, S] fp32: each chunk's largest survivor (pass 0), -inf: none
     state_f_ptr,  # [NUM_PASSES + 1, B, 3] fp32: row max, top_p * total mass, mass above prefix
     state_i_ptr,  # [NUM_PASSES + 1, B] int32: the threshold key's bits fixed so far
     B, V, S, CHUNK,
@@ -137,16 +141,9 @@ def _top_p_kernel(
         if j < NUM_PASSES:
             # pass j: mass per value of the next digit among survivors sharing the prefix
             shift = 32 - DIGIT_BITS * (j + 1)
-            if j == 0:
-                cmax = tl.full([], neg_inf, tl.float32)
-                for off in range(start, scan_end, BLOCK):
-                    cols = off + tl.arange(0, BLOCK)
-                    x = tl.load(base + cols, mask=cols < end, other=neg_inf)
-                    cmax = tl.maximum(cmax, tl.max(x, axis=0))
-                ref = cmax
-            else:
-                ref = m
             hist = tl.zeros([NUM_BINS], dtype=tl.float32)
+            if j == 0:
+                cmax = tl.full([], neg_inf, tl.float32)  # the chunk's largest survivor so far
             for off in range(start, scan_end, BLOCK):
                 cols = off + tl.arange(0, BLOCK)
                 x = tl.load(base + cols, mask=cols < end, other=neg_inf)
@@ -156,6 +153,13 @@ def _top_p_kernel(
                     high = shift + DIGIT_BITS
                     match = match & ((key >> high) == (prefix >> high))
                 if tl.max(match.to(tl.int32), axis=0) > 0:
+                    if j == 0:  # one read: weights against the running max, rescaled as it grows
+                        new_max = tl.maximum(cmax, tl.max(tl.where(match, x, neg_inf), axis=0))
+                        hist = hist * tl.exp(cmax - new_max)  # new_max is finite here
+                        cmax = new_max
+                        ref = cmax
+                    else:
+                        ref = m
                     w = tl.where(match, tl.exp(x - ref), 0.0)  # [BLOCK]
                     d = ((key >> shift) & (NUM_BINS - 1)).to(tl.int32)
                     hist += tl.sum(tl.where(d[:, None] == bins[None, :], w[:, None], 0.0), axis=0)
