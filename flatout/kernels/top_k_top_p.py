@@ -141,28 +141,34 @@ def _top_p_kernel(
         if j < NUM_PASSES:
             # pass j: mass per value of the next digit among survivors sharing the prefix
             shift = 32 - DIGIT_BITS * (j + 1)
-            hist = tl.zeros([NUM_BINS], dtype=tl.float32)
-            if j == 0:
-                cmax = tl.full([], neg_inf, tl.float32)  # the chunk's largest survivor so far
+            # per-lane sums, reduced once after the loop: no cross-thread work per tile
+            acc = tl.zeros([BLOCK, NUM_BINS], dtype=tl.float32)
+            lane_max = tl.full([BLOCK], neg_inf, tl.float32)  # pass 0: the lane's largest survivor
             for off in range(start, scan_end, BLOCK):
                 cols = off + tl.arange(0, BLOCK)
                 x = tl.load(base + cols, mask=cols < end, other=neg_inf)
                 key = _order_key(x)
+                d = ((key >> shift) & (NUM_BINS - 1)).to(tl.int32)
                 match = (x >= kth) & (x > neg_inf)
-                if j > 0:  # the bits above this pass's digit equal the prefix
-                    high = shift + DIGIT_BITS
+                if j == 0:
+                    # one read for the max and the masses: a lane's sums are kept against its own
+                    # running max and rescaled as it grows (-3e38 stands in for -inf: no inf - inf)
+                    new_max = tl.where(match, tl.maximum(lane_max, x), lane_max)
+                    safe = tl.maximum(new_max, -3.0e38)
+                    acc = acc * tl.exp(lane_max - safe)[:, None]
+                    w = tl.where(match, tl.exp(tl.where(match, x, safe) - safe), 0.0)  # [BLOCK]
+                    lane_max = new_max
+                    acc += tl.where(d[:, None] == bins[None, :], w[:, None], 0.0)
+                else:
+                    high = shift + DIGIT_BITS  # the bits above this pass's digit: the prefix
                     match = match & ((key >> high) == (prefix >> high))
-                if tl.max(match.to(tl.int32), axis=0) > 0:
-                    if j == 0:  # one read: weights against the running max, rescaled as it grows
-                        new_max = tl.maximum(cmax, tl.max(tl.where(match, x, neg_inf), axis=0))
-                        hist = hist * tl.exp(cmax - new_max)  # new_max is finite here
-                        cmax = new_max
-                        ref = cmax
-                    else:
-                        ref = m
-                    w = tl.where(match, tl.exp(x - ref), 0.0)  # [BLOCK]
-                    d = ((key >> shift) & (NUM_BINS - 1)).to(tl.int32)
-                    hist += tl.sum(tl.where(d[:, None] == bins[None, :], w[:, None], 0.0), axis=0)
+                    if tl.max(match.to(tl.int32), axis=0) > 0:  # most tiles, after a few passes
+                        w = tl.where(match, tl.exp(tl.where(match, x, m) - m), 0.0)
+                        acc += tl.where(d[:, None] == bins[None, :], w[:, None], 0.0)
+            if j == 0:
+                cmax = tl.max(lane_max, axis=0)
+                acc = acc * tl.exp(lane_max - tl.maximum(cmax, -3.0e38))[:, None]
+            hist = tl.sum(acc, axis=0)
             if MULTI:
                 tl.store(part_ptr + ((j * B + row) * S + chunk) * NUM_BINS + bins, hist)
                 if j == 0:
