@@ -67,7 +67,9 @@ def _order_key(x):
     return tl.where(x == 0.0, sign, key)
 
 
-@triton.jit
+# sizes are not specialised on (== 1, multiples of 16): the ten variants (FIRST, LAST) compile
+# once whatever the batch and vocabulary (Sampler.warm_up compiles them at startup)
+@triton.jit(do_not_specialize=["stride_row", "B", "V", "S", "CHUNK"])
 def _top_p_kernel(
     logits_ptr, stride_row, kth_ptr, top_p_ptr,
     part_ptr,  # [NUM_PASSES, B, S, NUM_BINS] fp32: each chunk's mass per bin, per pass

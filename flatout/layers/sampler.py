@@ -288,6 +288,14 @@ class Sampler(nn.Module):
         super().__init__()
         self.ops = ops_for(device)
 
+    def warm_up(self, device: torch.device) -> None:
+        """Run top-p once on a row of many chunks and on many short rows, the two ways its CUDA
+        kernel launches, so that it compiles now rather than on the first request using it."""
+        for rows, vocab in ((1, 4096), (1024, 64)):
+            logits = torch.zeros(rows, vocab, device=device)
+            top_p = torch.full((rows,), 0.5, device=device)
+            self.ops.top_k_top_p(logits, None, top_p, 0, False)
+
     def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits: [B, V] (float32; other dtypes are upcast). May be modified in place."""
         logits = logits.float()

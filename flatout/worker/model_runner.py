@@ -152,6 +152,7 @@ class ModelRunner:
             self.graphs.capture()
             self.memory.cuda_graphs = torch.cuda.memory_reserved(device) - before
         if device.type == "cuda":
+            self.sampler.warm_up(device)
             log.info("rank %d memory: %s", self.tp_rank, self.memory.describe())
 
     # -- one step ---------------------------------------------------------------------------
