@@ -301,3 +301,39 @@ def test_top_k_top_p_matches_reference(B, V, bf16_logits, k):
         assert torch.equal(out, torch.where(keep, logits, float("-inf")))
         assert not (lo & ~keep).any() and not (keep & ~hi).any()
     assert (lo != hi).sum() < B * V // 100  # the bounds are tight
+
+
+def test_sampler_with_the_kernel_draws_what_the_reference_draws():
+    import dataclasses
+
+    from flatout.kernels.ops import REFERENCE_OPS
+    from flatout.layers.sampler import Sampler, SamplingBatch, SamplingRow
+    from flatout.sampling_params import SamplingParams
+
+    dev = torch.device("cuda")
+    V = 151552
+    logits = torch.randn(6, V, device=dev, generator=torch.Generator(dev).manual_seed(3)) * 3
+    logits[2, ::3] = float("-inf")  # a grammar's mask
+    params = [
+        SamplingParams(temperature=0.8, top_p=0.9, seed=1),
+        SamplingParams(temperature=1.2, top_k=50, top_p=0.8, seed=2),
+        SamplingParams(temperature=1.0, top_p=0.5, seed=3),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.5, top_p=0.95, min_p=0.02, seed=5),
+        SamplingParams(temperature=0.9, top_k=2000, seed=6),
+    ]
+    kernel = Sampler(dev)
+    kernel.warm_up(dev)
+    with_sort = Sampler(dev)
+    with_sort.ops = dataclasses.replace(kernel.ops, top_k_top_p=REFERENCE_OPS.top_k_top_p)
+
+    def draws(sampler: Sampler) -> list[list[int]]:
+        gens = [torch.Generator(dev).manual_seed(p.seed or 0) for p in params]
+        out = []
+        for _ in range(4):
+            rows = [SamplingRow(p, [], [], generator=g) for p, g in zip(params, gens, strict=True)]
+            batch = SamplingBatch.build(rows, V, dev)
+            out.append(sampler(logits.clone(), batch).token_ids.tolist())
+        return out
+
+    assert draws(kernel) == draws(with_sort)
