@@ -27,7 +27,7 @@ from triton.testing import do_bench
 
 from flatout.kernels import reference
 from flatout.kernels.ops import REFERENCE_OPS, triton_ops
-from flatout.kernels.top_k_top_p import top_k_top_p
+from flatout.kernels.top_k_top_p import MAX_CANDIDATES, top_k_top_p
 from flatout.layers.sampler import Sampler, SamplingBatch, SamplingRow
 from flatout.sampling_params import SamplingParams
 
@@ -52,6 +52,15 @@ class Config:
         if self.top_p is not None:
             top_p = torch.full((B,), self.top_p, device=dev)
         return top_k, top_p, max_k, every
+
+    def path(self, B: int) -> str:
+        """Which way kernels.top_k_top_p goes for this config."""
+        if self.top_p is None:
+            return "topk cut (as the reference)"
+        if self.top_k is not None and not self.k_on_half and self.top_k <= MAX_CANDIDATES:
+            return "topk candidates"
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        return "radix, 9 launches" if B < 2 * sms else "radix, 1 launch"
 
     def params(self, b: int) -> SamplingParams:
         k = self.top_k if self.top_k is not None and (b % 2 == 0 or not self.k_on_half) else 0
@@ -186,7 +195,7 @@ def main() -> None:
         for cfg in CONFIGS:
             sort_ms, kernel_ms = time_truncation(B, V, cfg, args.scale, args.rep, dev)
             step_sort, step_kernel = time_sampler(B, V, cfg, args.scale, args.rep, dev)
-            rows.append(f"| {B} | {cfg.name} | {sort_ms:.3f} | {kernel_ms:.3f} | "
+            rows.append(f"| {B} | {cfg.name} | {cfg.path(B)} | {sort_ms:.3f} | {kernel_ms:.3f} | "
                         f"{sort_ms / max(kernel_ms, 1e-6):.1f}x | {step_sort:.3f} | "
                         f"{step_kernel:.3f} |")
             print(rows[-1], flush=True)
@@ -208,9 +217,9 @@ def main() -> None:
         "has top-k; radix passes otherwise). Sampler step: `Sampler` with either, temperature "
         "1 (truncation, softmax, exponential noise, argmax).",
         "",
-        "| batch | truncation | sort ms | kernel ms | speedup | sampler step, sort ms | "
-        "sampler step, kernel ms |",
-        "|---|---|---|---|---|---|---|",
+        "| batch | truncation | kernel path | sort ms | kernel ms | speedup | "
+        "sampler step, sort ms | sampler step, kernel ms |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]
