@@ -47,6 +47,9 @@ class Ops:
     linear_w8a16: Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
     # (x, e4m3 weight [N, K], fp32 scale [N], bias): W8A8 with per-token e4m3 activations
     linear_w8a8_fp8: Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
+    # (logits [B, V] fp32, top_k or None, top_p or None, max_top_k, top_k_every_row): the
+    # truncated logits (-inf outside each row's kept set), updated in place
+    top_k_top_p: Callable[[Tensor, Tensor | None, Tensor | None, int, bool], Tensor]
 
 
 REFERENCE_OPS = Ops(
@@ -60,6 +63,7 @@ REFERENCE_OPS = Ops(
     linear=reference.linear,
     linear_w8a16=reference.linear_w8a16,
     linear_w8a8_fp8=reference.linear_w8a8_fp8,
+    top_k_top_p=reference.top_k_top_p,
 )
 
 
@@ -74,6 +78,7 @@ def triton_ops() -> Ops:
     from flatout.kernels.norm import fused_add_rms_norm, rms_norm
     from flatout.kernels.prefill_attention import paged_prefill_attention
     from flatout.kernels.rotary import rotary_embedding
+    from flatout.kernels.top_k_top_p import top_k_top_p
 
     return Ops(
         rms_norm=rms_norm,
@@ -86,6 +91,7 @@ def triton_ops() -> Ops:
         linear=linear,
         linear_w8a16=linear_w8a16,
         linear_w8a8_fp8=linear_w8a8_fp8,
+        top_k_top_p=top_k_top_p,
     )
 
 

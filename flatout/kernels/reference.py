@@ -2,10 +2,10 @@
 flatout.kernels.ops) and the oracle the Triton kernels are tested against.
 
 Each function has the signature and rounding of the Triton kernel of the same name (norm.py,
-rotary.py, activation.py, kv_cache.py, prefill_attention.py, decode_attention.py, allreduce.py),
-so the two are interchangeable. This module does not import triton. The attention functions read
-their tensors' values on the host (sequence lengths, chunk boundaries), so on a GPU they sync and
-cannot be captured in a CUDA graph.
+rotary.py, activation.py, kv_cache.py, prefill_attention.py, decode_attention.py, allreduce.py,
+top_k_top_p.py), so the two are interchangeable. This module does not import triton. The
+attention functions read their tensors' values on the host (sequence lengths, chunk
+boundaries), so on a GPU they sync and cannot be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -283,3 +283,66 @@ def linear_w8a8_fp8(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def top_k_threshold(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
+    """Each row's k-th largest logit, [B, 1]; -inf on rows whose top_k is V (no top-k).
+    logits: [B, V]; top_k: [B] int64 in [1, V]; max_top_k: the largest k below V of any row."""
+    V = logits.shape[1]
+    top = logits.topk(max(1, min(max_top_k, V)), dim=1).values  # [B, K], descending
+    kth = top.gather(1, (top_k.clamp(max=top.shape[1]) - 1).unsqueeze(1))  # [B, 1]
+    return kth.masked_fill((top_k >= V).unsqueeze(1), float("-inf"))
+
+
+def top_p_threshold(
+    desc: torch.Tensor, top_p: torch.Tensor, extra_mass: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The smallest logit top-p keeps, [B, 1] (-inf where top_p is 1: the row keeps all).
+
+    desc: [B, N] a row's candidate logits sorted descending, -inf for tokens already dropped;
+    top_p: [B] float32 in (0, 1]; extra_mass: [B, 1] weight, in units of exp(x - desc[:, 0]), of
+    tokens outside desc that count in the normalising sum but lie below every threshold that
+    matters (None: nothing outside). A token is kept when the probability of the candidates with
+    a strictly larger logit is below top_p: tied tokens share the mass above the first of them,
+    so they are kept or dropped together, and the most likely token always stays."""
+    neg_inf = float("-inf")
+    B, N = desc.shape
+    weights = torch.where(desc > neg_inf, (desc - desc[:, :1]).exp(), 0.0)  # [B, N]
+    total = weights.sum(dim=1, keepdim=True)  # [B, 1]
+    if extra_mass is not None:
+        total = total + extra_mass
+    cum = (weights / total).cumsum(dim=1)  # [B, N]
+    above = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)  # exclusive
+    starts = torch.ones_like(desc, dtype=torch.bool)  # [B, N]: first of a run of equal logits
+    starts[:, 1:] = desc[:, 1:] != desc[:, :-1]
+    index = torch.arange(N, device=desc.device).expand(B, N)
+    first = torch.where(starts, index, 0).cummax(dim=1).values  # [B, N] its run's first index
+    above = above.gather(1, first)  # non-decreasing, 0 at the top
+    kept = (above < top_p.unsqueeze(1)).sum(dim=1, keepdim=True)  # [B, 1], >= 1
+    cut = desc.gather(1, kept - 1)
+    return cut.masked_fill((top_p >= 1.0).unsqueeze(1), neg_inf)
+
+
+def top_k_top_p(
+    logits: torch.Tensor,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+    max_top_k: int,
+    top_k_every_row: bool,
+) -> torch.Tensor:
+    """Top-k then top-p truncation by sorting (the oracle of flatout.kernels.top_k_top_p).
+
+    logits: [B, V] float32, updated in place (and returned). top_k: [B] int64 in [1, V], V on
+    rows without top-k (None: no row has one); max_top_k: the largest such k below V;
+    top_k_every_row: no row has top_k = V (the kernel uses it to pick a path; the answer is the
+    same). top_p: [B] float32 in (0, 1] (None: no row has one). A row keeps the logits at least
+    its k-th largest (ties with the k-th are kept), then top_p_threshold's set among them over
+    their renormalised softmax; the others become -inf. Rows with every logit -inf stay so."""
+    del top_k_every_row  # the same answer either way
+    neg_inf = float("-inf")
+    if top_k is not None:
+        logits.masked_fill_(logits < top_k_threshold(logits, top_k, max_top_k), neg_inf)
+    if top_p is not None:
+        desc = logits.sort(dim=1, descending=True).values  # [B, V]
+        logits.masked_fill_(logits < top_p_threshold(desc, top_p), neg_inf)
+    return logits

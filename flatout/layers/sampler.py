@@ -11,6 +11,10 @@ added to the logits) -> banned ids -> the grammar's bitmask (structured output) 
 frequency and presence penalties -> greedy rows take the argmax -> temperature -> top-k -> top-p
 -> min-p -> sample with the exponential race: argmax(probs / E), E ~ Exp(1) i.i.d., which picks
 index i with probability probs[i] / sum(probs).
+Top-k keeps the logits at least a row's k-th largest (ties with it too); top-p then keeps the
+survivors whose strictly more likely survivors hold less than top_p of their renormalised
+probability, so tied tokens are kept or dropped together (flatout.kernels.reference.top_k_top_p
+defines both; the CUDA kernel keeps the same set without sorting the vocabulary).
 A seeded row's draw depends only on its generator, so it is reproducible whatever else shares the
 batch and wherever the row sits.
 
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flatout.kernels.ops import ops_for
 from flatout.sampling_params import SamplingParams
 
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
@@ -261,41 +266,6 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return logits
 
 
-def _top_p_drop(desc: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """desc: [B, N] logits sorted descending -> [B, N] bool, True where the tokens above already
-    hold at least top_p of the probability (the first token is always kept)."""
-    probs = desc.softmax(dim=1)
-    mass_above = probs.cumsum(dim=1) - probs  # [B, N]
-    # rows at top_p = 1 drop nothing, even where float rounding pushes the cumsum past 1
-    return (mass_above >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
-
-
-def apply_top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Keep each row's top_k largest logits, then the smallest set of most likely survivors whose
-    probability reaches top_p; the rest become -inf. logits: [B, V], may be updated in place."""
-    neg_inf = float("-inf")
-    if batch.top_k is not None and batch.top_k_every_row:
-        # every row keeps at most max_top_k tokens: truncate among those, no full sort
-        desc, ids = logits.topk(batch.max_top_k, dim=1)  # [B, K]
-        rank = torch.arange(batch.max_top_k, device=logits.device)  # [K]
-        desc.masked_fill_(rank >= batch.top_k.unsqueeze(1), neg_inf)
-        if batch.top_p is not None:
-            desc.masked_fill_(_top_p_drop(desc, batch.top_p), neg_inf)
-        return torch.full_like(logits, neg_inf).scatter_(1, ids, desc)
-    if batch.top_k is not None:
-        # ties with the k-th largest logit are kept
-        top = logits.topk(batch.max_top_k, dim=1).values  # [B, max_k], descending
-        kth = top.gather(1, (batch.top_k.clamp(max=batch.max_top_k) - 1).unsqueeze(1))  # [B, 1]
-        off = (batch.top_k >= logits.shape[1]).unsqueeze(1)  # [B, 1] rows without top-k
-        logits.masked_fill_(logits < kth.masked_fill(off, neg_inf), neg_inf)
-    if batch.top_p is not None:
-        desc, order = logits.sort(dim=1, descending=True)  # [B, V]
-        drop = torch.empty_like(desc, dtype=torch.bool)
-        drop.scatter_(1, order, _top_p_drop(desc, batch.top_p))
-        logits.masked_fill_(drop, neg_inf)
-    return logits
-
-
 def _exponential_race(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """probs: [B, V], unnormalised weights allowed -> [B] int64 index drawn from each row."""
     # [B, V] ~ Exp(1). CUDA's generator never returns 0; CPU's does with odds 2**-53, negligible.
@@ -308,7 +278,23 @@ def _exponential_race(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
 
 
 class Sampler(nn.Module):
-    """Picks one token per row; see the module docstring for the order of operations."""
+    """Picks one token per row; see the module docstring for the order of operations.
+
+    Top-k / top-p run flatout.kernels.ops' `top_k_top_p` for `device` (default: torch's default
+    device): on CUDA without sorting the vocabulary, elsewhere the sort-based reference; both
+    keep the same tokens."""
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.ops = ops_for(device)
+
+    def warm_up(self, device: torch.device) -> None:
+        """Run top-p once on a row of many chunks and on many short rows, the two ways its CUDA
+        kernel launches, so that it compiles now rather than on the first request using it."""
+        for rows, vocab in ((1, 4096), (1024, 64)):
+            logits = torch.zeros(rows, vocab, device=device)
+            top_p = torch.full((rows,), 0.5, device=device)
+            self.ops.top_k_top_p(logits, None, top_p, 0, False)
 
     def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits: [B, V] (float32; other dtypes are upcast). May be modified in place."""
@@ -328,7 +314,9 @@ class Sampler(nn.Module):
             greedy_ids = logits.argmax(dim=1) if batch.greedy is not None else None
             assert batch.temperature is not None
             logits.div_(batch.temperature.unsqueeze(1))
-            logits = apply_top_k_top_p(logits, batch)
+            if batch.top_k is not None or batch.top_p is not None:
+                logits = self.ops.top_k_top_p(logits, batch.top_k, batch.top_p,
+                                              batch.max_top_k, batch.top_k_every_row)
             probs = logits.softmax(dim=1)  # [B, V]
             if batch.min_p is not None:
                 floor = probs.amax(dim=1, keepdim=True) * batch.min_p.unsqueeze(1)  # [B, 1]

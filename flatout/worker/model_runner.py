@@ -104,7 +104,7 @@ class ModelRunner:
         if device.type == "cuda":
             self.memory.weights = torch.cuda.memory_allocated(device)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.sampler = Sampler()
+        self.sampler = Sampler(device)
         self.generators: dict[int, torch.Generator] = {}
         # the last launched step's sampled tokens (rank 0, on the device); every rank counts
         # them (the size of the tokens' broadcast)
@@ -153,6 +153,7 @@ class ModelRunner:
             self.graphs.capture()
             self.memory.cuda_graphs = torch.cuda.memory_reserved(device) - before
         if device.type == "cuda":
+            self.sampler.warm_up(device)
             log.info("rank %d memory: %s", self.tp_rank, self.memory.describe())
 
     # -- one step ---------------------------------------------------------------------------

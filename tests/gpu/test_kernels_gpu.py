@@ -253,3 +253,87 @@ def test_int8_gemv(rows: int, n: int, k: int, bias: bool) -> None:
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
     expected = reference.linear_w8a16(x.float(), q, scale, None if b is None else b.float())
     torch.testing.assert_close(linear_w8a16(x, q, scale, b).float(), expected, **tol(x.dtype))
+
+
+def _top_p_bounds(logits: torch.Tensor, args: tuple, delta: float = 1e-4):
+    """([B, V], [B, V]) bool: the float64 kept sets at top_p - delta and top_p + delta. An fp32
+    path sums the masses in its own order, so it may keep any set between the two (kept sets
+    grow with top_p), and no other."""
+    top_k, top_p, max_k, every = args
+    x = logits.double()
+    live = top_p < 1.0  # rows at 1 keep everything
+    lo = torch.where(live, top_p - delta, top_p).clamp(min=1e-30)
+    hi = torch.where(live, top_p + delta, top_p).clamp(max=1.0)
+    return (torch.isfinite(reference.top_k_top_p(x.clone(), top_k, lo, max_k, every)),
+            torch.isfinite(reference.top_k_top_p(x.clone(), top_k, hi, max_k, every)))
+
+
+# rows x vocabulary: one row over the whole GPU (chunked, a launch per pass), a few rows, more
+# rows than PROGRAMS_PER_SM per SM (one program per row, one launch), an awkward vocabulary
+@pytest.mark.parametrize("B,V", [(1, 151552), (7, 50257), (600, 151552), (33, 1000)])
+@pytest.mark.parametrize("bf16_logits", [False, True])  # bf16 logits upcast: many ties
+@pytest.mark.parametrize("k", [None, 50, 3000, "half"])  # none, candidates, large k, mixed rows
+def test_top_k_top_p_matches_reference(B, V, bf16_logits, k):
+    from flatout.kernels.top_k_top_p import top_k_top_p
+
+    g = torch.Generator("cuda").manual_seed(B + V)
+    logits = torch.randn(B, V, device="cuda", generator=g) * torch.linspace(0.5, 6, B,
+                                                                            device="cuda")[:, None]
+    if bf16_logits:
+        logits = logits.bfloat16().float()
+    logits[torch.rand(B, V, device="cuda", generator=g) < 0.2] = float("-inf")  # bias / grammar
+    top_p = torch.rand(B, device="cuda", generator=g) * 0.99 + 0.005
+    if B > 2:
+        logits[1, 1:] = float("-inf")  # one token left
+        top_p[2] = 1.0  # a row without top-p
+    top_k = None
+    max_k, every = 0, False
+    if k is not None:
+        kk = 50 if k == "half" else min(int(k), V - 1)
+        ks = torch.full((B,), kk, device="cuda")
+        if k == "half":
+            ks[1::2] = V
+        top_k, max_k, every = ks, kk, bool((ks < V).all())
+    args = (top_k, top_p, max_k, every)
+    lo, hi = _top_p_bounds(logits, args)
+    for out in (top_k_top_p(logits.clone(), *args), reference.top_k_top_p(logits.clone(), *args)):
+        keep = torch.isfinite(out)
+        assert torch.equal(out, torch.where(keep, logits, float("-inf")))
+        assert not (lo & ~keep).any() and not (keep & ~hi).any()
+    assert (lo != hi).sum() < B * V // 100  # the bounds are tight
+
+
+def test_sampler_with_the_kernel_draws_what_the_reference_draws():
+    import dataclasses
+
+    from flatout.kernels.ops import REFERENCE_OPS
+    from flatout.layers.sampler import Sampler, SamplingBatch, SamplingRow
+    from flatout.sampling_params import SamplingParams
+
+    dev = torch.device("cuda")
+    V = 151552
+    logits = torch.randn(6, V, device=dev, generator=torch.Generator(dev).manual_seed(3)) * 3
+    logits[2, ::3] = float("-inf")  # a grammar's mask
+    params = [
+        SamplingParams(temperature=0.8, top_p=0.9, seed=1),
+        SamplingParams(temperature=1.2, top_k=50, top_p=0.8, seed=2),
+        SamplingParams(temperature=1.0, top_p=0.5, seed=3),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.5, top_p=0.95, min_p=0.02, seed=5),
+        SamplingParams(temperature=0.9, top_k=2000, seed=6),
+    ]
+    kernel = Sampler(dev)
+    kernel.warm_up(dev)
+    with_sort = Sampler(dev)
+    with_sort.ops = dataclasses.replace(kernel.ops, top_k_top_p=REFERENCE_OPS.top_k_top_p)
+
+    def draws(sampler: Sampler) -> list[list[int]]:
+        gens = [torch.Generator(dev).manual_seed(p.seed or 0) for p in params]
+        out = []
+        for _ in range(4):
+            rows = [SamplingRow(p, [], [], generator=g) for p, g in zip(params, gens, strict=True)]
+            batch = SamplingBatch.build(rows, V, dev)
+            out.append(sampler(logits.clone(), batch).token_ids.tolist())
+        return out
+
+    assert draws(kernel) == draws(with_sort)
