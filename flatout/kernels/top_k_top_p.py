@@ -54,11 +54,7 @@ MAX_CANDIDATES = 1024
 DIGIT_BITS = 4
 NUM_BINS = 1 << DIGIT_BITS
 NUM_PASSES = 32 // DIGIT_BITS
-# 512 logits a tile: with 8 warps, 2 per thread, so the 16 per-lane bin sums cost 32 registers
-# and several programs fit on an SM (their loads in flight are what reads the row fast)
-BLOCK = 256 if INTERPRET else 512
-# programs per SM the radix passes aim for (a row is split into chunks until the grid has them)
-PROGRAMS_PER_SM = 4
+BLOCK = 256 if INTERPRET else 1024
 
 
 @triton.jit
@@ -204,7 +200,7 @@ def top_p_radix(
     top_p = top_p.to(torch.float32).contiguous()
     tiles = triton.cdiv(V, BLOCK)
     if chunks is None:
-        chunks = triton.cdiv(PROGRAMS_PER_SM * num_sms(logits.device), B)
+        chunks = triton.cdiv(2 * num_sms(logits.device), B)
     chunk_tiles = triton.cdiv(tiles, max(1, min(chunks, tiles)))
     CHUNK = chunk_tiles * BLOCK
     S = triton.cdiv(V, CHUNK)
