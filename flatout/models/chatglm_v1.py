@@ -42,6 +42,7 @@ from flatout.layers.linear import (
     set_weight_loader,
 )
 from flatout.layers.norm import LayerNorm
+from flatout.models.decoder import lm_head_quantization
 
 
 class Rotary2D(nn.Module):
@@ -96,9 +97,11 @@ class SelfAttentionV1(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: Rotary2D) -> None:
         super().__init__()
         d, heads = cfg.head_dim, cfg.num_attention_heads
-        self.query_key_value = QKVParallelLinear(cfg.hidden_size, d, heads, heads, bias=True)
+        q = cfg.quantization  # rows are quantized one by one: the regrouping commutes with it
+        self.query_key_value = QKVParallelLinear(cfg.hidden_size, d, heads, heads, bias=True,
+                                                 quantization=q)
         _per_head_qkv_loader(self.query_key_value, heads, d)
-        self.dense = RowParallelLinear(heads * d, cfg.hidden_size, bias=True)
+        self.dense = RowParallelLinear(heads * d, cfg.hidden_size, bias=True, quantization=q)
         self.q_size = self.query_key_value.q_size
         self.rotary = rotary  # shared by all layers
         n = self.query_key_value.num_heads
@@ -117,8 +120,9 @@ class MLPV1(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.dense_h_to_4h = MergedColumnParallelLinear(h, [i], bias=True)
-        self.dense_4h_to_h = RowParallelLinear(i, h, bias=True)
+        self.dense_h_to_4h = MergedColumnParallelLinear(h, [i], bias=True,
+                                                        quantization=cfg.quantization)
+        self.dense_4h_to_h = RowParallelLinear(i, h, bias=True, quantization=cfg.quantization)
         self.act = GeluTanh()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,7 +178,7 @@ class ChatGLMv1ForCausalLM(nn.Module):
         self.config = cfg
         self.fuses_reduce = False  # every row-parallel linear has a bias to add after its reduce
         self.transformer = ChatGLMv1Transformer(cfg)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, lm_head_quantization(cfg))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.transformer(input_ids, positions)

@@ -133,11 +133,11 @@ def resolve_model_config(
     quantization = resolve_quantization(
         quantization, quantize_lm_head, raw, bool(fields["tie_word_embeddings"])
     )
-    if quantization and fields.get("position_encoding_2d"):
-        # its per-head interleaved qkv regrouping is not checked with quantized weights:
-        # refuse rather than risk silently wrong outputs
-        raise ValueError(f"quantization: {quantization} is not supported for ChatGLM-6B v1 "
-                         "yet; serve it unquantized")
+    if quantization and fields.get("position_encoding_2d") and raw.get("quantization_config"):
+        # quantized on load, the rows are regrouped before they are quantized; a pre-quantized
+        # checkpoint's scales would need the same regrouping, which nothing checks
+        raise ValueError("quantization: pre-quantized ChatGLM-6B v1 checkpoints are not "
+                         "supported; serve the fp16 checkpoint with --quantization int8")
     eos = list(fields.pop("eos_token_ids"))
     eos += [i for i in eos_list(generation.get("eos_token_id")) if i not in eos]
     return ModelConfig(

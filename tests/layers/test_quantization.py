@@ -231,9 +231,9 @@ def test_bad_quantization_requests_fail_at_startup(tmp_path: Path,
     with pytest.raises(ValueError, match=r"NVIDIA A10 is 8.6: use --quantization int8"):
         check_device("fp8", torch.device("cuda"))
     check_device("int8", torch.device("cuda"))
-    # ChatGLM-6B v1's loader is not checked with quantized weights: refused, never wrong
-    with pytest.raises(ValueError, match="not supported for ChatGLM-6B v1"):
-        resolve_model_config("chatglm-6b", load_format="dummy", quantization="int8")
+    # ChatGLM-6B v1 is quantized on load (tests/models/test_chatglm_v1.py checks its tokens)
+    assert resolve_model_config("chatglm-6b", load_format="dummy",
+                                quantization="int8").quantization == "int8"
 
 
 def test_glm4v_text_decoder_quantized_vision_tower_not(tmp_path: Path) -> None:

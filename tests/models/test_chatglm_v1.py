@@ -191,3 +191,43 @@ def test_tensor_parallel_equals_the_reference(v1) -> None:  # noqa: ANN001
     finally:
         llm.engine.core.shutdown()
     assert [o.token_ids for o in outs] == expected
+
+
+LINEARS = ("attention.query_key_value.weight", "attention.dense.weight",
+           "mlp.dense_h_to_4h.weight", "mlp.dense_4h_to_h.weight")
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_int8_equals_the_reference_over_its_dequantized_weights(v1, tp: int) -> None:  # noqa: ANN001
+    """--quantization int8 (quantized on load, rows regrouped first; over two gloo ranks too):
+    the engine's greedy tokens equal the dense reference's with every decoder linear replaced
+    by its per-row int8 round trip (the LM head stays full precision)."""
+    from flatout.kernels import reference
+
+    path, prompts, unquantized = v1
+    ref = DenseChatGLMv1(path)
+    for name, w in ref.sd.items():
+        if name.endswith(LINEARS):
+            q, scale = reference.quantize_int8(w.float())
+            ref.sd[name] = q.float() * scale[:, None]
+    with torch.no_grad():
+        expected = [ref.greedy(p, NEW_TOKENS) for p in prompts]
+    assert expected != unquantized  # the round trip changes the tokens: the check can fail
+    llm = LLM(str(path), quantization="int8", tensor_parallel_size=tp, block_size=4,
+              num_kv_blocks=256, max_num_batched_tokens=32)
+    try:
+        assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == expected
+    finally:
+        llm.shutdown()
+
+
+def test_pre_quantized_v1_checkpoints_are_refused(v1, tmp_path: Path) -> None:  # noqa: ANN001
+    import json
+    import shutil
+
+    path = shutil.copytree(v1[0], tmp_path / "fp8")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="pre-quantized ChatGLM-6B v1"):
+        resolve_model_config(str(path))
