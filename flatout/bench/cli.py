@@ -147,6 +147,11 @@ def run_bench(ns: argparse.Namespace) -> int:
             progress.stop()
     for run in result["runs"]:
         console.print(run_table(run))
+        client = run.get("client") or {}
+        if client.get("saturated"):
+            err.print(f"{run['label']}: the load tester's event loop used "
+                      f"{100 * client['loop_cpu_perc']:.0f} % of a core: it may be the limit "
+                      "(split the load over several `flatout bench` processes)", markup=False)
         failed = [r for r in run["requests"] if not r["success"]]
         if failed:
             err.print(f"{len(failed)} requests failed; first error: {failed[0]['error']}",

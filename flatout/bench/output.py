@@ -50,6 +50,12 @@ def flat_metrics(run: dict[str, Any]) -> list[tuple[str, float | None, bool | No
     eng = run.get("engine") or {}
     if eng.get("busy_perc") is not None:
         rows.append(("Engine busy, forward in flight (%)", 100 * eng["busy_perc"], None))
+    client = run.get("client") or {}
+    if client.get("loop_cpu_perc") is not None:
+        rows.append(("Load tester CPU, event loop (% of a core)", 100 * client["loop_cpu_perc"],
+                     None))
+        rows.append(("Load tester CPU, whole process (% of a core)",
+                     100 * client["process_cpu_perc"], None))
     for key in sorted(k for k in eng if k.startswith(("mbu_", "mfu_"))):
         if eng[key] is not None:
             kind, step = key.split("_", 1)
@@ -78,14 +84,15 @@ def run_table(run: dict[str, Any], title: str | None = None) -> Table:
 def sweep_table(runs: list[dict[str, Any]]) -> Table:
     t = Table(title="sweep", box=box.SIMPLE_HEAD)
     for col in ["load", "req/s", "out tok/s", "P99 TTFT ms", "P99 TPOT ms", "P99 E2EL ms",
-                "GPU util %", "busy %"]:
+                "GPU util %", "busy %", "client CPU %"]:
         t.add_column(col, justify="right")
     for r in runs:
         s, gpu, eng = r["summary"], r.get("gpu") or {}, r.get("engine") or {}
-        busy = eng.get("busy_perc")
+        busy, loop = eng.get("busy_perc"), (r.get("client") or {}).get("loop_cpu_perc")
         t.add_row(r["label"], fmt(s["request_throughput"]), fmt(s["output_throughput"]),
                   fmt(s["ttft_ms"]["p99"]), fmt(s["tpot_ms"]["p99"]), fmt(s["e2el_ms"]["p99"]),
-                  fmt(gpu.get("util_mean")), fmt(None if busy is None else 100 * busy))
+                  fmt(gpu.get("util_mean")), fmt(None if busy is None else 100 * busy),
+                  fmt(None if loop is None else 100 * loop))
     return t
 
 

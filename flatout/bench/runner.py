@@ -108,6 +108,21 @@ async def run_load(point: LoadPoint, requests: list[BenchRequest], ep: Endpoint,
 
 
 
+# the event loop's share of one core above which the load tester, not the server, may set the
+# pace (its sends, reads and timestamps queue behind one another)
+CLIENT_BUSY = 0.9
+
+
+def client_cpu(wall_s: float, loop_cpu_s: float, process_cpu_s: float) -> dict[str, Any]:
+    """The load tester's own CPU use over a run: the event loop's thread (one core at most: the
+    limit that matters) and the whole process (the GPU and metrics watchers' threads too)."""
+    wall = wall_s if wall_s > 0 else float("nan")
+    loop = loop_cpu_s / wall
+    return {"wall_s": wall_s, "loop_cpu_s": loop_cpu_s, "process_cpu_s": process_cpu_s,
+            "loop_cpu_perc": loop, "process_cpu_perc": process_cpu_s / wall,
+            "saturated": bool(loop >= CLIENT_BUSY)}
+
+
 def run_point(point: LoadPoint, requests: list[BenchRequest], ep: Endpoint, *, seed: int,
               timeout: float, slo: dict[str, float], watch: Watch | None,
               progress: Any = None) -> dict[str, Any]:
@@ -120,10 +135,14 @@ def run_point(point: LoadPoint, requests: list[BenchRequest], ep: Endpoint, *, s
         if task is not None:
             progress.advance(task)
 
+    wall0, loop0, proc0 = time.perf_counter(), time.thread_time(), time.process_time()
     records, duration = asyncio.run(run_load(point, requests, ep, seed=seed, timeout=timeout,
                                              watch=watch, on_done=done))
     run: dict[str, Any] = {"label": point.label, "load": point.to_json(),
-                           "summary": summarize(records, duration, slo)}
+                           "summary": summarize(records, duration, slo),
+                           "client": client_cpu(time.perf_counter() - wall0,
+                                                time.thread_time() - loop0,
+                                                time.process_time() - proc0)}
     if watch is not None:
         run["gpu"] = watch.gpu_summary()
         run["engine"] = watch.engine_summary()

@@ -99,6 +99,13 @@ def test_closed_loop_table_agrees_with_json(bench_server: ServerProcess, tmp_pat
     assert eng["mbu_decode"] > 0 and eng["mfu_prefill"] > 0
     assert printed["Engine busy, forward in flight (%)"] == pytest.approx(
         100 * eng["busy_perc"], abs=0.006)
+    # the load tester's own CPU: its event loop's share of a core, and the whole process's
+    client = run["client"]
+    assert 0 < client["loop_cpu_s"] <= client["process_cpu_s"] + 1e-3
+    assert 0 < client["loop_cpu_perc"] <= 1.05 and client["wall_s"] >= duration
+    assert client["saturated"] == (client["loop_cpu_perc"] >= 0.9)
+    assert printed["Load tester CPU, event loop (% of a core)"] == pytest.approx(
+        100 * client["loop_cpu_perc"], abs=0.006)
     ts = run["timeseries"]
     # scrapes every 0.5 s of a run this short may all land between steps (0 running): only the
     # upper bound is certain
