@@ -1,0 +1,42 @@
+"""benchmarks/bench_vision_serve.py --quick: the whole GPU script at tiny scale on the CPU (a
+dummy-weight demo-vl server under `flatout bench` with images, transformers' batched generate on
+the same config, the image decoder's throughput), and what it writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_quick_run_writes_the_table_and_json(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_vision_serve.py", "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=240, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "bench_vision_serve.json").read_text())
+    assert result["image_tokens"] == 32  # 112x224 -> 4 x 8 merged patches
+    assert [r["concurrency"] for r in result["flatout"]] == [2, 4]
+    for row in result["flatout"]:
+        assert row["completed"] == row["num_prompts"] and row["failed"] == 0
+        assert row["req_per_s"] > 0 and row["ttft_ms"]["mean"] > 0
+        assert row["tpot_ms"]["p99"] is not None and row["engine_busy_perc"] is not None
+        assert row["mean_prompt_tokens"] > 32  # the server counted the image's tokens
+        assert (tmp_path / row["bench_json"]).is_file()
+    hf = result["transformers"]
+    assert hf["best"] is not None and hf["best"]["image_tokens"] == result["image_tokens"]
+    assert all(r["new_tokens"] == 4 for r in hf["runs"] if "req_per_s" in r)
+    assert set(result["decode"]["threads"]) == {"1", "8"}
+    assert all(v["images_per_s"] > 0 for v in result["decode"]["threads"].values())
+    table = (tmp_path / "bench_vision_serve.md").read_text()
+    assert "| flatout | 2 |" in table and "| flatout | 4 |" in table
+    assert "transformers" in table and "| threads | images/s |" in table
