@@ -40,3 +40,29 @@ def test_quick_run_writes_the_table_and_json(tmp_path: Path) -> None:
     table = (tmp_path / "bench_vision_serve.md").read_text()
     assert "| flatout | 2 |" in table and "| flatout | 4 |" in table
     assert "transformers" in table and "| threads | images/s |" in table
+
+
+def test_served_checkpoint_is_the_preset_with_the_demo_vl_tokenizer(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_vision_serve import build_checkpoint
+
+    from flatout.demo_vl import DEMO_VL_CONFIG
+    from flatout.engine.input_processor import InputProcessor
+    from flatout.models.presets import PRESETS
+    from flatout.models.registry import resolve_model_config
+
+    preset = PRESETS["autoglm-phone-9b"].config
+    folder = build_checkpoint(preset, tmp_path / "ckpt")
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["vision_config"] == preset["vision_config"]
+    for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "rope_parameters"):
+        assert cfg["text_config"][key] == preset["text_config"][key]
+    assert cfg["text_config"]["vocab_size"] == DEMO_VL_CONFIG["text_config"]["vocab_size"]
+    model = resolve_model_config(str(folder), load_format="dummy", device_type="cuda",
+                                 max_model_len=8192)
+    assert model.tokenizer == str(folder) and model.vision is not None
+    assert model.vision.image_token_id == DEMO_VL_CONFIG["image_token_id"]
+    from flatout.tokenizers.loader import load_tokenizer
+
+    inputs = InputProcessor(model, load_tokenizer(str(folder)), cache_tokens=8192)
+    assert inputs.image_placeholder == "<|begin_of_image|><|image|><|end_of_image|>"
