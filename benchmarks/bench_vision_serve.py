@@ -13,8 +13,12 @@ and DIR/bench_vision_serve.json (the bench's own JSON per load point beside them
    stopped after. Reported: req/s, TTFT and TPOT mean / P99, GPU utilization (NVML), engine busy.
 2. transformers: `Glm4vForConditionalGeneration` of the same config with random weights (bf16 on
    the GPU, sdpa attention), batched `generate` (greedy, exactly 128 new tokens) over the same
-   kind of screenshots, images preprocessed by transformers' torch `Glm4vImageProcessor` on the
-   GPU (`device="cuda"`), at growing batch sizes under a time cap; its best req/s is the baseline.
+   kind of screenshots, images preprocessed by transformers' `Glm4vImageProcessor` (its torch
+   backend on the GPU, `device="cuda"`; without torchvision transformers falls back to its
+   Pillow + numpy backend on the CPU, and the table says which ran), at growing batch sizes
+   under a time cap (--hf-time-budget, shrunk to fit --time-limit). Its req/s times `generate`
+   alone, preprocessing off the clock (its best case; a column adds it back); the best batch
+   size's req/s is the baseline.
 3. flatout's image decoder on the API side: base64 data URL -> uint8 pixels (`data_url_bytes` +
    `decode_image`, what the server's decode pool runs per image) with 1 and 8 threads, images/s.
 
@@ -111,14 +115,42 @@ class Server:
             return False
 
     def stop(self) -> None:
+        """SIGTERM, then wait until the server and the engine core it started (its process
+        group: the GPU's memory is free after) are gone; SIGKILL what is left after 60 s."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            self.proc.poll()
             try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
         self.log.close()
+
+
+def bench_row(conc: int, n: int, run: dict[str, Any], json_name: str) -> dict[str, Any]:
+    """What the table reports of one `flatout bench` load point."""
+    s, gpu, eng = run["summary"], run.get("gpu") or {}, run.get("engine") or {}
+    busy = eng.get("busy_perc")
+    return {
+        "concurrency": conc, "num_prompts": n, "completed": s["completed"],
+        "failed": s["failed"], "duration_s": s["duration_s"],
+        "req_per_s": s["request_throughput"], "output_tok_per_s": s["output_throughput"],
+        "mean_prompt_tokens": s["total_input_tokens"] / max(1, s["completed"]),
+        "ttft_ms": {"mean": s["ttft_ms"]["mean"], "p99": s["ttft_ms"]["p99"]},
+        "tpot_ms": {"mean": s["tpot_ms"]["mean"], "p99": s["tpot_ms"]["p99"]},
+        "gpu_util_perc": gpu.get("util_mean"), "gpu_source": gpu.get("source"),
+        "engine_busy_perc": None if busy is None else 100 * busy,
+        "client_loop_cpu_perc": 100 * (run.get("client") or {}).get("loop_cpu_perc", 0.0),
+        "bench_json": json_name}
 
 
 def serve_part(a: argparse.Namespace, model: str, tokenizer: str, out: Path) -> list[dict]:
@@ -129,6 +161,8 @@ def serve_part(a: argparse.Namespace, model: str, tokenizer: str, out: Path) -> 
     server = Server(serve_args, out / "serve.log", a.startup_timeout)
     rows = []
     try:
+        # one `flatout bench` per point, each with its own seed: no point sees another's
+        # images (which prefix caching would hit)
         for conc, n in zip(a.concurrency, a.num_prompts, strict=True):
             path = out / f"bench_c{conc}.json"
             cmd = [sys.executable, "-m", "flatout.cli", "bench", "--base-url", server.url,
@@ -137,27 +171,12 @@ def serve_part(a: argparse.Namespace, model: str, tokenizer: str, out: Path) -> 
                    "--output-len", str(a.output_tokens), "--concurrency", str(conc),
                    "--num-prompts", str(n), "--seed", str(conc), "--no-progress",
                    "--timeout", str(a.request_timeout), "--json", str(path)]
-            t = time.perf_counter()
             done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                                   timeout=a.bench_timeout, env={**os.environ, "COLUMNS": "160"})
             (out / f"bench_c{conc}.txt").write_text(done.stdout + done.stderr)
             if not path.is_file():
                 raise RuntimeError(f"flatout bench failed:\n{done.stdout}\n{done.stderr}")
-            run = json.loads(path.read_text())["runs"][0]
-            s, gpu, eng = run["summary"], run.get("gpu") or {}, run.get("engine") or {}
-            busy = eng.get("busy_perc")
-            rows.append({
-                "concurrency": conc, "num_prompts": n, "completed": s["completed"],
-                "failed": s["failed"], "duration_s": s["duration_s"],
-                "wall_s": time.perf_counter() - t,
-                "req_per_s": s["request_throughput"],
-                "output_tok_per_s": s["output_throughput"],
-                "mean_prompt_tokens": s["total_input_tokens"] / max(1, s["completed"]),
-                "ttft_ms": {"mean": s["ttft_ms"]["mean"], "p99": s["ttft_ms"]["p99"]},
-                "tpot_ms": {"mean": s["tpot_ms"]["mean"], "p99": s["tpot_ms"]["p99"]},
-                "gpu_util_perc": gpu.get("util_mean"), "gpu_source": gpu.get("source"),
-                "engine_busy_perc": None if busy is None else 100 * busy,
-                "bench_json": path.name})
+            rows.append(bench_row(conc, n, json.loads(path.read_text())["runs"][0], path.name))
     finally:
         server.stop()
     return rows
@@ -370,7 +389,7 @@ def main() -> None:
     if a.quick:
         a.image_size, a.decode_image_size, a.max_pixels = "112x224", "540x1200", 50_176
         a.text_tokens, a.output_tokens, a.max_model_len = 16, 4, 512
-        a.concurrency, a.num_prompts, a.hf_batches = [2, 4], [4, 8], [1, 2]
+        a.concurrency, a.num_prompts, a.hf_batches = [2, 4], [2, 4], [1, 2]
         a.decode_images, a.hf_time_budget, a.bench_timeout = 4, 30.0, 60.0
         a.serve_args = ["--num-kv-blocks", "256", "--max-num-seqs", "8", *a.serve_args]
     if len(a.num_prompts) != len(a.concurrency):
@@ -409,9 +428,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() and not a.quick else "cpu"
     result: dict[str, Any] = {
         "command": " ".join(["python", "benchmarks/bench_vision_serve.py", *sys.argv[1:]]),
-        "model_label": label, "model_note": note, "device": torch.cuda.get_device_name(0)
-        if device == "cuda" else "cpu", "args": vars(a), "image_tokens": grid.num_tokens,
-        "grid_thw": list(grid.grid_thw)}
+        "model_label": label, "model_note": note, "args": vars(a),
+        "image_tokens": grid.num_tokens, "grid_thw": list(grid.grid_thw)}
     print(f"image {a.image_size} -> {grid.num_tokens} image tokens; serving {label}", flush=True)
     parts: dict[str, float] = {}
     t = time.perf_counter()
@@ -429,6 +447,8 @@ def main() -> None:
             raise RuntimeError(f"transformers' processor gives {best['image_tokens']} image "
                                f"tokens, flatout {grid.num_tokens}")
     result["part_seconds"] = parts
+    # named only now: a CUDA context in this process would hold memory the server could use
+    result["device"] = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     result["total_s"] = time.perf_counter() - t_start
     table = markdown(result)
     (out / "bench_vision_serve.md").write_text(table)
