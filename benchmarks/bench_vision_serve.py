@@ -88,12 +88,14 @@ def build_checkpoint(base: dict[str, Any], folder: Path) -> Path:
 class Server:
     """`flatout serve` as a child process on a free port."""
 
-    def __init__(self, args: list[str], log: Path, timeout: float) -> None:
+    def __init__(self, args: list[str], log: Path, timeout: float, cpu: bool = False) -> None:
         self.log_path = log
         self.log = open(log, "w")  # noqa: SIM115 (closed in stop)
+        env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if cpu else {})}  # cpu: no GPU seen
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flatout.cli", "serve", "--port", "0", *args],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+            start_new_session=True)
         deadline = time.monotonic() + timeout
         self.url = ""
         while time.monotonic() < deadline:
@@ -158,7 +160,7 @@ def serve_part(a: argparse.Namespace, model: str, tokenizer: str, out: Path) -> 
                   "--max-model-len", str(a.max_model_len),
                   "--mm-processor-kwargs", json.dumps({"max_pixels": a.max_pixels}),
                   *a.serve_args]
-    server = Server(serve_args, out / "serve.log", a.startup_timeout)
+    server = Server(serve_args, out / "serve.log", a.startup_timeout, cpu=a.quick)
     rows = []
     try:
         # one `flatout bench` per point, each with its own seed: no point sees another's
