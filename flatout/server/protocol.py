@@ -42,7 +42,7 @@ class _Body(BaseModel):
 B = TypeVar("B", bound=BaseModel)
 
 
-def validate_body(model: type[B], body: bytes) -> B:
+def validate_body(model: type[B], body: bytes | bytearray) -> B:
     """`body` validated as `model` (a 400 naming the field otherwise)."""
     try:
         return model.model_validate_json(body)
