@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 import flatout
+from flatout.server.connections import ConcurrencyLimit, ConnectionCount
 from flatout.server.defaults import DEFAULT_MAX_BODY_BYTES
 from flatout.server.errors import (
     OpenAIError,
@@ -23,7 +24,7 @@ from flatout.server.errors import (
 from flatout.server.limits import OFFLOAD_BYTES, BodySizeLimit
 from flatout.server.metrics import HTTPMetricsMiddleware
 from flatout.server.openapi import install_openapi
-from flatout.server.protocol import ChatCompletionRequest, CompletionRequest, parse_body
+from flatout.server.protocol import ChatCompletionRequest, CompletionRequest
 from flatout.server.request_guards import RequestGuards
 from flatout.server.responses import ClientDisconnected
 from flatout.server.serving_chat import create_chat_completion
@@ -74,10 +75,12 @@ def build_app(
     state: ServerState, supervisor: Supervisor | None = None,
     on_ready: Callable[[], None] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     allowed_hosts: list[str] | None = None,
+    limit_concurrency: tuple[int, ConnectionCount] | None = None,
 ) -> FastAPI:
     """The API over a started engine client; the engine's outputs are routed into the server's
     event loop when it starts, and the engine is shut down with the server. The supervisor
-    (engine death and hangs, draining) runs while the server does."""
+    (engine death and hangs, draining) runs while the server does. `limit_concurrency`: the
+    most connections (and the count the protocol keeps) above which requests get a 503."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -106,13 +109,13 @@ def build_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req, size = await parse_body(request, ChatCompletionRequest)
+        req, size = await state.parse(request, ChatCompletionRequest)
         return await _answer(create_chat_completion(state, req, request,
                                                     offload=size > OFFLOAD_BYTES))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req, size = await parse_body(request, CompletionRequest)
+        req, size = await state.parse(request, CompletionRequest)
         return await _answer(create_completion(state, req, request,
                                                offload=size > OFFLOAD_BYTES))
 
@@ -142,11 +145,14 @@ def build_app(
         return Response(state.metrics.render(), media_type=prom.CONTENT_TYPE_LATEST)
 
     install_openapi(app, api_key_required=bool(state.api_key), public_paths=PUBLIC_PATHS)
-    # outermost last: metrics see every response, the key is checked before any body is read,
-    # the Host and Content-Type before the key
+    # outermost last: metrics see every response (the 503s over the connection limit too), the
+    # key is checked before any body is read, the Host and Content-Type before the key
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     if state.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=state.api_key)
     app.add_middleware(RequestGuards, allowed_hosts=allowed_hosts)
+    if limit_concurrency is not None:
+        limit, count = limit_concurrency
+        app.add_middleware(ConcurrencyLimit, limit=limit, count=count)
     app.add_middleware(HTTPMetricsMiddleware, metrics=state.metrics)
     return app

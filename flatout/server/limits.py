@@ -4,8 +4,8 @@
   the body is read, or as soon as a chunked body passes the limit.
 - A prompt with more characters than any prompt of `max_model_len` tokens can have is refused
   before it is tokenized (tokenizing megabytes takes seconds of CPU).
-- Bodies over `OFFLOAD_BYTES` are rendered and tokenized in the preparation thread, never on the
-  event loop (/v1 and /tokenize alike).
+- Bodies over `OFFLOAD_BYTES` are parsed, rendered and tokenized in the preparation thread, never
+  on the event loop (/v1 and /tokenize alike).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from flatout.server.errors import OpenAIError
 
-# bodies this large are prepared (rendered, tokenized, validated) off the event loop
+# bodies this large are prepared (parsed, rendered, tokenized, validated) off the event loop
 OFFLOAD_BYTES = 64 * 1024
 
 

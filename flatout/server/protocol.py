@@ -9,7 +9,7 @@ fields are ignored, as OpenAI's clients expect: they send parameters a given ser
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
@@ -21,9 +21,6 @@ from flatout.server.structured import (
     from_structured_outputs,
     one_of,
 )
-
-if TYPE_CHECKING:
-    from starlette.requests import Request
 
 MAX_MESSAGES = 2048  # messages in one chat request
 MAX_STOP = 64  # stop strings, and stop token ids, in one request
@@ -45,12 +42,10 @@ class _Body(BaseModel):
 B = TypeVar("B", bound=BaseModel)
 
 
-async def parse_body(request: Request, model: type[B]) -> tuple[B, int]:
-    """The request's body validated as `model` (a 400 naming the field otherwise), and its size
-    in bytes."""
-    body = await request.body()
+def validate_body(model: type[B], body: bytes | bytearray) -> B:
+    """`body` validated as `model` (a 400 naming the field otherwise)."""
     try:
-        return model.model_validate_json(body), len(body)
+        return model.model_validate_json(body)
     except ValidationError as e:
         raise from_validation_error(e) from None
 

@@ -138,7 +138,6 @@ def _serve(ns: argparse.Namespace, client: Any, sock: socket.socket, start: floa
     from flatout.server.app import build_app
     from flatout.server.chat import ChatRenderer, resolve_chat_template
     from flatout.server.connections import (
-        ConcurrencyLimit,
         ConnectionCount,
         default_limit_concurrency,
         h11_protocol,
@@ -192,11 +191,12 @@ def _serve(ns: argparse.Namespace, client: Any, sock: socket.socket, start: floa
         gc.freeze()
         print("\n".join(banner_lines(state, url, time.monotonic() - start)), flush=True)
 
-    app = build_app(state, supervisor, on_ready=on_ready,
-                    max_body_bytes=ns.max_request_body_bytes, allowed_hosts=ns.allowed_hosts)
     count = ConnectionCount()
     max_connections = limits.limit_concurrency or default_limit_concurrency()
-    config = uvicorn.Config(ConcurrencyLimit(app, max_connections, count),
+    app = build_app(state, supervisor, on_ready=on_ready,
+                    max_body_bytes=ns.max_request_body_bytes, allowed_hosts=ns.allowed_hosts,
+                    limit_concurrency=(max_connections, count))
+    config = uvicorn.Config(app,
                             http=h11_protocol(limits, count), log_level=ns.uvicorn_log_level,
                             access_log=False, timeout_graceful_shutdown=5,
                             timeout_keep_alive=limits.timeout_keep_alive)

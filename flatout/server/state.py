@@ -10,18 +10,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from pydantic import BaseModel
+from starlette.requests import Request
+
 from flatout.engine.async_client import AsyncEngineClient
 from flatout.engine.messages import CoreReady
 from flatout.server.admission import Admission
 from flatout.server.chat import ChatRenderer
 from flatout.server.errors import OpenAIError
 from flatout.server.large_json import ResponseBuilder
+from flatout.server.limits import OFFLOAD_BYTES
 from flatout.server.media import MediaPolicy
 from flatout.server.metrics import ServerMetrics
+from flatout.server.protocol import validate_body
 from flatout.server.reasoning import ReasoningParser
 from flatout.server.tool_parsers import ToolParser
 
 T = TypeVar("T")
+B = TypeVar("B", bound=BaseModel)
 
 
 @dataclass
@@ -63,6 +69,20 @@ class ServerState:
         if not offload:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, fn, *args)
+
+    async def parse(self, request: Request, model: type[B]) -> tuple[B, int]:
+        """The request's body validated as `model` (a 400 naming the field otherwise) and its
+        size in bytes. A body over OFFLOAD_BYTES is parsed in the preparation thread, as the
+        rest of its preparation is. The body is gathered into one growing buffer as it arrives
+        (joining megabytes of pieces at the end would be one long copy on the event loop).
+        Note: pydantic's validator holds the GIL for most of a parse, so a body of tens of MB
+        still delays the event loop by about its parse time (a good part of a second for
+        64 MB); --max-request-body-bytes (8 MiB by default) bounds that."""
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+        parsed = await self.prepare(validate_body, model, body, offload=len(body) > OFFLOAD_BYTES)
+        return parsed, len(body)
 
     def check_model(self, requested: str | None) -> str:
         """The model id to answer with (the name the client used, if it is one of ours);

@@ -8,8 +8,8 @@ Load generators use them to build prompts of an exact token count against a remo
 
 Both take the /v1 endpoints' path: the same strict bodies, the same limits (a prompt longer than
 any that fits the context is refused before it is tokenized), the same chat rendering (so a
-conversation counts exactly the tokens chat would send), and large bodies are tokenized in the
-preparation thread rather than on the event loop.
+conversation counts exactly the tokens chat would send), and large bodies are parsed and
+tokenized in the preparation thread rather than on the event loop.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 
 from flatout.server.errors import OpenAIError
 from flatout.server.limits import OFFLOAD_BYTES, check_prompt_chars
-from flatout.server.protocol import DetokenizeRequest, TokenizeRequest, parse_body
+from flatout.server.protocol import DetokenizeRequest, TokenizeRequest
 from flatout.server.serving_chat import render_chat_prompt
 from flatout.server.state import ServerState
 
@@ -64,12 +64,12 @@ def detokenize(state: ServerState, req: DetokenizeRequest) -> dict[str, Any]:
 def add_tokenize_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/tokenize")
     async def tokenize_route(request: Request) -> JSONResponse:
-        req, size = await parse_body(request, TokenizeRequest)
+        req, size = await state.parse(request, TokenizeRequest)
         return JSONResponse(await state.prepare(tokenize, state, req,
                                                 offload=size > OFFLOAD_BYTES))
 
     @app.post("/detokenize")
     async def detokenize_route(request: Request) -> JSONResponse:
-        req, size = await parse_body(request, DetokenizeRequest)
+        req, size = await state.parse(request, DetokenizeRequest)
         return JSONResponse(await state.prepare(detokenize, state, req,
                                                 offload=size > OFFLOAD_BYTES))

@@ -132,6 +132,11 @@ def test_a_request_after_the_keep_alive_timeout_needs_a_new_connection(
     s.close()
 
 
+def _health_503s(server: ServerProcess) -> float:
+    key = 'flatout:http_requests_total{path="/health",status="503"}'
+    return server.metrics().get(key, 0.0)
+
+
 LOW_FD_SERVE = Path(__file__).with_name("low_fd_serve.py")
 
 
@@ -153,8 +158,10 @@ def test_over_the_connection_limit_and_at_the_fd_limit(low_fd_server: ServerProc
     host, port = _address(server)
     fds = _num_fds(server.proc.pid)
     limit = LOW_FD_LIMIT - 128  # the default --limit-concurrency under this open-file limit
+    refused_before = _health_503s(server)
     log_start = len(server.output.splitlines())
     probe = HealthProbe(host, port)
+    refused = 0  # the 503s this test was sent
     # over --limit-concurrency: a request gets an OpenAI-shaped 503 and its connection closed
     attack = Attack(host, port)
     try:
@@ -163,6 +170,7 @@ def test_over_the_connection_limit_and_at_the_fd_limit(low_fd_server: ServerProc
         with httpx.Client(base_url=server.url) as h:
             r = h.get("/health")
         assert r.status_code == 503, r.text
+        refused += 1
         assert r.json()["error"]["code"] == "too_many_connections"
         assert r.headers["retry-after"] == "1" and r.headers["connection"] == "close"
         # past the fd limit: accept() fails until the idle connections time out
@@ -173,9 +181,12 @@ def test_over_the_connection_limit_and_at_the_fd_limit(low_fd_server: ServerProc
         attack.close_all()
     # recovered by itself
     deadline = time.monotonic() + 5
-    while probe.once()[1] != 200 and time.monotonic() < deadline:
+    while (status := probe.once()[1]) != 200 and time.monotonic() < deadline:
+        refused += status == 503
         time.sleep(0.1)
     assert probe.once()[1] == 200
+    # the 503s show in http_requests_total as every other answer does
+    assert _health_503s(server) - refused_before == refused
     lines = _new_lines(server, log_start)
     accept_lines = [line for line in lines if "out of system resource" in line]
     assert 1 <= len(accept_lines) <= 3, lines
