@@ -152,12 +152,15 @@ def run_server(ns: argparse.Namespace) -> None:
     lags: list[float] = []
     gc_pauses: list[float] = []
     gc_start = [0.0]
+    gc_full: list[float] = []  # the pauses of the oldest generation's collections
 
     def on_gc(phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             gc_start[0] = time.perf_counter()
         else:
             gc_pauses.append(time.perf_counter() - gc_start[0])
+            if info["generation"] == 2:
+                gc_full.append(gc_pauses[-1])
 
     gc.callbacks.append(on_gc)
     profiler = cProfile.Profile() if ns.profile_out else None
@@ -173,6 +176,7 @@ def run_server(ns: argparse.Namespace) -> None:
     def start_window() -> None:
         lags.clear()
         gc_pauses.clear()
+        gc_full.clear()
         if profiler is not None:
             profiler.enable()
 
@@ -185,7 +189,9 @@ def run_server(ns: argparse.Namespace) -> None:
                 pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(40)
                 pstats.Stats(profiler, stream=f).sort_stats("cumulative").print_stats(40)
         partial = Path(ns.probe_out + ".partial")
-        partial.write_text(json.dumps({"lags": lags, "gc_pauses": gc_pauses}))
+        partial.write_text(json.dumps({"lags": lags, "gc_pauses": gc_pauses,
+                                       "gc_full": gc_full, "gc_tracked": len(gc.get_objects()),
+                                       "gc_frozen": gc.get_freeze_count()}))
         partial.rename(ns.probe_out)
 
     def window(loop: asyncio.AbstractEventLoop) -> None:
@@ -406,7 +412,9 @@ def run_variant(ns: argparse.Namespace, label: str, pythonpath: str, tmp: Path) 
         "probe_max": max(probe["lags"], default=float("nan")) * 1e3,
         "gc_n": len(probe["gc_pauses"]), "gc_total": sum(probe["gc_pauses"]) * 1e3,
         "gc_max": max(probe["gc_pauses"], default=0.0) * 1e3,
+        "gc_full_n": len(probe["gc_full"]), "gc_full_max": max(probe["gc_full"], default=0.0) * 1e3,
         "load": (load0 + load1) / 2, "errors": len(errors),
+        "gc_tracked": probe["gc_tracked"], "gc_frozen": probe["gc_frozen"],
     }
 
 
@@ -420,8 +428,9 @@ COLUMNS = (
     ("API CPU all / loop thread (%)", lambda r: f"{r['api_cpu']:.0f} / {r['loop_cpu']:.0f}"),
     ("loop lag P50 / P99 / max (ms)",
      lambda r: f"{r['probe_p50']:.1f} / {r['probe_p99']:.1f} / {r['probe_max']:.0f}"),
-    ("GC pauses n / total / max (ms)",
-     lambda r: f"{r['gc_n']} / {r['gc_total']:.0f} / {r['gc_max']:.1f}"),
+    ("GC pauses n / total / max (ms); full n / max",
+     lambda r: f"{r['gc_n']} / {r['gc_total']:.0f} / {r['gc_max']:.1f}; {r['gc_full_n']} / "
+               f"{r['gc_full_max']:.0f}"),
     ("core CPU / late P99", lambda r: f"{r['core_cpu']:.0f} % / {r['core_late_p99']:.1f} ms"),
     ("client CPU (%)", lambda r: " + ".join(f"{c:.0f}" for c in r["client_cpu"])),
     ("load avg", lambda r: f"{r['load']:.1f}"),
