@@ -268,7 +268,7 @@ def run_client(ns: argparse.Namespace) -> None:
                         itls.append(now - last)
                     last = now
                     if in_window:
-                        tokens[0] += 1  # one token per chunk: the fake core's steps
+                        tokens[0] += 1  # chunks with text: one per token unless joined
                 if choices[0].get("finish_reason") is not None and in_window:
                     finishes.append((data["id"] + "-0", now))
 
@@ -423,7 +423,8 @@ COLUMNS = (
     ("ITL mean / P50 / P99 / max (ms)",
      lambda r: f"{r['itl_mean']:.1f} / {r['itl_p50']:.1f} / {r['itl_p99']:.1f} / "
                f"{r['itl_max']:.0f}"),
-    ("tok/s clients / core", lambda r: f"{r['client_tok_s']:.0f} / {r['core_tok_s']:.0f}"),
+    ("chunks/s to clients / core tok/s",
+     lambda r: f"{r['client_tok_s']:.0f} / {r['core_tok_s']:.0f}"),
     ("last-token lag P50 / P99 (ms)", lambda r: f"{r['lag_p50']:.1f} / {r['lag_p99']:.1f}"),
     ("API CPU all / loop thread (%)", lambda r: f"{r['api_cpu']:.0f} / {r['loop_cpu']:.0f}"),
     ("loop lag P50 / P99 / max (ms)",
