@@ -16,14 +16,41 @@ Stop strings are searched for in the newly produced text (plus enough look-back 
 string that straddles two steps). While a sequence runs, the last `len(longest stop) - 1`
 characters are held back from `visible_text`, so a streaming client never receives the beginning
 of a stop string that is then cut.
+
+A sequence decodes its window twice per token, so the decode call's own cost counts: for a fast
+(`tokenizers`-backed) tokenizer whose decoding transformers does not post-process, the window
+goes to the Rust tokenizer directly (`backend_decoder`), which returns the same string without
+transformers' per-call argument conversion (most of the cost on short windows).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 _PROMPT_CONTEXT = 5
+
+
+def backend_decoder(tokenizer: Any, skip_special_tokens: bool) -> Callable[[list[int]], str] | None:
+    """`ids -> tokenizer.decode(ids, skip_special_tokens=...)` straight through the Rust
+    tokenizer, or None where that would not return the same string: a tokenizer that is not a
+    plain transformers fast tokenizer (flatout's own sentencepiece and tiktoken ones override
+    decoding), or one that cleans up spaces after decoding. A fast tokenizer ignores
+    `spaces_between_special_tokens`, so it needs no check."""
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+    cls = type(tokenizer)
+    if not (isinstance(tokenizer, PreTrainedTokenizerFast)
+            and cls.decode is PreTrainedTokenizerBase.decode
+            and cls._decode is PreTrainedTokenizerFast._decode
+            and not tokenizer.clean_up_tokenization_spaces):
+        return None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None:
+        return None
+    return functools.partial(backend.decode, skip_special_tokens=skip_special_tokens)
 
 
 class IncrementalDetokenizer:
@@ -49,8 +76,12 @@ class IncrementalDetokenizer:
         self.text = ""
         self.token_texts: list[str] = []  # per generated token: the text it added
         self.stopped_by: str | None = None
+        self._backend_decode = (backend_decoder(tokenizer, skip_special_tokens)
+                                if tokenizer is not None else None)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(ids)
         return self.tokenizer.decode(
             ids,
             skip_special_tokens=self.skip_special_tokens,
