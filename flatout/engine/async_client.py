@@ -19,6 +19,7 @@ aborted in the core, which frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import multiprocessing as mp
 import os
@@ -65,6 +66,10 @@ def backlog_bytes(out: RequestOutput) -> int:
         for lp in o.logprobs or ():
             size += 250 + 80 * len(lp.top)
     return size
+
+
+# outputs of one core step dispatched per turn of the event loop (the loop serves others between)
+DISPATCH_CHUNK = 32
 
 
 class OutputQueue:
@@ -124,6 +129,9 @@ class AsyncEngineClient:
         self._pipe_closed = -1
         self._in_core: set[str] = set()  # requests sent whose last output has not come back
         self._busy_since = self._last_heard = time.monotonic()
+        # messages from the reader thread not yet dispatched (event-loop thread; see _arrived)
+        self._arrivals: collections.deque[tuple[object, int]] = collections.deque()
+        self._draining = False
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self, timeout: float = 600.0) -> CoreReady:
@@ -332,11 +340,38 @@ class AsyncEngineClient:
                 msg = CoreFailed(f"engine core process {_exit_status(process)}")
             self._last_heard = time.monotonic()
             try:
-                self._loop.call_soon_threadsafe(self._dispatch, msg, generation)
+                self._loop.call_soon_threadsafe(self._arrived, msg, generation)
             except RuntimeError:  # the event loop is closed: the server has exited
                 return
             if isinstance(msg, CoreFailed):
                 return
+
+    def _arrived(self, msg: object, generation: int) -> None:
+        """A message from the core (event-loop thread): dispatched in arrival order, a step's
+        outputs DISPATCH_CHUNK at a time with the loop free in between, so that one big step
+        (n=128 samples with 20 top logprobs each) never holds the loop for its whole length."""
+        self._arrivals.append((msg, generation))
+        if not self._draining:
+            self._draining = True
+            self._drain()
+
+    def _drain(self) -> None:
+        if not self._arrivals:
+            self._draining = False
+            return
+        msg, generation = self._arrivals.popleft()
+        if isinstance(msg, CoreOutputs) and len(msg.outputs) > DISPATCH_CHUNK:
+            rest = CoreOutputs(msg.outputs[DISPATCH_CHUNK:], msg.stats)
+            self._arrivals.appendleft((rest, generation))
+            msg = CoreOutputs(msg.outputs[:DISPATCH_CHUNK], msg.stats)
+        try:
+            self._dispatch(msg, generation)
+        finally:
+            if self._arrivals:
+                assert self._loop is not None
+                self._loop.call_soon(self._drain)
+            else:
+                self._draining = False
 
     def _dispatch(self, msg: object, generation: int) -> None:
         if generation != self._generation:

@@ -154,3 +154,53 @@ def test_estimate_tracks_the_memory_deltas_hold(n: int, top: int, text: str) -> 
     held = tracemalloc.get_traced_memory()[0] - start
     tracemalloc.stop()
     assert 0.7 * held <= queue.backlog <= 2.0 * held, (queue.backlog, held)
+
+
+def test_a_big_step_is_dispatched_in_pieces_in_order() -> None:
+    """A step of 100 sample outputs reaches the queues DISPATCH_CHUNK at a time with the event
+    loop free between the pieces (other callbacks run), and in order: a later step's outputs
+    never overtake the rest of an earlier one."""
+    from flatout.engine.async_client import DISPATCH_CHUNK
+
+    n = 100
+
+    async def main() -> tuple[list[list[int]], list[str]]:
+        client, _ = _client(None)
+        client._loop = asyncio.get_running_loop()
+        params = SamplingParams(n=n, max_tokens=1000, ignore_eos=True)
+        gen = client.generate("big", [1, 2, 3], params)
+        first = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0)
+        events: list[str] = []
+
+        def step(k: int) -> CoreOutputs:
+            return CoreOutputs([EngineCoreOutput("big", i, [k]) for i in range(n)], CoreStats())
+
+        queue = client.queues["big"]
+        put = queue.put
+
+        def recording_put(item: Any) -> None:
+            events.append(f"put {len(item.outputs)}")
+            put(item)
+
+        queue.put = recording_put  # type: ignore[method-assign]
+        client._arrived(step(7), client._generation)
+        client._arrived(step(8), client._generation)
+        client._loop.call_soon(lambda: events.append("other"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        got = [await first]
+        while len(events) and sum(len(o.outputs) for o in got) < 2 * n:
+            got.append(await gen.__anext__())
+        per_sample: dict[int, list[int]] = {}
+        for o in got:
+            for c in o.outputs:
+                per_sample.setdefault(c.index, []).extend(c.token_ids)
+        await gen.aclose()
+        return [per_sample[i] for i in range(n)], events
+
+    samples, events = asyncio.run(main())
+    assert all(s == [7, 8] for s in samples)  # every sample: step 7's token, then step 8's
+    puts = [e for e in events if e.startswith("put")]
+    assert len(puts) == 2 * -(-n // DISPATCH_CHUNK)  # pieces of DISPATCH_CHUNK outputs
+    assert events.index("other") < len(events) - 1  # the loop ran another callback in between
