@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tune_gemv import time_graph  # noqa: E402  (benchmarks/, the script's own folder)
 
 from flatout.kernels import reference  # noqa: E402
 from flatout.kernels.fp8_linear import quantize_fp8_per_token  # noqa: E402
@@ -36,26 +37,6 @@ SMALL = [GemvConfig(bn, bk, 4, s) for bn, bk, s in itertools.product((32, 64, 12
                                                                       (3, 4))]
 LARGE = [GemvConfig(bn, bk, w, 3, block_m=bm) for bm, bn, bk, w in
          itertools.product((64, 128), (64, 128), (64, 128), (4, 8))]
-
-
-def time_graph(fn, reps: int = 5) -> float:
-    """Median seconds of one replay of a graph that calls fn() once."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
