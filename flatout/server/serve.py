@@ -26,6 +26,13 @@ from flatout.config import engine_args_from
 log = logging.getLogger(__name__)
 
 
+# The API process's threads that do CPU work (building a large response, tokenising a large
+# prompt) hand the GIL back to the event loop every SWITCH_INTERVAL_S instead of Python's 5 ms:
+# each time the loop returns from a system call (accept, read, write, epoll) it waits for the
+# GIL, so one /health request of a dozen such waits took 30-60 ms behind a busy thread.
+SWITCH_INTERVAL_S = 0.0005
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -185,6 +192,7 @@ def _serve(ns: argparse.Namespace, client: Any, sock: socket.socket, start: floa
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def on_ready() -> None:
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         # what startup built (tokenizer, app, libraries) lives as long as the process: keep it
         # out of the collector's full passes, which would otherwise scan it all and stall the
         # event loop for a large fraction of a second under a burst of connections
