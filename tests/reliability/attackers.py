@@ -97,6 +97,11 @@ class HealthProbe:
             [sys.executable, "-m", "tests.reliability.attackers", self.host, str(self.port),
              str(self.interval)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             cwd=Path(__file__).resolve().parents[2])
+        # wait for the first answer, so that the attack the caller starts next is watched from
+        # its start (a Python process takes a while to start on a loaded machine)
+        assert self._proc.stdout is not None
+        ready = self._proc.stdout.readline()
+        assert ready == "ready\n", ready
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -141,6 +146,8 @@ def _probe_main(host: str, port: int, interval: float) -> None:
     while not stop.is_set():
         when = time.monotonic()
         samples.append((when, *probe_once(host, port)))
+        if len(samples) == 1:
+            print("ready", flush=True)
         stop.wait(interval)
     print(json.dumps(samples))
 
