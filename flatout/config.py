@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # weight quantization methods (--quantization): int8 = W8A16, fp8 = W8A8 e4m3, both symmetric
-# with one scale per output channel
-QUANTIZATION_METHODS = ("int8", "fp8")
+# with one scale per output channel; w4a16 = 4-bit weights, symmetric, one scale per group of
+# 128 inputs (a pre-quantized 4-bit checkpoint is served as its own "w4a16-g<size>[-asym]" or
+# "w4a16-channel[-asym]", which --quantization w4a16 accepts too)
+QUANTIZATION_METHODS = ("int8", "fp8", "w4a16")
 
 
 @dataclass(frozen=True)
@@ -374,7 +376,8 @@ class EngineArgs:
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise bad("load_format", "must be auto, safetensors or dummy")
         normalize_kv_cache_dtype(self.kv_cache_dtype)  # raises naming the field
-        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS \
+                and not self.quantization.startswith("w4a16-"):  # w4a16-g64-asym, ...
             raise bad("quantization", f"must be one of {', '.join(QUANTIZATION_METHODS)}")
 
     def resolve(self, model: ModelConfig) -> EngineConfig:
@@ -420,7 +423,11 @@ _HELP = {
                     "the checkpoint's own quantization_config): int8 = int8 weights, 16-bit "
                     "activations (W8A16), any GPU; fp8 = e4m3 weights and per-token e4m3 "
                     "activations (W8A8), compute capability >= 8.9 (Ada, Hopper); both with one "
-                    "scale per output channel. Embeddings and the LM head stay in --dtype",
+                    "scale per output channel; w4a16 = 4-bit weights, 16-bit activations "
+                    "(W4A16), any GPU, one scale per group of 128 inputs (round to nearest: "
+                    "prefer a GPTQ / AWQ / compressed-tensors pack-quantized checkpoint, served "
+                    "as it ships with its groups and zero points). Unset: the checkpoint's own. "
+                    "Embeddings and the LM head stay in --dtype",
     "quantize_lm_head": "with --quantization: quantize the LM head too (half its bytes, a "
                         "little more logit error; not with tied embeddings)",
     "disable_custom_all_reduce": "tensor parallel: all-reduce over NCCL only, not the fused "

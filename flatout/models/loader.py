@@ -194,6 +194,9 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
             module.fill_dummy(-DUMMY_WEIGHT_RANGE, DUMMY_WEIGHT_RANGE,
                               generator(module.weight.device))
             filled |= {id(module.weight), id(module.weight_scale)}
+            zero = getattr(module, "weight_zero_point", None)
+            if zero is not None:
+                filled.add(id(zero))
     for param in model.parameters():
         if id(param) in filled:
             continue
