@@ -33,6 +33,13 @@ def _scheme(name: str):  # noqa: ANN202
         args = QuantizationArgs(num_bits=8, type="int", strategy="channel", symmetric=True,
                                 dynamic=False)
         return QuantizationScheme(targets=["Linear"], weights=args)
+    if name.startswith("W4A16-"):  # "W4A16-g32", "W4A16-channel-asym", ...: 4-bit int weights
+        group = name.split("-")[1]
+        args = QuantizationArgs(num_bits=4, type="int", symmetric=not name.endswith("-asym"),
+                                strategy="channel" if group == "channel" else "group",
+                                group_size=None if group == "channel" else int(group[1:]),
+                                dynamic=False)
+        return QuantizationScheme(targets=["Linear"], weights=args)
     return preset_name_to_scheme(name, ["Linear"])
 
 
@@ -41,7 +48,9 @@ def make_compressed_tensors_checkpoint(base: Path, path: Path, scheme: str,
     """`base` (a tiny HF-layout checkpoint) quantized with a compressed-tensors preset: "W8A16"
     (int8 per channel), "W8A8" (int8 per channel + dynamic int8 tokens), "FP8_DYNAMIC" (fp8 per
     channel + dynamic tokens), "FP8" (fp8 per tensor + static input scale) or "FP8_BLOCK"
-    (fp8 per `block` x `block`), the LM head left out. Scales are min-max over each channel /
+    (fp8 per `block` x `block`), or 4-bit int weights packed by the library's
+    pack-quantized compressor: "W4A16-g<size>" / "W4A16-channel", "-asym" with zero points;
+    the LM head left out. Scales are min-max over each channel /
     tensor / block (what llm-compressor's observers compute)."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
@@ -60,6 +69,9 @@ def make_compressed_tensors_checkpoint(base: Path, path: Path, scheme: str,
         strategy = str(getattr(args.strategy, "value", args.strategy))
         if strategy == "channel":
             lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+        elif strategy == "group":
+            groups = w.reshape(w.shape[0], -1, args.group_size)
+            lo, hi = groups.amin(2), groups.amax(2)
         elif strategy == "tensor":
             lo, hi = w.amin().reshape(1), w.amax().reshape(1)
         else:  # block: pad to whole blocks, reduce each
@@ -75,7 +87,8 @@ def make_compressed_tensors_checkpoint(base: Path, path: Path, scheme: str,
             module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
         if hasattr(module, "input_scale"):  # static activation scale (calibration stand-in)
             module.input_scale.data.fill_(0.02)
-    fmt = "int-quantized" if scheme.startswith("W8") else "float-quantized"
+    fmt = ("pack-quantized" if scheme.startswith("W4") else
+           "int-quantized" if scheme.startswith("W8") else "float-quantized")
     compressor = ModelCompressor.from_pretrained_model(model, fmt)
     compressor.compress_model(model)
     model.save_pretrained(path)
@@ -136,7 +149,7 @@ def dequantized_linears(path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for f in sorted(Path(path).glob("*.safetensors")):
         state.update(load_file(str(f)))
-    out = {}
+    out = _dequantized_int4(path, state)
     for name, q in state.items():
         if not name.endswith(".weight") or q.element_size() != 1:
             continue
@@ -155,3 +168,37 @@ def dequantized_linears(path: Path) -> dict[str, torch.Tensor]:
                 full = s.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
         out[module] = q.float() * full
     return out
+
+
+def _dequantized_int4(path: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """pack-quantized 4-bit linears dequantized by the compressed-tensors library's own
+    decompressor (fp32), by module name."""
+    packed = [n.removesuffix(".weight_packed") for n in state if n.endswith(".weight_packed")]
+    if not packed:
+        return {}
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    qcfg = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
+    (scheme,) = QuantizationConfig.model_validate(qcfg).config_groups.values()
+    out = {}
+    for module in packed:
+        local = {k.removeprefix(module + "."): v for k, v in state.items()
+                 if k.startswith(module + ".") and k.count(".") == module.count(".") + 1}
+        local["weight_scale"] = local["weight_scale"].float()
+        out[module] = PackedQuantizationCompressor.decompress(local, scheme)["weight"].float()
+    return out
+
+
+def make_dense_twin(quantized: Path, base: Path, path: Path) -> Path:
+    """A full-precision checkpoint of `base`'s config whose quantized linears hold the weights
+    `quantized` encodes (dequantized_linears), everything else `base`'s."""
+    state = load_file(str(next(Path(base).glob("*.safetensors"))))
+    for module, w in dequantized_linears(quantized).items():
+        assert state[module + ".weight"].shape == w.shape, module
+        state[module + ".weight"] = w.to(state[module + ".weight"].dtype).contiguous()
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path / "model.safetensors"))
+    shutil.copy(Path(base) / "config.json", path / "config.json")
+    _copy_generation_config(base, path)
+    return path
