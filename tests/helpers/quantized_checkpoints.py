@@ -149,6 +149,9 @@ def dequantized_linears(path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for f in sorted(Path(path).glob("*.safetensors")):
         state.update(load_file(str(f)))
+    side = _dequantized_path(path)
+    if side.is_file():  # GPTQ / AWQ: the weights as quantized before they were packed
+        return load_file(str(side))
     out = _dequantized_int4(path, state)
     for name, q in state.items():
         if not name.endswith(".weight") or q.element_size() != 1:
@@ -202,3 +205,114 @@ def make_dense_twin(quantized: Path, base: Path, path: Path) -> Path:
     shutil.copy(Path(base) / "config.json", path / "config.json")
     _copy_generation_config(base, path)
     return path
+
+
+# -- GPTQ and AWQ: no writer library here, so packed by their published layouts ---------------
+AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ's word: nibble i holds column AWQ_PACK_ORDER[i]
+
+
+def _rtn_int4(w: torch.Tensor, group: int, sym: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest 4-bit as GPTQ / AWQ define it, per group of `group` inputs (0: the
+    row): (q int64 0..15 [N, K], scale [N, G], zero int64 0..15 [N, G]), w ~= (q - zero) * s.
+    Symmetric: zero 8, scale 2 * amax / 15; else scale (max - min) / 15 over a range holding 0."""
+    n, k = w.shape
+    g = k if group == 0 else group
+    wg = w.float().reshape(n, k // g, g)
+    if sym:
+        amax = wg.abs().amax(2).clamp(min=1e-8)
+        scale = 2 * amax / 15
+        zero = torch.full_like(scale, 8, dtype=torch.int64)
+    else:
+        lo, hi = wg.amin(2).clamp(max=0), wg.amax(2).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        zero = torch.round(-lo / scale).long().clamp(0, 15)
+    scale = scale.half().float()  # the checkpoints store fp16 scales
+    q = (torch.round(wg / scale[..., None]).long() + zero[..., None]).clamp(0, 15)
+    return q.reshape(n, k), scale, zero
+
+
+def _words(nibbles: torch.Tensor) -> torch.Tensor:
+    """[..., 8] values 0..15 -> int32 words, nibble i at bits 4i (two's complement)."""
+    word = torch.zeros(nibbles.shape[:-1], dtype=torch.int64)
+    for i in range(8):
+        word |= nibbles[..., i] << (4 * i)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def _quantize_linears(base: Path, group: int, sym: bool):  # noqa: ANN202
+    state = load_file(str(next(Path(base).glob("*.safetensors"))))
+    for name, w in state.items():
+        module = name.removesuffix(".weight")
+        leaf = module.rsplit(".", 1)[-1]
+        quantized = name.endswith(".weight") and (leaf in LINEARS or leaf == "gate_up_proj")
+        yield name, module, w, (_rtn_int4(w, group, sym) if quantized else None)
+
+
+def _write(path: Path, base: Path, out: dict[str, torch.Tensor], qcfg: dict,
+           deq: dict[str, torch.Tensor]) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path / "model.safetensors"))
+    config = json.loads((Path(base) / "config.json").read_text())
+    config["quantization_config"] = qcfg
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    _copy_generation_config(base, path)
+    # the weights the file encodes, kept beside the checkpoint (not in it) for the tests
+    save_file(deq, str(_dequantized_path(path)))
+    return path
+
+
+def _dequantized_path(path: Path) -> Path:
+    return Path(path).parent / f"{Path(path).name}.dequantized.safetensors"
+
+
+def make_gptq_checkpoint(base: Path, path: Path, group: int = 32, sym: bool = True,
+                         v1: bool = True) -> Path:
+    """`base` with its decoder linears as AutoGPTQ / GPTQModel write 4-bit GPTQ (desc_act
+    false): qweight int32 [K / 8, N] (word i of column n holds inputs 8i..8i+7, input 8i+j in
+    nibble j), qzeros int32 [G, N / 8] (word i of group g holds rows 8i..8i+7 likewise; the v1
+    format, `checkpoint_format: gptq`, stores zero - 1 in 4 bits), scales fp16 [G, N], g_idx
+    int32 [K] = k // group. group 0: one group per row (group_size -1)."""
+    out: dict[str, torch.Tensor] = {}
+    deq: dict[str, torch.Tensor] = {}
+    for name, module, w, quant in _quantize_linears(base, group, sym):
+        if quant is None:
+            out[name] = w
+            continue
+        q, scale, zero = quant
+        n, k = q.shape
+        g = k if group == 0 else group
+        out[module + ".qweight"] = _words(q.t().reshape(k // 8, 8, n).transpose(1, 2))
+        stored = (zero - 1) & 15 if v1 else zero
+        out[module + ".qzeros"] = _words(stored.t().reshape(-1, n // 8, 8))
+        out[module + ".scales"] = scale.t().contiguous().half()
+        out[module + ".g_idx"] = (torch.arange(k) // g).to(torch.int32)
+        deq[module] = (q - zero.repeat_interleave(g, 1)).float() * scale.repeat_interleave(g, 1)
+    qcfg = {"quant_method": "gptq", "bits": 4, "group_size": group or -1, "desc_act": False,
+            "sym": sym, "true_sequential": True, "damp_percent": 0.01, "static_groups": False,
+            "lm_head": False, "checkpoint_format": "gptq" if v1 else "gptq_v2"}
+    return _write(path, base, out, qcfg, deq)
+
+
+def make_awq_checkpoint(base: Path, path: Path, group: int = 32) -> Path:
+    """`base` with its decoder linears as AutoAWQ writes 4-bit GEMM AWQ: qweight int32
+    [K, N / 8] and qzeros int32 [G, N / 8] packed along the outputs, word c holding columns
+    8c..8c+7 in AWQ's interleaved order (nibble i: column 8c + AWQ_PACK_ORDER[i]), scales
+    fp16 [G, N]; asymmetric (zero_point true)."""
+    out: dict[str, torch.Tensor] = {}
+    deq: dict[str, torch.Tensor] = {}
+    order = torch.tensor(AWQ_PACK_ORDER)
+    for name, module, w, quant in _quantize_linears(base, group, sym=False):
+        if quant is None:
+            out[name] = w
+            continue
+        q, scale, zero = quant
+        n, k = q.shape
+        out[module + ".qweight"] = _words(q.t().reshape(k, n // 8, 8)[..., order])
+        out[module + ".qzeros"] = _words(zero.t().reshape(-1, n // 8, 8)[..., order])
+        out[module + ".scales"] = scale.t().contiguous().half()
+        deq[module] = (q - zero.repeat_interleave(group, 1)).float() * \
+            scale.repeat_interleave(group, 1)
+    qcfg = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
+            "version": "gemm", "modules_to_not_convert": None}
+    return _write(path, base, out, qcfg, deq)

@@ -22,8 +22,10 @@ from flatout.models.registry import load_model, resolve_model_config
 from tests.helpers.logits import flatout_logits, random_prompts
 from tests.helpers.quantized_checkpoints import (
     dequantized_linears,
+    make_awq_checkpoint,
     make_compressed_tensors_checkpoint,
     make_dense_twin,
+    make_gptq_checkpoint,
 )
 from tests.helpers.tiny_checkpoints import make_tiny_checkpoint
 
@@ -46,8 +48,12 @@ def _single_rank() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("int4-bases")
-    return {arch: make_tiny_checkpoint(arch, d / arch)
-            for arch in ("LlamaForCausalLM", "Glm4ForCausalLM")}
+    out = {}
+    for arch in ("LlamaForCausalLM", "Glm4ForCausalLM"):
+        out[arch] = make_tiny_checkpoint(arch, d / arch)
+        # intermediate 128: down_proj's inputs are whole groups of 64
+        out[f"{arch}-128"] = make_tiny_checkpoint(arch, d / f"{arch}-128", intermediate_size=128)
+    return out
 
 
 def dequantized_layer(model: torch.nn.Module, i: int) -> dict[str, torch.Tensor]:
@@ -180,4 +186,85 @@ def test_what_cannot_be_served_is_refused_at_startup(bases: dict[str, Path],
     save_file(state, str(bad / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"4-bit weight model.layers.1.mlp.down_proj: "
                                               r"weight_packed has shape \(64, 12\), expected"):
+        load_model(resolve_model_config(str(bad)), CPU)
+
+
+# -- GPTQ and AWQ ------------------------------------------------------------------------------
+# (group, sym, v1 format) -> the method served
+GPTQ_CASES = {
+    (32, True, True): "w4a16-g32",
+    (32, False, True): "w4a16-g32-asym",
+    (64, False, False): "w4a16-g64-asym",  # gptq_v2: zeros stored as they are
+    (0, False, True): "w4a16-channel-asym",  # group_size -1
+}
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Glm4ForCausalLM"])
+@pytest.mark.parametrize("case", list(GPTQ_CASES))
+def test_gptq_loads_as_packed(bases: dict[str, Path], arch: str, case: tuple[int, bool, bool],
+                              tmp_path: Path) -> None:
+    group, sym, v1 = case
+    base = bases[f"{arch}-128" if group == 64 else arch]
+    path = make_gptq_checkpoint(base, tmp_path / "gptq", group, sym, v1)
+    check_against_dense_twin(path, base, GPTQ_CASES[case], tmp_path / "dense")
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Glm4ForCausalLM"])
+@pytest.mark.parametrize("group", [32, 64])
+def test_awq_gemm_loads_as_packed(bases: dict[str, Path], arch: str, group: int,
+                                  tmp_path: Path) -> None:
+    base = bases[f"{arch}-128" if group == 64 else arch]
+    path = make_awq_checkpoint(base, tmp_path / "awq", group)
+    check_against_dense_twin(path, base, f"w4a16-g{group}-asym", tmp_path / "dense")
+
+
+def _edit_config(path: Path, **fields: object) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"].update(fields)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_gptq_and_awq_that_cannot_be_served_are_refused(bases: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    base = bases["LlamaForCausalLM"]
+    gptq = make_gptq_checkpoint(base, tmp_path / "gptq", 32, sym=False)
+    awq = make_awq_checkpoint(base, tmp_path / "awq", 32)
+
+    def copy(src: Path) -> Path:
+        n = len(list(tmp_path.iterdir()))
+        return Path(shutil.copytree(src, tmp_path / f"bad-{n}"))
+
+    for src, fields, message in [
+        (gptq, {"desc_act": True}, "gptq .act-order: g_idx permutes the groups. desc_act=True "
+                                   "is not supported"),
+        (gptq, {"bits": 8}, "gptq bits=8 is not supported"),
+        (gptq, {"bits": 3}, "gptq bits=3 is not supported"),
+        (gptq, {"group_size": 16}, "group size 16 is not supported"),
+        (gptq, {"group_size": 0}, "gptq group_size=0 is not supported"),
+        (gptq, {"checkpoint_format": "marlin"}, "gptq checkpoint_format='marlin' is not "
+                                                "supported"),
+        (gptq, {"lm_head": True}, "lm_head=true: the LM head is quantized"),
+        (awq, {"version": "gemv"}, "awq version='gemv' is not supported"),
+        (awq, {"bits": 8}, "awq bits=8 is not supported"),
+        (awq, {"zero_point": False}, "awq zero_point=False is not supported"),
+    ]:
+        bad = copy(src)
+        _edit_config(bad, **fields)
+        with pytest.raises(ValueError, match=message):
+            resolve_model_config(str(bad))
+    # act-order weights whose config says otherwise: their g_idx is refused on load
+    from safetensors.torch import load_file, save_file
+
+    bad = copy(gptq)
+    state = load_file(str(bad / "model.safetensors"))
+    name = "model.layers.0.self_attn.o_proj.g_idx"
+    state[name] = state[name].flip(0).contiguous()
+    save_file(state, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="o_proj: g_idx is not in input order"):
+        load_model(resolve_model_config(str(bad)), CPU)
+    # symmetric GPTQ whose zero points are not 8
+    bad = copy(gptq)
+    _edit_config(bad, sym=True)
+    with pytest.raises(CheckpointError, match="qzeros: symmetric weights with zero points other "
+                                              "than 8"):
         load_model(resolve_model_config(str(bad)), CPU)
