@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from flatout.config import parse_int4_method
 from flatout.kernels import reference
 from flatout.kernels.ops import Ops
 
@@ -55,7 +56,6 @@ FORMATS = {
 
 
 INT4_METHOD = "w4a16"
-INT4_DEFAULT_GROUP = 128  # plain "w4a16" (quantized on load): groups of 128, symmetric
 
 
 @dataclass(frozen=True)
@@ -105,23 +105,8 @@ class Int4Format:
 def int4_format(method: str) -> Int4Format | None:
     """The 4-bit format a method names ("w4a16", "w4a16-g64", "w4a16-channel-asym", ...), or
     None for a method of another family; ValueError for a malformed 4-bit one."""
-    if method != INT4_METHOD and not method.startswith(INT4_METHOD + "-"):
-        return None
-    parts = method.split("-")[1:]
-    zero_point = bool(parts) and parts[-1] == "asym"
-    if zero_point:
-        parts = parts[:-1]
-    group = INT4_DEFAULT_GROUP
-    if parts == ["channel"]:
-        group = 0
-    elif len(parts) == 1 and parts[0].startswith("g") and parts[0][1:].isdigit():
-        group = int(parts[0][1:])
-    elif parts:
-        raise ValueError(f"quantization: malformed 4-bit method {method!r} (w4a16, "
-                         "w4a16-g<group size>, w4a16-channel, each optionally -asym)")
-    if group and (group % 32 or group <= 0):
-        raise ValueError(f"quantization {method}: group size {group} is not a multiple of 32")
-    return Int4Format(group, zero_point)
+    parsed = parse_int4_method(method)
+    return None if parsed is None else Int4Format(*parsed)
 
 
 def weight_format(method: str | None) -> WeightFormat | Int4Format | None:

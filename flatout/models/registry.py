@@ -285,7 +285,11 @@ def model_info_lines(cfg: ModelConfig, kv_cache_dtype: str = "auto") -> list[str
         f"weights: {cfg.weight_bytes / 1e9:.2f} GB in {cfg.dtype}"
         + (f" (linears {cfg.quantization}" + (" incl. LM head" if cfg.quantize_lm_head else "")
            + (" and the vision tower's" if cfg.eva_vision is not None else "")
-           + " + fp32 per-channel scales)" if cfg.quantization else ""),
+           + (" + fp32 per-channel scales)" if int4_format(cfg.quantization) is None else
+              " at 4 bits + fp32 scales per group" + (" and zero points)"
+                                                       if cfg.quantization.endswith("asym")
+                                                       else ")"))
+           if cfg.quantization else ""),
         f"KV cache: {kv / 1024:.1f} KiB per token in {kv_dtype}, "
         f"{kv * cfg.max_model_len / 2**30:.2f} GiB "
         f"for one sequence of max_model_len {cfg.max_model_len}",
