@@ -217,8 +217,10 @@ class ModelConfig:
     prefix_lm: bool = False
     mask_token_ids: tuple[int, ...] = ()  # [gMASK], [MASK]: the first present marks the prompt
     eva_vision: EvaVisionConfig | None = None  # GLM-4V-9B: the EVA2-CLIP tower
-    # the decoder's linears hold int8 / fp8 weights + per-channel scales (None: cfg.dtype); the
-    # LM head too with quantize_lm_head; embeddings, norms and the vision tower stay in cfg.dtype
+    # the decoder's linears hold int8 / fp8 weights + per-channel scales, or 4-bit ones +
+    # per-group scales ("w4a16-g128", "w4a16-channel-asym", ...) (None: cfg.dtype); the LM head
+    # too with quantize_lm_head (not 4-bit); embeddings, norms and the vision tower stay in
+    # cfg.dtype
     quantization: str | None = None
     quantize_lm_head: bool = False
 
@@ -412,7 +414,7 @@ class EngineArgs:
     # the device's peaks for MBU/MFU (bytes/s of a copy, FLOP/s of a matmul); None: measured
     peak_memory_bandwidth: float | None = None
     peak_flops: float | None = None
-    # weight quantization: None (the checkpoint's own, else the model dtype), int8 or fp8
+    # weight quantization: None (the checkpoint's own, else the model dtype), int8, fp8 or w4a16
     quantization: str | None = None
     quantize_lm_head: bool = False
 

@@ -1,21 +1,36 @@
 """Checkpoints that ship quantized: what their `quantization_config` says and how flatout serves it.
 
-Two formats as they are published:
+The formats as they are published:
 - `quant_method: fp8` (transformers' FP8 / fine-grained FP8 checkpoints): float8_e4m3fn weights
   with one scale per tensor (`weight_scale`) or per block of `weight_block_size`
   (`weight_scale_inv` [ceil(N / bn), ceil(K / bk)]);
 - `quant_method: compressed-tensors` (llm-compressor), read through the `compressed-tensors`
   library's QuantizationConfig: symmetric 8-bit weights, int ("int-quantized": W8A16, W8A8
   INT8) or float ("float-quantized": W8A8 FP8), per channel (`weight_scale` [N, 1]) or per
-  tensor ([1]), or float per block (`weight_scale` [ceil(N / bn), ceil(K / bk)]).
+  tensor ([1]), or float per block (`weight_scale` [ceil(N / bn), ceil(K / bk)]); and 4-bit int
+  weights ("pack-quantized": W4A16) per group or channel, symmetric or with zero points:
+  `weight_packed` int32 [N, ceil(K / 8)] (eight values + 8 a word along K, the first in the
+  low bits), `weight_scale` [N, G], `weight_shape` [N, K] and, when asymmetric,
+  `weight_zero_point` int32 [ceil(N / 8), G] (values + 8 packed along N);
+- `quant_method: gptq` (AutoGPTQ / GPTQModel; bits 4, desc_act false): `qweight` int32
+  [K / 8, N] packed along K, `qzeros` int32 [G, N / 8] packed along N (the v1 format,
+  `checkpoint_format: gptq`, stores zero - 1; gptq_v2 the zero), `scales` [G, N], `g_idx` [K]
+  (checked to be k // group); symmetric ones carry zeros of 8;
+- `quant_method: awq` (AutoAWQ, version gemm): `qweight` int32 [K, N / 8] and `qzeros` [G, N / 8]
+  packed along N in AWQ's interleaved order (nibble i of a word: column AWQ_ORDER[i]),
+  `scales` [G, N]; always with zero points.
 
-Per-tensor and per-channel weights load as they are (`weight` + per-row `weight_scale`, a
+Per-tensor and per-channel 8-bit weights load as they are (`weight` + per-row `weight_scale`, a
 tensor's one scale repeated over its rows): the int8 ones serve as `int8` (W8A16; a W8A8 INT8
 checkpoint's activations then stay 16-bit), the fp8 ones as `fp8` (activations quantized per
 token at run time; a checkpoint's static `input_scale` is not used). Block-scaled FP8 weights are
 dequantized on load and quantized again per output channel to the method served (fp8 unless
---quantization says int8). Anything else (4-bit, groups, zero points, a quantized LM head) is
-refused at startup, naming what the checkpoint has.
+--quantization says int8). 4-bit weights of every packing are converted on load (`convert_int4`)
+to flatout's own layout (layers/quantization.py: values two per byte along K, fp32 scales and
+uint8 zero points [N, G]) and served as `w4a16-g<group>[-asym]` / `w4a16-channel[-asym]`, with
+w = (q - zero) * scale exactly as the checkpoint encodes it. Anything else (other bit widths,
+act-order groups, groups that are not a multiple of 32, a quantized LM head, ...) is refused at
+startup, naming what the checkpoint has.
 """
 
 from __future__ import annotations
