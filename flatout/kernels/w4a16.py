@@ -31,8 +31,12 @@ from flatout.kernels.gemv import (
 )
 from flatout.kernels.reference import INT4_ZERO, int4_group_size
 
-# untuned GPU tiles: 4-bit tiles carry half the bytes of int8 ones at the same BLOCK_K
+# GPU tiles, not tuned yet (benchmarks/bench_w4a16_gemv.py measures candidates): a 4-bit tile
+# carries half the bytes of an int8 one at the same BLOCK_K; past 16 rows a shorter K tile keeps
+# the unpacked nibbles and sums in registers (sm_90, compiled without spills: 102 registers at
+# 32 rows, 238 at 64)
 DEFAULT = GemvConfig(block_n=64, block_k=256, num_warps=4, num_stages=4)
+DEFAULT_WIDE = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=3)
 MIN_BLOCK_K = 32  # tl.dot needs 16 along K: BLOCK_K / 2 bytes of even, of odd inputs
 
 
@@ -143,7 +147,9 @@ def _tile_k(block_k: int, group: int, groups: int) -> int:
 def config_for(m: int) -> GemvConfig:
     if INTERPRET:
         return INTERPRET_CONFIG if m <= MAX_ROWS else INTERPRET_ROW_BLOCKED
-    return DEFAULT if m <= MAX_ROWS else DEFAULT_ROW_BLOCKED
+    if m <= 16:
+        return DEFAULT
+    return DEFAULT_WIDE if m <= MAX_ROWS else DEFAULT_ROW_BLOCKED
 
 
 def gemv_w4a16(

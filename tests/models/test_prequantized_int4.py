@@ -268,3 +268,34 @@ def test_gptq_and_awq_that_cannot_be_served_are_refused(bases: dict[str, Path],
     with pytest.raises(CheckpointError, match="qzeros: symmetric weights with zero points other "
                                               "than 8"):
         load_model(resolve_model_config(str(bad)), CPU)
+
+
+# -- through the whole engine --------------------------------------------------------------------
+PROMPTS = [[5, 17, 42, 99, 7, 3], list(range(10, 90)), [200, 201], [9] * 33]
+ENGINE = {"max_model_len": 256, "max_num_batched_tokens": 32, "num_kv_blocks": 64}
+
+
+def _generate(path: Path, **engine: object) -> list:
+    from flatout import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    llm = LLM(str(path), **{**ENGINE, **engine})
+    try:
+        return [o.outputs[0] for o in llm.generate(PROMPTS, params)]
+    finally:
+        llm.engine.core.shutdown()
+
+
+def test_engine_serves_a_gptq_checkpoint_as_its_dense_twin_and_over_two_ranks(
+        tmp_path: Path) -> None:
+    """Chunked prefill and decode of an asymmetric GPTQ checkpoint (intermediate 128: whole
+    groups on each rank): the dense twin's greedy tokens and logprobs on one rank, and the
+    same over TP = 2 (gloo)."""
+    base = make_tiny_checkpoint("GlmForCausalLM", tmp_path / "base", intermediate_size=128)
+    path = make_gptq_checkpoint(base, tmp_path / "gptq", 32, sym=False)
+    dense = _generate(make_dense_twin(path, base, tmp_path / "dense"))
+    for got in (_generate(path), _generate(path, tensor_parallel_size=2)):
+        assert [o.token_ids for o in got] == [o.token_ids for o in dense]
+        for a, b in zip(got, dense, strict=True):
+            assert [lp.logprob for lp in a.logprobs] == pytest.approx(
+                [lp.logprob for lp in b.logprobs], abs=1e-4)
