@@ -128,3 +128,13 @@ def test_glm4_9b_in_4_bits(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "--model", "glm-4-9b", "--load-format", "dummy", "--quantization",
                  "w4a16"]) == 0
     assert "(linears w4a16 at 4 bits + fp32 scales per group)" in capsys.readouterr().out
+
+
+def test_plan_refuses_a_tensor_parallel_split_that_cuts_4bit_groups() -> None:
+    gpus = parse_gpus("2xH100")
+    with pytest.raises(ValueError, match=r"the MLP down projection has 13696 / 2 = 6848 inputs "
+                                         r"per rank, not whole 4-bit groups of 128. Sizes that "
+                                         r"work: 1$"):
+        make_plan(glm("w4a16"), gpus)
+    assert make_plan(glm("w4a16-g64"), gpus).fits  # 6848 = 107 groups of 64
+    assert make_plan(glm("w4a16-channel-asym"), gpus).fits
