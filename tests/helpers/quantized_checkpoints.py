@@ -208,6 +208,9 @@ def make_dense_twin(quantized: Path, base: Path, path: Path) -> Path:
 
 
 # -- GPTQ and AWQ: no writer library here, so packed by their published layouts ---------------
+# the decoder linears of checkpoints that fuse them: GLM's gate_up_proj, and the remote-code
+# ChatGLM layout's (query_key_value = q|k|v, dense_h_to_4h = gate|up)
+FUSED_LINEARS = ("gate_up_proj", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ's word: nibble i holds column AWQ_PACK_ORDER[i]
 
 
@@ -245,7 +248,7 @@ def _quantize_linears(base: Path, group: int, sym: bool):  # noqa: ANN202
     for name, w in state.items():
         module = name.removesuffix(".weight")
         leaf = module.rsplit(".", 1)[-1]
-        quantized = name.endswith(".weight") and (leaf in LINEARS or leaf == "gate_up_proj")
+        quantized = name.endswith(".weight") and (leaf in LINEARS or leaf in FUSED_LINEARS)
         yield name, module, w, (_rtn_int4(w, group, sym) if quantized else None)
 
 
