@@ -73,7 +73,8 @@ def add_quantization_args(p: argparse.ArgumentParser) -> None:
     """--quantization / --quantize-lm-head as serve has them (plan, info)."""
     p.add_argument("--quantization", default=None, choices=list(QUANTIZATION_METHODS),
                    help="count the decoder's linears as int8 / fp8 weights with fp32 "
-                        "per-channel scales (as `flatout serve --quantization` holds them)")
+                        "per-channel scales, or w4a16 4-bit weights with fp32 scales per "
+                        "group of 128 (as `flatout serve --quantization` holds them)")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="with --quantization: the LM head too")
 

@@ -12,8 +12,46 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # weight quantization methods (--quantization): int8 = W8A16, fp8 = W8A8 e4m3, both symmetric
-# with one scale per output channel
-QUANTIZATION_METHODS = ("int8", "fp8")
+# with one scale per output channel; w4a16 = 4-bit weights, symmetric, one scale per group of
+# 128 inputs (a pre-quantized 4-bit checkpoint is served as its own "w4a16-g<size>[-asym]" or
+# "w4a16-channel[-asym]", which --quantization w4a16 accepts too)
+QUANTIZATION_METHODS = ("int8", "fp8", "w4a16")
+INT4_DEFAULT_GROUP = 128  # plain "w4a16": groups of 128 inputs, symmetric
+
+
+def parse_int4_method(method: str) -> tuple[int, bool] | None:
+    """(group size, 0 = per channel; zero points?) of a 4-bit method ("w4a16",
+    "w4a16-g64-asym", "w4a16-channel", ...); None for a method of another family."""
+    if method != "w4a16" and not method.startswith("w4a16-"):
+        return None
+    parts = method.split("-")[1:]
+    zero_point = bool(parts) and parts[-1] == "asym"
+    if zero_point:
+        parts = parts[:-1]
+    group = INT4_DEFAULT_GROUP
+    if parts == ["channel"]:
+        group = 0
+    elif len(parts) == 1 and parts[0].startswith("g") and parts[0][1:].isdigit() \
+            and int(parts[0][1:]) > 0:
+        group = int(parts[0][1:])
+    elif parts:
+        raise ValueError(f"quantization: malformed 4-bit method {method!r} (w4a16, "
+                         "w4a16-g<group size>, w4a16-channel, each optionally -asym)")
+    if group % 32:
+        raise ValueError(f"quantization {method}: group size {group} is not a multiple of 32")
+    return group, zero_point
+
+
+def quantized_linear_bytes(method: str, rows: int, cols: int) -> int:
+    """Bytes of a [rows, cols] linear held in a quantized format: one byte a weight plus an
+    fp32 scale a row (int8, fp8), or half a byte a weight plus an fp32 scale (and a one-byte
+    zero point when asymmetric) a row and group (4-bit)."""
+    int4 = parse_int4_method(method)
+    if int4 is None:
+        return rows * cols + rows * 4
+    group, zero_point = int4
+    groups = 1 if group == 0 else -(-cols // group)
+    return rows * cols // 2 + rows * groups * (5 if zero_point else 4)
 
 
 @dataclass(frozen=True)
@@ -112,6 +150,15 @@ class EvaVisionConfig:
         channels = self.depth * (3 * h // tp + h + i // tp + h) + 2 * g // tp + o
         return weights, channels
 
+    def rank_quantized_linears(self, tp: int) -> list[tuple[int, int, int]]:
+        """(count, rows, cols) of one rank's parallel linears (those rank_quantized_counts
+        counts)."""
+        h, i, o, g = self.hidden_size, self.intermediate_size, self.out_hidden_size, \
+            self.glu_intermediate_size
+        d = self.depth
+        return [(d, 3 * h // tp, h), (d, h, h // tp), (d, i // tp, h), (d, h, i // tp),
+                (1, 2 * g // tp, o), (1, o, g // tp)]
+
     def rank_num_params(self, tp: int) -> int:
         """Parameters one tensor-parallel rank holds: the blocks' linears and the adapter's
         gated MLP are split, the rest replicated."""
@@ -170,8 +217,10 @@ class ModelConfig:
     prefix_lm: bool = False
     mask_token_ids: tuple[int, ...] = ()  # [gMASK], [MASK]: the first present marks the prompt
     eva_vision: EvaVisionConfig | None = None  # GLM-4V-9B: the EVA2-CLIP tower
-    # the decoder's linears hold int8 / fp8 weights + per-channel scales (None: cfg.dtype); the
-    # LM head too with quantize_lm_head; embeddings, norms and the vision tower stay in cfg.dtype
+    # the decoder's linears hold int8 / fp8 weights + per-channel scales, or 4-bit ones +
+    # per-group scales ("w4a16-g128", "w4a16-channel-asym", ...) (None: cfg.dtype); the LM head
+    # too with quantize_lm_head (not 4-bit); embeddings, norms and the vision tower stay in
+    # cfg.dtype
     quantization: str | None = None
     quantize_lm_head: bool = False
 
@@ -218,11 +267,32 @@ class ModelConfig:
             weights, channels = weights + vocab * h, channels + vocab
         return weights, channels
 
+    def rank_quantized_linears(self, tp: int = 1) -> list[tuple[int, int, int]]:
+        """(count, rows, cols) of one rank's quantized linears (those quantized_counts
+        counts); [] unquantized."""
+        if self.quantization is None:
+            return []
+        h, hd = self.hidden_size, self.head_dim
+        q = self.num_attention_heads // tp * hd
+        kv = max(1, self.num_key_value_heads // tp) * hd
+        inter = self.intermediate_size // tp
+        n = self.num_hidden_layers
+        out = [(n, q + 2 * kv, h), (n, h, q), (n, 2 * inter, h), (n, h, inter)]
+        if self.eva_vision is not None:
+            out += self.eva_vision.rank_quantized_linears(tp)
+        if self.quantize_lm_head:
+            out.append((1, -(-self.vocab_size // tp), h))
+        return out
+
     def quantized_weight_bytes(self, params: int, tp: int = 1) -> int:
         """Bytes of `params` parameters (one rank's at tensor-parallel size tp) with this
-        config's quantized linears counted at their real size."""
-        weights, channels = self.quantized_counts(tp)
-        return params * self.dtype_bytes - weights * (self.dtype_bytes - 1) + channels * 4
+        config's quantized linears counted at their real size (quantized_linear_bytes)."""
+        if self.quantization is None:
+            return params * self.dtype_bytes
+        weights, _ = self.quantized_counts(tp)
+        stored = sum(count * quantized_linear_bytes(self.quantization, rows, cols)
+                     for count, rows, cols in self.rank_quantized_linears(tp))
+        return (params - weights) * self.dtype_bytes + stored
 
     @property
     def weight_bytes(self) -> int:
@@ -344,7 +414,7 @@ class EngineArgs:
     # the device's peaks for MBU/MFU (bytes/s of a copy, FLOP/s of a matmul); None: measured
     peak_memory_bandwidth: float | None = None
     peak_flops: float | None = None
-    # weight quantization: None (the checkpoint's own, else the model dtype), int8 or fp8
+    # weight quantization: None (the checkpoint's own, else the model dtype), int8, fp8 or w4a16
     quantization: str | None = None
     quantize_lm_head: bool = False
 
@@ -374,7 +444,8 @@ class EngineArgs:
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise bad("load_format", "must be auto, safetensors or dummy")
         normalize_kv_cache_dtype(self.kv_cache_dtype)  # raises naming the field
-        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS \
+                and not self.quantization.startswith("w4a16-"):  # w4a16-g64-asym, ...
             raise bad("quantization", f"must be one of {', '.join(QUANTIZATION_METHODS)}")
 
     def resolve(self, model: ModelConfig) -> EngineConfig:
@@ -420,7 +491,11 @@ _HELP = {
                     "the checkpoint's own quantization_config): int8 = int8 weights, 16-bit "
                     "activations (W8A16), any GPU; fp8 = e4m3 weights and per-token e4m3 "
                     "activations (W8A8), compute capability >= 8.9 (Ada, Hopper); both with one "
-                    "scale per output channel. Embeddings and the LM head stay in --dtype",
+                    "scale per output channel; w4a16 = 4-bit weights, 16-bit activations "
+                    "(W4A16), any GPU, one scale per group of 128 inputs (round to nearest: "
+                    "prefer a GPTQ / AWQ / compressed-tensors pack-quantized checkpoint, served "
+                    "as it ships with its groups and zero points). Unset: the checkpoint's own. "
+                    "Embeddings and the LM head stay in --dtype",
     "quantize_lm_head": "with --quantization: quantize the LM head too (half its bytes, a "
                         "little more logit error; not with tied embeddings)",
     "disable_custom_all_reduce": "tensor parallel: all-reduce over NCCL only, not the fused "

@@ -19,7 +19,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from flatout.config import ModelConfig, kv_cache_element_bytes, normalize_kv_cache_dtype
+from flatout.config import (
+    ModelConfig,
+    kv_cache_element_bytes,
+    normalize_kv_cache_dtype,
+    parse_int4_method,
+    quantized_linear_bytes,
+)
 from flatout.multimodal.image_size import MAX_PIXELS
 
 GIB = 1 << 30
@@ -94,7 +100,8 @@ def rank_param_count(cfg: ModelConfig, tp: int) -> int:
 
 def rank_weight_bytes(cfg: ModelConfig, tp: int) -> int:
     """Bytes of one rank's weights: quantized linears at one byte per weight plus their fp32
-    per-channel scales, everything else in the model dtype."""
+    per-channel scales (4-bit: half a byte plus per-group scales and zero points), everything
+    else in the model dtype."""
     return cfg.quantized_weight_bytes(rank_param_count(cfg, tp), tp)
 
 
@@ -108,8 +115,10 @@ def rank_tower_bytes(cfg: ModelConfig, tp: int) -> int:
     total = eva.rank_num_params(tp) * b
     if cfg.quantization is None:
         return total
-    weights, channels = eva.rank_quantized_counts(tp)
-    return total - weights * (b - 1) + channels * 4
+    weights, _ = eva.rank_quantized_counts(tp)
+    stored = sum(count * quantized_linear_bytes(cfg.quantization, rows, cols)
+                 for count, rows, cols in eva.rank_quantized_linears(tp))
+    return total - weights * b + stored
 
 
 def kv_bytes_per_token_per_rank(cfg: ModelConfig, tp: int, kv_cache_dtype: str = "auto") -> int:
@@ -129,10 +138,10 @@ def activation_reserve(cfg: ModelConfig, tp: int, max_tokens: int, max_seqs: int
     inter = cfg.intermediate_size // tp
     per_token = (4 * h + 2 * (q + 2 * kv) + 3 * inter) * b
     rows = min(max_seqs, max_tokens)
-    # int8 linears past the GEMV's rows convert their weight to the model dtype for cuBLAS:
-    # the largest such copy (gate_up, or the LM head when it is quantized)
+    # int8 and 4-bit linears past the GEMV's rows convert their weight to the model dtype for
+    # cuBLAS: the largest such copy (gate_up, or the LM head when it is quantized)
     converted = 0
-    if cfg.quantization == "int8":
+    if cfg.quantization == "int8" or parse_int4_method(cfg.quantization or "") is not None:
         vocab = -(-cfg.vocab_size // tp) if cfg.quantize_lm_head else 0
         converted = max(2 * inter, vocab) * h * b
     text = max_tokens * per_token + rows * cfg.vocab_size * 32 + converted

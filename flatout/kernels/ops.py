@@ -47,6 +47,9 @@ class Ops:
     linear_w8a16: Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
     # (x, e4m3 weight [N, K], fp32 scale [N], bias): W8A8 with per-token e4m3 activations
     linear_w8a8_fp8: Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
+    # (x, packed 4-bit weight uint8 [N, K / 2], fp32 scale [N, G], uint8 zero points [N, G] or
+    #  None (8), bias): W4A16 with G groups of K / G inputs (reference.py has the layout)
+    linear_w4a16: Callable[[Tensor, Tensor, Tensor, Tensor | None, Tensor | None], Tensor]
     # (logits [B, V] fp32, top_k or None, top_p or None, max_top_k, top_k_every_row): the
     # truncated logits (-inf outside each row's kept set), updated in place
     top_k_top_p: Callable[[Tensor, Tensor | None, Tensor | None, int, bool], Tensor]
@@ -63,6 +66,7 @@ REFERENCE_OPS = Ops(
     linear=reference.linear,
     linear_w8a16=reference.linear_w8a16,
     linear_w8a8_fp8=reference.linear_w8a8_fp8,
+    linear_w4a16=reference.linear_w4a16,
     top_k_top_p=reference.top_k_top_p,
 )
 
@@ -79,6 +83,7 @@ def triton_ops() -> Ops:
     from flatout.kernels.prefill_attention import paged_prefill_attention
     from flatout.kernels.rotary import rotary_embedding
     from flatout.kernels.top_k_top_p import top_k_top_p
+    from flatout.kernels.w4a16 import linear_w4a16
 
     return Ops(
         rms_norm=rms_norm,
@@ -91,6 +96,7 @@ def triton_ops() -> Ops:
         linear=linear,
         linear_w8a16=linear_w8a16,
         linear_w8a8_fp8=linear_w8a8_fp8,
+        linear_w4a16=linear_w4a16,
         top_k_top_p=top_k_top_p,
     )
 

@@ -252,6 +252,81 @@ def linear_w8a16(
     return y.to(x.dtype)
 
 
+# 4-bit weights (W4A16), flatout's layout: q in 0..15 packed two per uint8 byte along K (byte j
+# of a row holds k = 2j in its low nibble and k = 2j + 1 in its high one), scales [N, G] fp32 and
+# optional zero points [N, G] uint8 (0..15; none: 8) for G groups of K // G consecutive inputs:
+# w[n, k] = (q[n, k] - zero[n, k // group]) * scale[n, k // group]. Per channel is G = 1.
+INT4_ZERO = 8  # the implicit zero point of symmetric 4-bit weights
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 [N, K] (K even) -> packed uint8 [N, K // 2]."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"4-bit weights need an even number of inputs, got {q.shape[-1]}")
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """packed uint8 [N, K // 2] -> uint8 values 0..15 [N, K]."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)
+
+
+def int4_group_size(k: int, groups: int) -> int:
+    """The inputs per group of a K-wide row with `groups` scales (K itself per channel)."""
+    if groups < 1 or k % groups:
+        raise ValueError(f"{groups} scale groups do not divide {k} inputs")
+    return k // groups
+
+
+def dequantize_w4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The [N, K] weight a 4-bit layout encodes, in `dtype` ((q - zero) is exact in every float
+    dtype; the product with the fp32 scale is rounded once to `dtype`)."""
+    q = unpack_int4(packed)
+    group = int4_group_size(q.shape[1], scale.shape[1])
+    z = zero.float() if zero is not None else torch.full_like(scale, INT4_ZERO, dtype=torch.float32)
+    w = (q.float() - z.repeat_interleave(group, 1)) * scale.float().repeat_interleave(group, 1)
+    return w.to(dtype)
+
+
+def quantize_w4(weight: torch.Tensor, group_size: int, zero_point: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest 4-bit weights per group of `group_size` inputs (0: per channel):
+    weight [N, K] -> (q uint8 0..15 [N, K], fp32 scale [N, G], uint8 zero [N, G] or None).
+    Symmetric: q = round(w / s) + 8 in 1..15 with s = amax / 7; asymmetric: s = (max - min) / 15,
+    zero = round(-min / s), both ranges including 0. An all-zero group gets scale 1."""
+    n, k = weight.shape
+    group = k if group_size == 0 else group_size
+    if k % group:
+        raise ValueError(f"{k} inputs are not a multiple of the group size {group}")
+    w = weight.float().reshape(n, k // group, group)
+    if zero_point:
+        lo = w.amin(dim=2).clamp(max=0.0)
+        hi = w.amax(dim=2).clamp(min=0.0)
+        scale = torch.where(hi > lo, (hi - lo) / 15.0, torch.ones_like(hi))
+        zero = torch.round(-lo / scale).clamp_(0, 15)
+        q = torch.round(w / scale[..., None]) + zero[..., None]
+        return (q.clamp_(0, 15).to(torch.uint8).reshape(n, k), scale,
+                zero.to(torch.uint8))
+    amax = w.abs().amax(dim=2)
+    scale = torch.where(amax > 0, amax / 7.0, torch.ones_like(amax))
+    q = torch.round(w / scale[..., None]).clamp_(-7, 7) + INT4_ZERO
+    return q.to(torch.uint8).reshape(n, k), scale, None
+
+
+def linear_w4a16(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:  # x: [..., K], qweight: packed uint8 [N, K // 2], scale/zero: [N, G]
+    """x @ dequantize_w4(...).T + bias in fp32, returned in x's dtype (oracle of the W4A16
+    kernels, flatout.kernels.w4a16)."""
+    y = F.linear(x.float(), dequantize_w4(qweight, scale, zero))
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 

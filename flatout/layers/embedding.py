@@ -13,7 +13,7 @@ from torch import nn
 from flatout import distributed
 from flatout.kernels.ops import ops_for
 from flatout.layers.linear import ShardId, copy_checked, new_parameter, set_weight_loader
-from flatout.layers.quantization import mark_filled_with_weight, weight_format
+from flatout.layers.quantization import Int4Format, mark_filled_with_weight, weight_format
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -64,7 +64,11 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().__init__(num_embeddings, embedding_dim)
         self.ops = ops_for()
         self.params_dtype = torch.get_default_dtype()
-        self.weight_format = weight_format(quantization)
+        fmt = weight_format(quantization)
+        if isinstance(fmt, Int4Format):
+            raise ValueError(f"quantize_lm_head: the LM head cannot be held in 4 bits "
+                             f"({fmt.method}); drop --quantize-lm-head")
+        self.weight_format = fmt
         self.weight_scale: nn.Parameter | None = None
         if self.weight_format is not None:
             self.weight, self.weight_scale = self.weight_format.new_parameters(

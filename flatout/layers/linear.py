@@ -9,6 +9,9 @@ rank r holds [q_r | k_r | v_r], never a contiguous slice of the fused rows.
 With `quantization` ("int8" | "fp8") a layer holds its weight in that format (layers/
 quantization.py: int8 / e4m3 `weight` plus a per-output-channel `weight_scale`), quantized as the
 checkpoint's rows arrive, and multiplies through the format's kernel; nothing else changes.
+With a 4-bit method ("w4a16...") the weight is packed uint8 [out, in / 2] with per-group
+`weight_scale` [out, groups] (and `weight_zero_point` when asymmetric): the rows of all three
+shard together, and a row-parallel layer keeps its inputs' whole groups.
 
 Column-parallel layers split output features across ranks and need no communication; a
 row-parallel layer splits input features and all-reduces its output, or leaves that reduce to
@@ -26,7 +29,8 @@ from torch import nn
 from flatout import distributed
 from flatout.distributed import PendingReduce
 from flatout.kernels.ops import ops_for
-from flatout.layers.quantization import mark_filled_with_weight, weight_format
+from flatout.kernels.reference import pack_int4
+from flatout.layers.quantization import Int4Format, mark_filled_with_weight, weight_format
 
 ShardId = int | str
 
@@ -92,7 +96,11 @@ def _divide(total: int, parts: int, what: str) -> int:
 
 class LinearBase(nn.Module):
     """A linear layer's parameters, W: [out_per_rank, in_per_rank] (+ its per-row scale when
-    quantized) and b; each subclass loads and applies them."""
+    quantized; 4-bit: packed [out_per_rank, in_per_rank / 2] + per-group scales and zero
+    points) and b; each subclass loads and applies them."""
+
+    weight_zero_point: nn.Parameter | None  # 4-bit asymmetric weights only
+    splits_input = False  # row-parallel: each rank holds in_per_rank of tp_size x as many inputs
 
     def __init__(
         self, in_per_rank: int, out_per_rank: int, bias: bool, quantization: str | None = None
@@ -102,11 +110,26 @@ class LinearBase(nn.Module):
         self.tp_size = distributed.get_tp_size()
         self.ops = ops_for()
         self.params_dtype = torch.get_default_dtype()  # the model dtype (of x, y and the bias)
+        self.in_per_rank = in_per_rank
         self.weight_format = weight_format(quantization)
         self.weight_scale: nn.Parameter | None
+        self.register_parameter("weight_zero_point", None)
+        self.int4: Int4Format | None = None
         if self.weight_format is None:
             self.weight = new_parameter(out_per_rank, in_per_rank)
             self.register_parameter("weight_scale", None)
+        elif isinstance(self.weight_format, Int4Format):
+            self.int4 = self.weight_format
+            full_in = in_per_rank * (self.tp_size if self.splits_input else 1)
+            self.full_groups = self.int4.groups(full_in)  # of a checkpoint row
+            self.weight, self.weight_scale, zero = self.int4.new_parameters(
+                out_per_rank, in_per_rank
+            )
+            for param in (self.weight_scale, zero):
+                if param is not None:
+                    mark_filled_with_weight(param)
+                    set_weight_loader(param, self.scale_loader)
+            self.register_parameter("weight_zero_point", zero)
         else:
             self.weight, self.weight_scale = self.weight_format.new_parameters(
                 out_per_rank, in_per_rank
@@ -135,8 +158,12 @@ class LinearBase(nn.Module):
         raise NotImplementedError
 
     def _fill_scale_rows(self, loaded: torch.Tensor, full_rows: int, start: int, rows: int,
-                         offset: int) -> None:
+                         offset: int, param: nn.Parameter | None = None) -> None:
         # rows [start, start + rows) of a `full_rows`-row checkpoint tensor's scales, at `offset`
+        if self.int4 is not None:
+            assert param is not None
+            self._fill_group_rows(param, loaded, full_rows, start, rows, offset)
+            return
         assert self.weight_scale is not None
         flat = loaded.float().reshape(-1)
         dst = self.weight_scale.data.narrow(0, offset, rows)
@@ -147,17 +174,65 @@ class LinearBase(nn.Module):
         else:
             raise ValueError(f"expected 1 or {full_rows} scales, got {tuple(loaded.shape)}")
 
+    def _group_columns(self, groups: torch.Tensor, col: int) -> torch.Tensor:
+        """This rank's groups of per-group values [r, full_groups] of whole checkpoint rows,
+        the rank's inputs starting at input `col` of the row."""
+        assert self.int4 is not None and self.weight_scale is not None
+        if groups.dim() != 2 or groups.shape[1] != self.full_groups:
+            raise ValueError(f"expected [rows, {self.full_groups}] per-group values, got "
+                             f"{tuple(groups.shape)}")
+        first = col // self.int4.group_size if self.int4.group_size else 0
+        return groups.narrow(1, first, self.weight_scale.shape[1])
+
+    def _fill_group_rows(self, param: nn.Parameter, loaded: torch.Tensor, full_rows: int,
+                         start: int, rows: int, offset: int) -> None:
+        # 4-bit scales / zero points [full_rows, full_groups]: rows [start, start + rows) and
+        # this rank's groups, at row `offset`
+        if loaded.dim() != 2 or loaded.shape[0] != full_rows:
+            raise ValueError(f"expected [{full_rows}, {self.full_groups}] per-group values, got "
+                             f"{tuple(loaded.shape)}")
+        col = self.tp_rank * self.in_per_rank if self.splits_input else 0
+        src = self._group_columns(loaded.narrow(0, start, rows), col)
+        copy_checked(param.data.narrow(0, offset, rows), src.to(param.dtype))
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x @ W.T + bias through the kernel of the weight's format."""
         if self.weight_scale is None:
             return self.ops.linear(x, self.weight, bias)
+        if self.int4 is not None:
+            return self.ops.linear_w4a16(x, self.weight, self.weight_scale,
+                                         self.weight_zero_point, bias)
         return self.quantized_linear(x, self.weight, self.weight_scale, bias)
+
+    def _store_int4(self, loaded: torch.Tensor, row: int, col: int) -> None:
+        # full checkpoint rows: 4-bit values (uint8 0..15, a pre-quantized checkpoint's, its
+        # scales coming through scale_loader) or full precision, quantized by whole rows
+        assert self.int4 is not None and self.weight_scale is not None
+        rows, cols = loaded.shape[0], self.in_per_rank
+        if loaded.dtype == torch.uint8:
+            q = loaded.narrow(1, col, cols)
+        elif loaded.element_size() == 1:
+            raise ValueError(f"the checkpoint's weight is {loaded.dtype}, this layer holds "
+                             "4-bit weights")
+        else:
+            q_full, scale, zero = self.int4.quantize(loaded)
+            q = q_full.narrow(1, col, cols)
+            copy_checked(self.weight_scale.data.narrow(0, row, rows),
+                         self._group_columns(scale, col))
+            if self.weight_zero_point is not None:
+                assert zero is not None
+                copy_checked(self.weight_zero_point.data.narrow(0, row, rows),
+                             self._group_columns(zero, col))
+        copy_checked(self.weight.data.narrow(0, row, rows), pack_int4(q))
 
     def store_weight(self, loaded: torch.Tensor, row: int, col: int) -> None:
         """Fill this rank's weight rows [row, row + len(loaded)) from full checkpoint rows
         `loaded` [r, in_per_rank * s] of which this rank keeps columns [col, col + in_per_rank)
         (s = tp_size for a row-parallel layer, else 1). A quantized format scales each row by
         its whole width, before the columns are split."""
+        if isinstance(self.weight_format, Int4Format):
+            self._store_int4(loaded, row, col)
+            return
         rows, cols = loaded.shape[0], self.weight.shape[1]
         if self.weight_format is None or self.weight_scale is None or loaded.element_size() == 1:
             # full precision, or already quantized (a pre-quantized checkpoint: the scales come
@@ -174,8 +249,17 @@ class LinearBase(nn.Module):
     def fill_dummy(self, low: float, high: float, generator: torch.Generator) -> None:
         """Random weights (uniform in [low, high) of the model dtype) stored in the layer's
         format, for load_format=dummy."""
-        dense = torch.empty(self.weight.shape, dtype=self.params_dtype, device=self.weight.device)
+        dense = torch.empty(self.weight.shape[0], self.in_per_rank, dtype=self.params_dtype,
+                            device=self.weight.device)
         dense.uniform_(low, high, generator=generator)
+        if self.int4 is not None:  # this rank's rows and groups, quantized as they are
+            assert self.weight_scale is not None
+            q, scale, zero = self.int4.quantize(dense)
+            self.weight.data.copy_(pack_int4(q))
+            self.weight_scale.data.copy_(scale)
+            if self.weight_zero_point is not None and zero is not None:
+                self.weight_zero_point.data.copy_(zero)
+            return
         self.store_weight(dense, 0, 0)
 
 
@@ -203,7 +287,7 @@ class FusedColumnParallelLinear(LinearBase):
             self.parts[shard_id] = _Part(full_rows, rows, offset, index)
             offset += rows
         super().__init__(input_size, offset, bias, quantization)
-        for param in (self.weight, self.bias, self.weight_scale):
+        for param in (self.weight, self.bias, self.weight_scale, self.weight_zero_point):
             if param is not None:
                 set_shard_ids(param, tuple(self.parts))
 
@@ -232,8 +316,8 @@ class FusedColumnParallelLinear(LinearBase):
             )
         src = loaded.narrow(0, part.index * part.rows, part.rows)
         if param is self.weight:
-            if src.dim() != 2 or src.shape[1] != param.shape[1]:
-                raise ValueError(f"expected {param.shape[1]} columns, got {tuple(src.shape)}")
+            if src.dim() != 2 or src.shape[1] != self.in_per_rank:
+                raise ValueError(f"expected {self.in_per_rank} columns, got {tuple(src.shape)}")
             self.store_weight(src, part.offset, 0)
         else:
             copy_checked(param.data.narrow(0, part.offset, part.rows), src)
@@ -242,6 +326,14 @@ class FusedColumnParallelLinear(LinearBase):
     def scale_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId | None = None
     ) -> None:
+        if shard_id is None and self.int4 is not None:  # per-group values of the fused rows
+            sizes = [p.full_rows for p in self.parts.values()]
+            if loaded.dim() != 2 or loaded.shape[0] != sum(sizes):
+                raise ValueError(f"expected {sum(sizes)} rows of per-group values, got "
+                                 f"{tuple(loaded.shape)}")
+            for sid, piece in zip(self.parts, loaded.split(sizes), strict=True):
+                self.scale_loader(param, piece, sid)
+            return
         if shard_id is None:  # scales of the fused tensor: one, or one per fused row
             sizes = [p.full_rows for p in self.parts.values()]
             if loaded.numel() not in (1, sum(sizes)):
@@ -255,7 +347,7 @@ class FusedColumnParallelLinear(LinearBase):
         if part is None:
             raise ValueError(f"unknown shard id {shard_id!r} (have {list(self.parts)})")
         self._fill_scale_rows(loaded, part.full_rows, part.index * part.rows, part.rows,
-                              part.offset)
+                              part.offset, param)
 
 
 class MergedColumnParallelLinear(FusedColumnParallelLinear):
@@ -316,6 +408,8 @@ class RowParallelLinear(LinearBase):
     partial is written into the group's symmetric buffer when it has one that fits, where the
     one-shot all-reduce + add + RMSNorm kernel reads it."""
 
+    splits_input = True
+
     def __init__(
         self, input_size: int, output_size: int, bias: bool = False, reduce_results: bool = True,
         quantization: str | None = None,
@@ -334,7 +428,7 @@ class RowParallelLinear(LinearBase):
         if param is not self.weight:  # bias: replicated
             copy_checked(param.data, loaded)
             return
-        cols = param.shape[1]
+        cols = self.in_per_rank
         if loaded.dim() != 2 or loaded.shape[1] != cols * self.tp_size:
             raise ValueError(f"expected {cols * self.tp_size} columns, got {tuple(loaded.shape)}")
         if loaded.shape[0] != param.shape[0]:
@@ -347,7 +441,7 @@ class RowParallelLinear(LinearBase):
         if shard_id is not None:
             raise ValueError(f"unsharded parameter got shard id {shard_id!r}")
         rows = param.shape[0]
-        self._fill_scale_rows(loaded, rows, 0, rows, 0)
+        self._fill_scale_rows(loaded, rows, 0, rows, 0, param)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | PendingReduce:
         if not self.reduce_results:

@@ -23,8 +23,10 @@ from flatout.layers.norm import LayerNorm, RMSNorm
 from flatout.layers.quantization import is_filled_with_weight
 from flatout.models.kv_scales import kv_scale_targets, load_kv_scale
 from flatout.models.prequantized import (
+    INT4_TENSORS,
     UNUSED_SUFFIXES,
     CheckpointQuantization,
+    convert_int4,
     dequantize_blocks,
 )
 from flatout.models.weight_names import Target, WeightNameMap
@@ -113,6 +115,20 @@ def plan_weight_loading(
     return plan
 
 
+def int4_modules(names: list[str], packing: str) -> dict[str, dict[str, str]]:
+    """The 4-bit linears of a checkpoint: module -> {tensor suffix: checkpoint name}, for each
+    module with a packed weight (the first of INT4_TENSORS[packing])."""
+    suffixes = INT4_TENSORS[packing]
+    modules: dict[str, dict[str, str]] = {
+        n.removesuffix("." + suffixes[0]): {} for n in names if n.endswith("." + suffixes[0])
+    }
+    for n in names:
+        module, _, suffix = n.rpartition(".")
+        if suffix in suffixes and module in modules:
+            modules[module][suffix] = n
+    return modules
+
+
 @torch.no_grad()
 def load_safetensors_weights(
     model: nn.Module, folder: str | Path, name_map: WeightNameMap, tied_lm_head: bool = False,
@@ -131,6 +147,20 @@ def load_safetensors_weights(
     if quantized is not None:  # consumed with their weights (block scales), or unused
         skipped = UNUSED_SUFFIXES + (("." + quantized.scale_name,) if block else ())
     all_names = [n for n in file_of if not n.endswith(skipped)]
+    # 4-bit linears: their packed tensors are read together and converted to flatout's layout,
+    # which the plan sees as <module>.weight / .weight_scale (/ .weight_zero_point)
+    int4 = quantized.int4 if quantized is not None else None
+    modules: dict[str, dict[str, str]] = {}
+    layout: tuple[str, ...] = ()
+    parts: set[str] = set()  # the checkpoint's tensors of those linears, read with them
+    if int4 is not None:
+        assert quantized is not None and quantized.int4_packing is not None
+        modules = int4_modules(all_names, quantized.int4_packing)
+        parts = {n for m in modules.values() for n in m.values()}
+        all_names = [n for n in all_names if n not in parts]
+        layout = ("weight", "weight_scale") + (("weight_zero_point",) if int4.zero_point
+                                               else ())
+        all_names += [f"{module}.{out}" for module in modules for out in layout]
     kv_scales = kv_scale_targets(model, all_names)  # buffers, not parameters: loaded apart
     plan = plan_weight_loading(model, [n for n in all_names if n not in kv_scales], name_map,
                                tied_lm_head,
@@ -142,6 +172,27 @@ def load_safetensors_weights(
     with contextlib.ExitStack() as stack:
         opened = {p: stack.enter_context(safe_open(p, framework="pt", device=device))
                   for p in files}
+        for module, tensors in modules.items():
+            assert quantized is not None
+
+            def read(suffix: str, tensors: dict[str, str] = tensors) -> torch.Tensor | None:
+                name = tensors.get(suffix)
+                return None if name is None else opened[file_of[name]].get_tensor(name)
+
+            try:
+                parts_of = convert_int4(quantized, read)
+            except ValueError as e:
+                raise CheckpointError(f"4-bit weight {module}: {e}") from None
+            for out, tensor in zip(layout, parts_of, strict=False):
+                target = plan.get(f"{module}.{out}")
+                if target is None or tensor is None:
+                    continue
+                param = params[target.param]
+                try:
+                    get_weight_loader(param)(param, tensor, target.shard_id)
+                except ValueError as e:
+                    raise CheckpointError(f"4-bit weight {module} -> {target.param}: {e}"
+                                          ) from None
         for path, names in names_by_file.items():
             for name in names:
                 if name in kv_scales:
@@ -151,7 +202,7 @@ def load_safetensors_weights(
                         raise CheckpointError(f"{path.name}: {e}") from None
                     continue
                 target = plan.get(name)
-                if target is None:
+                if target is None or name in parts:
                     continue
                 param = params[target.param]
                 loader = get_weight_loader(param)
@@ -194,6 +245,9 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
             module.fill_dummy(-DUMMY_WEIGHT_RANGE, DUMMY_WEIGHT_RANGE,
                               generator(module.weight.device))
             filled |= {id(module.weight), id(module.weight_scale)}
+            zero = getattr(module, "weight_zero_point", None)
+            if zero is not None:
+                filled.add(id(zero))
     for param in model.parameters():
         if id(param) in filled:
             continue

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from flatout.config import QUANTIZATION_METHODS, EngineArgs, ModelConfig, normalize_kv_cache_dtype
-from flatout.layers.quantization import check_device
+from flatout.layers.quantization import check_device, int4_format
 from flatout.models.chatglm_v1 import ChatGLMv1ForCausalLM
 from flatout.models.decoder import CausalLM
 from flatout.models.glm4v import Glm4vForConditionalGeneration
@@ -160,7 +160,7 @@ def resolve_quantization(
 ) -> str | None:
     """The weight quantization to serve with, checked before anything is loaded: the one asked
     for, or the checkpoint's own (its quantization_config) when it ships quantized."""
-    if method is not None and method not in QUANTIZATION_METHODS:
+    if method is not None and method not in QUANTIZATION_METHODS and not int4_format(method):
         raise ValueError(
             f"quantization: unknown method {method!r} (choose from "
             f"{', '.join(QUANTIZATION_METHODS)})"
@@ -173,6 +173,9 @@ def resolve_quantization(
                              "head is stored unquantized)")
     if quantize_lm_head and method is None:
         raise ValueError("quantize_lm_head: needs --quantization int8 or fp8")
+    if quantize_lm_head and method is not None and method.startswith("w4a16"):
+        raise ValueError(f"quantize_lm_head: the LM head cannot be held in 4 bits ({method}); "
+                         "drop --quantize-lm-head or use --quantization int8 or fp8")
     if quantize_lm_head and tied_embeddings:
         raise ValueError(
             "quantize_lm_head: the LM head is tied to the embedding table here, which stays "
@@ -282,7 +285,11 @@ def model_info_lines(cfg: ModelConfig, kv_cache_dtype: str = "auto") -> list[str
         f"weights: {cfg.weight_bytes / 1e9:.2f} GB in {cfg.dtype}"
         + (f" (linears {cfg.quantization}" + (" incl. LM head" if cfg.quantize_lm_head else "")
            + (" and the vision tower's" if cfg.eva_vision is not None else "")
-           + " + fp32 per-channel scales)" if cfg.quantization else ""),
+           + (" + fp32 per-channel scales)" if int4_format(cfg.quantization) is None else
+              " at 4 bits + fp32 scales per group" + (" and zero points)"
+                                                       if cfg.quantization.endswith("asym")
+                                                       else ")"))
+           if cfg.quantization else ""),
         f"KV cache: {kv / 1024:.1f} KiB per token in {kv_dtype}, "
         f"{kv * cfg.max_model_len / 2**30:.2f} GiB "
         f"for one sequence of max_model_len {cfg.max_model_len}",

@@ -2,9 +2,9 @@
 
 A rule maps a checkpoint module path to one of our module paths (`*` stands for one layer
 index and carries over), optionally with the shard id under which the tensor fills a fused
-parameter. Rules match whole dotted names, `<module>.weight` / `.bias` / `.weight_scale` (the
-scales of a pre-quantized weight), anchored at both ends, so `mlp.up_proj` can never match
-inside `mlp.gate_up_proj`. A name no rule matches maps to
+parameter. Rules match whole dotted names, `<module>.weight` / `.bias` / `.weight_scale` /
+`.weight_zero_point` (the scales and zero points of a pre-quantized weight), anchored at both
+ends, so `mlp.up_proj` can never match inside `mlp.gate_up_proj`. A name no rule matches maps to
 itself; a fused checkpoint tensor under our own name (GLM's `gate_up_proj`) is then loaded with
 shard id None and split by the parameter's weight_loader.
 """
@@ -30,6 +30,10 @@ class Target:
     shard_id: ShardId | None
 
 
+# the tensors of one module a rule maps
+_TENSORS = "weight|bias|weight_scale|weight_zero_point"
+
+
 def _module_pattern(path: str) -> str:
     return re.escape(path).replace(r"\*", r"(\d+)")
 
@@ -38,8 +42,7 @@ class WeightNameMap:
     def __init__(self, rules: list[WeightRule], droppable: list[str]) -> None:
         self.rules = list(rules)
         self._rules = [
-            (re.compile(rf"^{_module_pattern(r.checkpoint)}\.(weight|bias|weight_scale)$"), r)
-            for r in rules
+            (re.compile(rf"^{_module_pattern(r.checkpoint)}\.({_TENSORS})$"), r) for r in rules
         ]
         # whole names of tensors that hold nothing we need (e.g. rotary inv_freq buffers)
         self._droppable = [re.compile(rf"^{_module_pattern(d)}$") for d in droppable]
@@ -55,7 +58,7 @@ class WeightNameMap:
             param = rule.param
             if "*" in param:
                 param = param.replace("*", m.group(1))
-            # the last group is the tensor's (weight|bias|weight_scale)
+            # the last group is the tensor's (weight|bias|weight_scale|weight_zero_point)
             return Target(f"{param}.{m.group(pattern.groups)}", rule.shard_id)
         return Target(name, None)
 

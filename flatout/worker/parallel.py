@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 from flatout import distributed
-from flatout.config import EngineConfig, ModelConfig
+from flatout.config import EngineConfig, ModelConfig, parse_int4_method
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
         )
     if cfg.intermediate_size % tp:
         problems.append(f"intermediate size {cfg.intermediate_size} is not divisible by {tp}")
+    problems += _cut_groups(cfg, tp)
     if problems:
         ok = [n for n in (1, 2, 4, 8) if n == 1 or _divides(cfg, n)]
         raise ValueError(
@@ -54,12 +55,27 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
         )
 
 
+def _cut_groups(cfg: ModelConfig, tp: int) -> list[str]:
+    """4-bit weights in groups: a row-parallel layer's inputs per rank (attention's output
+    projection, the MLP's down projection) must be whole groups."""
+    int4 = parse_int4_method(cfg.quantization or "")
+    if int4 is None or int4[0] == 0:
+        return []
+    group = int4[0]
+    q = cfg.num_attention_heads * cfg.head_dim
+    return [f"{what} has {size} / {tp} = {size // tp} inputs per rank, not whole 4-bit groups of "
+            f"{group}" for what, size in (("the attention output", q),
+                                          ("the MLP down projection", cfg.intermediate_size))
+            if size % tp == 0 and (size // tp) % group]
+
+
 def _divides(cfg: ModelConfig, n: int) -> bool:
     kv = cfg.num_key_value_heads
     return (
         cfg.num_attention_heads % n == 0
         and (kv % n == 0 or n % kv == 0)
         and cfg.intermediate_size % n == 0
+        and not _cut_groups(cfg, n)
     )
 
 

@@ -99,6 +99,17 @@ def _launch_all(dtype: torch.dtype) -> None:
     positions = torch.zeros(4, dtype=torch.int64)
     rotary_embedding(positions, x, x[:, :256], torch.zeros(8, 64), 128, True)
     rotary_embedding(positions, x, x[:, :1024], torch.zeros(8, 128), 128, False)
+    # W4A16 at GLM-4-9B's qkv shape, groups of 128, symmetric and with zero points: decode rows
+    # in one program (1, 32, 64), row blocks (200) and prefill's dequantize
+    from flatout.kernels.w4a16 import dequantize_w4, gemv_w4a16
+
+    n, k = 4608, 4096
+    packed, scale = torch.zeros(n, k // 2, dtype=torch.uint8), torch.ones(n, k // 128)
+    for zero in (None, torch.zeros(n, k // 128, dtype=torch.uint8)):
+        for m in (1, 32, 64, 200):
+            gemv_w4a16(torch.zeros(m, k, dtype=dtype), packed, scale, zero,
+                       torch.zeros(n, dtype=dtype))
+        dequantize_w4(packed, scale, zero, dtype)
 
 
 def _ptxas_report(ptx: str) -> dict:

@@ -14,7 +14,8 @@ triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = {"_decode_split_kernel", "_decode_merge_kernel", "_prefill_kernel",
            "_write_kv_cache_kernel", "_rms_norm_kernel", "_silu_and_mul_kernel", "_rotary_kernel",
-           "_one_shot_all_reduce_add_rms_norm_kernel"}
+           "_one_shot_all_reduce_add_rms_norm_kernel", "_w4a16_gemv_kernel",
+           "_w4_dequantize_kernel"}
 
 
 def test_kernels_compile_for_sm90_without_spills():

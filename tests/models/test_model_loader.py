@@ -131,11 +131,13 @@ def test_names_match_whole_dotted_names() -> None:
     assert hf("model.layers.12.self_attn.v_proj.bias") == Target(
         "model.layers.12.self_attn.qkv_proj.bias", "v")
     assert hf("model.layers.0.self_attn.rotary_emb.inv_freq") is None
-    # a pre-quantized weight's scales follow the weight into its shard
+    # a pre-quantized weight's scales and (4-bit) zero points follow the weight into its shard
     assert hf("model.layers.0.self_attn.q_proj.weight_scale") == Target(
         "model.layers.0.self_attn.qkv_proj.weight_scale", "q")
     assert hf("model.layers.0.self_attn.q_proj.weight_zero_point") == Target(
-        "model.layers.0.self_attn.q_proj.weight_zero_point", None)  # not a rule match: unexpected
+        "model.layers.0.self_attn.qkv_proj.weight_zero_point", "q")
+    assert hf("model.layers.0.self_attn.q_proj.input_zero_point") == Target(
+        "model.layers.0.self_attn.q_proj.input_zero_point", None)  # not a rule match: unexpected
     cg = CHATGLM_WEIGHT_NAMES.resolve
     assert cg("transformer.encoder.layers.10.self_attention.query_key_value.bias") == Target(
         "model.layers.10.self_attn.qkv_proj.bias", None)

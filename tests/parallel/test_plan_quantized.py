@@ -88,3 +88,53 @@ def test_plan_and_info_commands(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["plan", "--model", "glm-4-9b", "--gpus", "1x24GB", "--quantization", "int4"])
     assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["w4a16-g32", "w4a16-g32-asym", "w4a16-channel-asym"])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_4bit_bytes_are_the_bytes_each_rank_holds(tmp_path: Path, method: str, tp: int) -> None:
+    """Half a byte a weight, an fp32 scale (and a one-byte zero point when asymmetric) a row
+    and group; intermediate 128: whole groups on each rank's down_proj."""
+    path = make_tiny_checkpoint("Glm4ForCausalLM", tmp_path / "g", num_key_value_heads=1,
+                                vocab_size=301, intermediate_size=128)
+    cfg = resolve_model_config(str(path), load_format="dummy", dtype="bfloat16",
+                               quantization=method)
+    try:
+        for rank in range(tp):
+            init_tensor_parallel(rank, tp)
+            held = _held_bytes(load_model(cfg, torch.device("cpu")))
+            if rank == 0:
+                assert held == rank_weight_bytes(cfg, tp)
+    finally:
+        init_tensor_parallel(0, 1)
+    if tp == 1:
+        assert cfg.weight_bytes == held
+
+
+def test_glm4_9b_in_4_bits(capsys: pytest.CaptureFixture[str]) -> None:
+    gpus = parse_gpus("1x24GB")
+    bf16, int8, w4 = (make_plan(glm(m), gpus) for m in (None, "int8", "w4a16"))
+    assert w4.fits
+    # the linears' 8.17 B weights: half a byte plus a 4-byte scale per 128 of them
+    saved = bf16.weights - w4.weights
+    assert 1.46 * 8.17e9 < saved < 1.47 * 8.2e9
+    assert w4.kv_tokens > int8.kv_tokens
+    assert w4.activations == int8.activations  # prefill dequantizes gate_up like int8
+    assert StepCost.of(glm("w4a16")).weight_bytes < 0.35 * StepCost.of(glm(None)).weight_bytes
+    assert main(["plan", "--model", "glm-4-9b", "--gpus", "1x24GB", "--max-model-len", "32768",
+                 "--quantization", "w4a16"]) == 0
+    out = capsys.readouterr().out
+    assert "bfloat16 (linears w4a16)" in out and "fits      yes" in out
+    assert main(["info", "--model", "glm-4-9b", "--load-format", "dummy", "--quantization",
+                 "w4a16"]) == 0
+    assert "(linears w4a16 at 4 bits + fp32 scales per group)" in capsys.readouterr().out
+
+
+def test_plan_refuses_a_tensor_parallel_split_that_cuts_4bit_groups() -> None:
+    gpus = parse_gpus("2xH100")
+    with pytest.raises(ValueError, match=r"the MLP down projection has 13696 / 2 = 6848 inputs "
+                                         r"per rank, not whole 4-bit groups of 128. Sizes that "
+                                         r"work: 1$"):
+        make_plan(glm("w4a16"), gpus)
+    assert make_plan(glm("w4a16-g64"), gpus).fits  # 6848 = 107 groups of 64
+    assert make_plan(glm("w4a16-channel-asym"), gpus).fits
