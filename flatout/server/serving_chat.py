@@ -46,6 +46,7 @@ from flatout.server.structured import (
     ForcedToolStream,
     one_of,
     strict_tool_calls,
+    strict_tools,
 )
 from flatout.server.tool_parsers import ToolCallStream, ToolParser
 
@@ -81,8 +82,11 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
     forced = ForcedToolCalls.from_request(req.tool_choice, req.tools, parallel)
     model_calls = bool(req.tools) and req.tool_choice != "none" and forced is None
     tool_parser = state.tool_parser if model_calls else None
+    # strict tools: the model's calls constrained (auto), or enforced anyway (required, named),
+    # or asked nothing (none); a strict that is not a boolean is a 400 in every case
     strict = (strict_tool_calls(req.tools or [], state.tool_parser, parallel) if model_calls
               else None)
+    strict_tools(req.tools)
     urls: list[tuple[str, str]] = []
     prompt = render_chat_prompt(state, req, urls)
     ids = state.renderer.encode(prompt)

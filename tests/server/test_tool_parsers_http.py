@@ -241,20 +241,24 @@ def test_langchain_bind_tools_round_trip(served: Served) -> None:
                      max_tokens=16, max_retries=0, timeout=120, http_client=http,
                      logit_bias=served.bias("two"))
     # strict=True: a grammar holds the calls to the schemas where the format's arguments are
-    # JSON (the scripted calls follow them); the other formats refuse it, naming the field
-    strict = served.parser in STRICT_PARSERS
-    if not strict:
+    # JSON (test_tool_strict_http.py checks what it lets through; the scripted replies' long
+    # tokens are not all in xgrammar 0.2.9's masks, so the round trip below goes without it);
+    # the other formats refuse it, naming the field
+    strict = llm.bind_tools([get_weather, get_time], tool_choice="auto", strict=True)
+    if served.parser in STRICT_PARSERS:
+        strict.invoke([HumanMessage("Weather in Paris?")])
+        assert all(t["function"]["strict"] is True for t in sent[-1]["tools"])
+    else:
         with pytest.raises(openai.BadRequestError) as e:
-            llm.bind_tools([get_weather, get_time], tool_choice="auto", strict=True).invoke(
-                [HumanMessage("Weather in Paris?")])
+            strict.invoke([HumanMessage("Weather in Paris?")])
         assert e.value.body["param"] == "tools[0].function.strict", e.value.body
         assert served.parser in e.value.body["message"]
-    bound = llm.bind_tools([get_weather, get_time], tool_choice="auto", strict=strict)
+    bound = llm.bind_tools([get_weather, get_time], tool_choice="auto")
     ai = bound.invoke([HumanMessage("Weather in Paris?")])
     assert [(c["name"], c["args"]) for c in ai.tool_calls] == TWO_CALLS
     tools = sent[-1]["tools"]
     assert [t["function"]["name"] for t in tools] == ["get_weather", "get_time"]
-    assert all(t["function"]["strict"] is strict and t["function"]["parameters"] for t in tools)
+    assert all(t["function"]["parameters"] for t in tools)
 
     results = [ToolMessage('{"temp": 21}', tool_call_id=ai.tool_calls[0]["id"]),
                ToolMessage("12:00", tool_call_id=ai.tool_calls[1]["id"])]
