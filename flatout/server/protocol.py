@@ -100,8 +100,8 @@ class ChatMessage(_Body):
         if self.role != "assistant":
             raise OpenAIError(f"{param}.content is required in a {self.role} message",
                               param=f"{param}.content")
-        if not isinstance(extra.get("tool_calls"), list) and not isinstance(
-                extra.get("refusal"), str):
+        # tool_calls that are not an array: history_tool_calls' 400 names them
+        if extra.get("tool_calls") is None and not isinstance(extra.get("refusal"), str):
             raise OpenAIError(f"{param}.content is required in an assistant message without "
                               "tool_calls or refusal", param=f"{param}.content")
 
