@@ -160,10 +160,13 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=SP.MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="function tools; `function.strict: true` under tool_choice `auto` "
+        "constrains the model's calls to the schema (hermes, llama3_json parsers; a 400 with "
+        "the others)")
     tool_choice: Any = Field(None, description="`none`, `auto`, `required` or `{\"type\": "
                              "\"function\", \"function\": {\"name\": ...}}` (the last two "
-                             "enforced by a grammar)")
+                             "enforced by a grammar); only with `tools` (a 400 without)")
     parallel_tool_calls: bool | None = Field(None, description="false: at most one tool call "
                                              "per reply (default: any number)")
     # OpenAI fields flatout does not implement: a value that asks for them is a 400 naming the
