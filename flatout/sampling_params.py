@@ -18,11 +18,15 @@ class SamplingParamsError(ValueError):
         self.field = field_name
 
 
+_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
 @dataclass
 class StructuredOutputsParams:
     """Constrain a sequence's output to a grammar (vLLM's field names); exactly one of `json`,
-    `regex`, `choice`, `grammar` or `json_object` is set. `field` names the request field the
-    constraint came from, so that a grammar the engine cannot compile is reported against it.
+    `regex`, `choice`, `grammar`, `json_object` or `structural_tag` is set. `field` names the
+    request field the constraint came from, so that a grammar the engine cannot compile is
+    reported against it.
 
     A reasoning model's output starts inside `<think>`: then `after_token_id` is the id of
     `</think>`, and the grammar constrains only what follows it."""
@@ -32,6 +36,9 @@ class StructuredOutputsParams:
     choice: list[str] | None = None  # the output is exactly one of these strings
     grammar: str | None = None  # an EBNF grammar (xgrammar's dialect, GBNF-like), rule `root`
     json_object: bool | None = None  # any JSON object
+    # xgrammar's structural tag ({"type": "structural_tag", "format": {...}}): free text with
+    # constrained parts, e.g. tool calls whose arguments follow their schemas (strict tools)
+    structural_tag: dict[str, Any] | None = None
     field: str = "structured_outputs"
     after_token_id: int | None = None
 
@@ -47,11 +54,10 @@ class StructuredOutputsParams:
 
     def validate(self) -> None:
         f = self.field
-        given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
-                 if getattr(self, name) not in (None, False)]
+        given = [name for name in _KINDS if getattr(self, name) not in (None, False)]
         if len(given) != 1:
             raise SamplingParamsError(
-                f, "set exactly one of json, regex, choice, grammar, json_object"
+                f, f"set exactly one of {', '.join(_KINDS)}"
                 + (f", got {', '.join(given)}" if given else ""))
         if self.json is not None and not isinstance(self.json, dict | bool):
             raise SamplingParamsError(f, f"a JSON schema must be an object, got {self.json!r:.80}")
@@ -63,6 +69,10 @@ class StructuredOutputsParams:
                 not isinstance(self.choice, list) or not self.choice
                 or not all(isinstance(c, str) and c for c in self.choice)):
             raise SamplingParamsError(f, "choice must be a non-empty list of non-empty strings")
+        tag = self.structural_tag
+        if tag is not None and (not isinstance(tag, dict) or tag.get("type") != "structural_tag"):
+            raise SamplingParamsError(f, 'a structural tag must be {"type": "structural_tag", '
+                                      '"format": {...}}')
         if len(self.spec) > self.MAX_SPEC_CHARS:
             raise SamplingParamsError(f, f"at most {self.MAX_SPEC_CHARS} characters of grammar")
         t = self.after_token_id
@@ -71,8 +81,8 @@ class StructuredOutputsParams:
 
     @property
     def kind(self) -> str:
-        """json, regex, choice, grammar or json_object."""
-        for name in ("json", "regex", "choice", "grammar"):
+        """json, regex, choice, grammar, json_object or structural_tag."""
+        for name in ("json", "regex", "choice", "grammar", "structural_tag"):
             if getattr(self, name) is not None:
                 return name
         return "json_object"
@@ -84,6 +94,8 @@ class StructuredOutputsParams:
             return json.dumps(self.json, ensure_ascii=False)  # key order is the output's
         if self.choice is not None:
             return json.dumps(self.choice, ensure_ascii=False)
+        if self.structural_tag is not None:
+            return json.dumps(self.structural_tag, ensure_ascii=False)
         return self.regex or self.grammar or ""
 
 

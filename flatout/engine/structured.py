@@ -111,6 +111,8 @@ class GrammarCompiler:
                     return compiler.compile_regex(so.spec)
                 case "choice":
                     return compiler.compile_grammar(choice_grammar(so.choice or []))
+                case "structural_tag":
+                    return compiler.compile_structural_tag(so.spec)
                 case _:
                     return compiler.compile_grammar(so.spec)
         except RuntimeError as e:  # xgrammar's parse and conversion errors

@@ -68,11 +68,42 @@ class ContentPart(_Body):
     image_url: ImageURL | None = None
 
 
+def _message_schema(schema: dict[str, Any]) -> None:
+    """OpenAI's rule, which chat_messages checks: `content` (a string or parts, not null) is
+    required, except in an assistant message that carries `tool_calls` (an array) or a
+    `refusal` (a string) instead."""
+    content = {"anyOf": [c for c in schema["properties"]["content"]["anyOf"]
+                         if c.get("type") != "null"]}
+    tool_calls = {"anyOf": [{"type": "array", "items": {"type": "object"}}, {"type": "null"}]}
+    schema["anyOf"] = [
+        {"properties": {"role": {"enum": [r for r in _ROLES if r != "assistant"]},
+                        "content": content}, "required": ["content"]},
+        {"properties": {"role": {"const": "assistant"}, "tool_calls": tool_calls}, "anyOf": [
+            {"properties": {"content": content}, "required": ["content"]},
+            {"properties": {"tool_calls": {"type": "array"}}, "required": ["tool_calls"]},
+            {"properties": {"refusal": {"type": "string"}}, "required": ["refusal"]}]},
+    ]
+
+
 class ChatMessage(_Body):
     # extra keys (name, metadata, tool_calls, tool_call_id, reasoning_content) reach the template
-    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False,
+                              json_schema_extra=_message_schema)
     role: str = Field(json_schema_extra={"enum": list(_ROLES)})  # checked in chat_messages
     content: str | list[ContentPart] | None = None
+
+    def check_content(self, param: str) -> None:
+        """A 400 naming `param` (the message) where it lacks the content its role needs."""
+        if self.content is not None:
+            return
+        extra = self.model_extra or {}
+        if self.role != "assistant":
+            raise OpenAIError(f"{param}.content is required in a {self.role} message",
+                              param=f"{param}.content")
+        # tool_calls that are not an array: history_tool_calls' 400 names them
+        if extra.get("tool_calls") is None and not isinstance(extra.get("refusal"), str):
+            raise OpenAIError(f"{param}.content is required in an assistant message without "
+                              "tool_calls or refusal", param=f"{param}.content")
 
 
 class _SamplingFields(_Body):
@@ -129,10 +160,13 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=SP.MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="function tools; `function.strict: true` under tool_choice `auto` "
+        "constrains the model's calls to the schema (hermes, llama3_json parsers; a 400 with "
+        "the others)")
     tool_choice: Any = Field(None, description="`none`, `auto`, `required` or `{\"type\": "
                              "\"function\", \"function\": {\"name\": ...}}` (the last two "
-                             "enforced by a grammar)")
+                             "enforced by a grammar); only with `tools` (a 400 without)")
     parallel_tool_calls: bool | None = Field(None, description="false: at most one tool call "
                                              "per reply (default: any number)")
     # OpenAI fields flatout does not implement: a value that asks for them is a 400 naming the
@@ -313,6 +347,7 @@ def chat_messages(
                 f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}, got {m.role!r}",
                 param=f"messages[{i}].role",
             )
+        m.check_content(f"messages[{i}]")
         msg = m.model_dump(exclude_none=True)
         if m.role == "developer":  # OpenAI's newer name for the system role
             msg["role"] = "system"

@@ -41,7 +41,13 @@ from flatout.server.responses import (
 )
 from flatout.server.state import ServerState
 from flatout.server.stream import stream_events
-from flatout.server.structured import ForcedToolCalls, ForcedToolStream, one_of
+from flatout.server.structured import (
+    ForcedToolCalls,
+    ForcedToolStream,
+    one_of,
+    strict_tool_calls,
+    strict_tools,
+)
 from flatout.server.tool_parsers import ToolCallStream, ToolParser
 
 
@@ -65,14 +71,22 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
     """Everything that can fail because of the request, before anything is queued."""
     model = state.check_model(req.model)
     refuse_unsupported(req)
+    if req.tool_choice is not None and not req.tools:  # as OpenAI's, "none" too
+        raise OpenAIError("Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
+                          "'tools' are specified", param="tool_choice")
     if req.tool_choice == "auto" and state.tool_parser is None:
         raise OpenAIError('tool_choice "auto" needs the server started with '
                           "--enable-auto-tool-choice --tool-call-parser NAME", param="tool_choice",
                           code="unsupported_parameter")
     parallel = req.parallel_tool_calls is not False
     forced = ForcedToolCalls.from_request(req.tool_choice, req.tools, parallel)
-    tool_parser = (state.tool_parser if req.tools and req.tool_choice != "none" and forced is None
-                   else None)
+    model_calls = bool(req.tools) and req.tool_choice != "none" and forced is None
+    tool_parser = state.tool_parser if model_calls else None
+    # strict tools: the model's calls constrained (auto), or enforced anyway (required, named),
+    # or asked nothing (none); a strict that is not a boolean is a 400 in every case
+    strict = (strict_tool_calls(req.tools or [], state.tool_parser, parallel) if model_calls
+              else None)
+    strict_tools(req.tools)
     urls: list[tuple[str, str]] = []
     prompt = render_chat_prompt(state, req, urls)
     ids = state.renderer.encode(prompt)
@@ -80,7 +94,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> _Prepared:
     parser = state.reasoning
     opened = parser is not None and parser.prompt_opens_reasoning(prompt)
     so = one_of(fields.get("structured_outputs"),
-                forced.structured_outputs() if forced is not None else None)
+                forced.structured_outputs() if forced is not None else None, strict)
     if so is not None and opened:  # the grammar constrains the answer, after the reasoning
         so = dataclasses.replace(so, after_token_id=_reasoning_end_id(state, so.field))
     if so is not None:

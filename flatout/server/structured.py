@@ -6,7 +6,10 @@ Accepted, at most one of them per request (a second is a 400):
 - vLLM's `structured_outputs` object (`json`, `regex`, `choice`, `grammar` or `json_object`) and
   its older `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` fields;
 - chat's `tool_choice` `"required"` or a named function: the output is then JSON the grammar
-  forces into tool calls (`ForcedToolCalls`), whatever format the model's own calls take.
+  forces into tool calls (`ForcedToolCalls`), whatever format the model's own calls take;
+- chat's function tools with `"strict": true` under `tool_choice` `"auto"`: the model's own
+  calls, in its parser's format, with each strict tool's arguments following its schema
+  (`strict_tool_calls`); a parser whose format has no JSON arguments to constrain refuses them.
 
 JSON schemas are checked here against their metaschema, so a malformed one is a 400 before the
 request is queued (streamed or not); one that the engine's grammar compiler still refuses fails
@@ -24,7 +27,7 @@ import jsonschema
 
 from flatout.sampling_params import SamplingParamsError, StructuredOutputsParams
 from flatout.server.errors import OpenAIError
-from flatout.server.tool_parsers import ToolCall, tool_call_deltas
+from flatout.server.tool_parsers import ToolCall, ToolParser, tool_call_deltas
 
 GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
                  "guided_grammar": "grammar"}
@@ -127,6 +130,49 @@ def _functions(tools: list[dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
         check_schema(params, f"tools[{i}].function.parameters")
         out[fn["name"]] = params
     return out
+
+
+def strict_tools(tools: list[dict[str, Any]] | None) -> list[int]:
+    """The indices of the function tools with `"strict": true` (a 400 for a strict that is
+    not a boolean)."""
+    out = []
+    for i, tool in enumerate(tools or []):
+        fn = tool.get("function")
+        strict = fn.get("strict") if isinstance(fn, dict) else None
+        if strict is None or strict is False:
+            continue
+        if strict is not True:
+            raise _bad(f"tools[{i}].function.strict", f"must be a boolean, got {strict!r:.40}")
+        out.append(i)
+    return out
+
+
+def strict_tool_calls(tools: list[dict[str, Any]], parser: ToolParser | None,
+                      parallel: bool = True) -> StructuredOutputsParams | None:
+    """The grammar of replies whose calls of strict tools follow their parameters' schemas
+    (`tool_choice` "auto"; the other tools' arguments: any JSON object); None when no tool is
+    strict. A 400 naming the first strict tool where the server parses no tool calls, or its
+    parser's format cannot be constrained (its arguments are not one JSON object)."""
+    strict = strict_tools(tools)
+    if not strict:
+        return None
+    field = f"tools[{strict[0]}].function.strict"
+    if parser is None:
+        raise OpenAIError(f"{field}: strict tools need the server started with "
+                          "--enable-auto-tool-choice --tool-call-parser NAME", param=field,
+                          code="unsupported_parameter")
+    functions = _functions(tools)
+    names = [tools[i]["function"]["name"] for i in strict]
+    arguments = {name: schema if name in names else {"type": "object"}
+                 for name, schema in functions.items()}
+    tag = parser.structural_tag(arguments, parallel)
+    if tag is None:
+        raise OpenAIError(f"{field}: the {parser.name} tool call parser cannot enforce strict "
+                          "schemas (its calls do not carry the arguments as one JSON object); "
+                          "use tool_choice \"required\" or a named function, which a grammar "
+                          "enforces, or strict: false", param=field,
+                          code="unsupported_parameter")
+    return _params(field, structural_tag=tag)
 
 
 @dataclass

@@ -39,7 +39,16 @@ class ToolCall:
 class ToolParser:
     """Base: `start` marks where a tool call may begin (None: the reply's very start)."""
 
+    name = ""
     start: str | None = None
+
+    def structural_tag(self, arguments: dict[str, dict[str, Any]],
+                       parallel: bool) -> dict[str, Any] | None:
+        """A grammar (xgrammar's structural tag) for replies of this format in which each call's
+        arguments follow its schema (`arguments`: tool name -> JSON schema): any text until a
+        call begins, then the call constrained, then any text again (`parallel` False: the reply
+        ends after its first call). None: this format's calls cannot be constrained so."""
+        return None
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """(content, calls) of a finished reply; ([text], []) when no well-formed call."""
@@ -74,9 +83,35 @@ def _json_object(text: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def _calls_grammar(trigger: str, begins: list[str], ends: list[str],
+                  arguments: dict[str, dict[str, Any]], parallel: bool) -> dict[str, Any]:
+    """Free text in which every `trigger` starts a call: one of `begins` (with the tool's name
+    in place of `{name}`), its arguments following the tool's schema, one of `ends`."""
+    tags = [{"type": "tag", "begin": begin.format(name=json.dumps(name)[1:-1]),
+             "content": {"type": "json_schema", "json_schema": schema,
+                         # one whitespace character in a row at most: a sampled model cannot
+                         # wander off into endless blanks inside a call
+                         "max_whitespace_cnt": 1},
+             "end": ends}
+            for name, schema in arguments.items() for begin in begins]
+    return {"type": "structural_tag", "format": {
+        "type": "triggered_tags", "triggers": [trigger], "tags": tags,
+        "stop_after_first": not parallel}}
+
+
 class HermesParser(ToolParser):
+    name = "hermes"
     start = "<tool_call>"
     _CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+
+    def structural_tag(self, arguments: dict[str, dict[str, Any]],
+                       parallel: bool) -> dict[str, Any] | None:
+        # every <tool_call> starts a call; its JSON as Qwen's templates write it back, with or
+        # without the newlines inside the tags
+        return _calls_grammar(
+            "<tool_call>", ['<tool_call>\n{{"name": "{name}", "arguments": ',
+                            '<tool_call>{{"name": "{name}", "arguments": '],
+            ["}\n</tool_call>", "}</tool_call>"], arguments, parallel)
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         calls = []
@@ -92,6 +127,7 @@ class HermesParser(ToolParser):
 
 
 class Glm45Parser(ToolParser):
+    name = "glm45"
     start = "<tool_call>"
     _CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
     _ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
@@ -125,6 +161,7 @@ class Glm4Parser(ToolParser):
     """GLM-4-9B-chat: the whole reply is `name\\n{json}`, or several such calls, each after an
     `<|assistant|>` of its own (gone from the text when special tokens are skipped)."""
 
+    name = "glm4"
     _NAME = re.compile(r"[\w.\-]+")
     _TURN = "<|assistant|>"
 
@@ -156,7 +193,16 @@ class Glm4Parser(ToolParser):
 
 
 class Llama3JsonParser(ToolParser):
+    name = "llama3_json"
     _TAG = "<|python_tag|>"
+
+    def structural_tag(self, arguments: dict[str, dict[str, Any]],
+                       parallel: bool) -> dict[str, Any] | None:
+        # every `{` starts a call (so text around calls holds none, and no call can slip
+        # past the grammar in another spelling); `<|python_tag|>` and the `; ` between calls
+        # are text
+        return _calls_grammar("{", ['{{"name": "{name}", "parameters": '], ["}"], arguments,
+                              parallel)
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         body = text.strip().removeprefix(self._TAG).strip()

@@ -6,6 +6,7 @@ model's real output; the openai SDK checks the non-streamed `message.tool_calls`
 `delta.tool_calls` against OpenAI's shape (index, id, type and name first, then the arguments in
 pieces that concatenate to JSON; the finish reason alone in the last chunk). LangChain's
 `ChatOpenAI.bind_tools` requests (tools with `strict` and `parameters`, each `tool_choice` form,
+strict enforced by a grammar for hermes and llama3_json and a 400 for glm4 and glm45,
 the assistant's `tool_calls` with `content: null`, `role: tool` results) are accepted and go back
 through the chat template in the checkpoint's format."""
 
@@ -214,6 +215,9 @@ def test_tool_choice_none_leaves_calls_as_text(served: Served) -> None:
     assert choice.message.tool_calls is None and choice.finish_reason == "stop"
 
 
+STRICT_PARSERS = ("hermes", "llama3_json")  # their calls' arguments are one JSON object
+
+
 class get_weather(BaseModel):  # noqa: N801 (a tool's name, as LangChain derives it)
     """Weather of a city."""
 
@@ -236,12 +240,25 @@ def test_langchain_bind_tools_round_trip(served: Served) -> None:
     llm = ChatOpenAI(model="demo", base_url=f"{served.url}/v1", api_key="x", temperature=0,
                      max_tokens=16, max_retries=0, timeout=120, http_client=http,
                      logit_bias=served.bias("two"))
-    bound = llm.bind_tools([get_weather, get_time], tool_choice="auto", strict=True)
+    # strict=True: a grammar holds the calls to the schemas where the format's arguments are
+    # JSON (test_tool_strict_http.py checks what it lets through; the scripted replies' long
+    # tokens are not all in xgrammar 0.2.9's masks, so the round trip below goes without it);
+    # the other formats refuse it, naming the field
+    strict = llm.bind_tools([get_weather, get_time], tool_choice="auto", strict=True)
+    if served.parser in STRICT_PARSERS:
+        strict.invoke([HumanMessage("Weather in Paris?")])
+        assert all(t["function"]["strict"] is True for t in sent[-1]["tools"])
+    else:
+        with pytest.raises(openai.BadRequestError) as e:
+            strict.invoke([HumanMessage("Weather in Paris?")])
+        assert e.value.body["param"] == "tools[0].function.strict", e.value.body
+        assert served.parser in e.value.body["message"]
+    bound = llm.bind_tools([get_weather, get_time], tool_choice="auto")
     ai = bound.invoke([HumanMessage("Weather in Paris?")])
     assert [(c["name"], c["args"]) for c in ai.tool_calls] == TWO_CALLS
     tools = sent[-1]["tools"]
     assert [t["function"]["name"] for t in tools] == ["get_weather", "get_time"]
-    assert all(t["function"]["strict"] is True and t["function"]["parameters"] for t in tools)
+    assert all(t["function"]["parameters"] for t in tools)
 
     results = [ToolMessage('{"temp": 21}', tool_call_id=ai.tool_calls[0]["id"]),
                ToolMessage("12:00", tool_call_id=ai.tool_calls[1]["id"])]
