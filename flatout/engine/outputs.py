@@ -60,11 +60,27 @@ class RequestOutput:
         return self.outputs[0].stop_reason
 
 
+# (token id, logprob, top ids, top logprobs, text): three objects a token
+_CompactLogprobs = tuple[int, float, tuple[int, ...], tuple[float, ...], str | None]
+
+
+def _compact(lp: TokenLogprobs) -> _CompactLogprobs:
+    return lp.token_id, lp.logprob, tuple(lp.top), tuple(lp.top.values()), lp.text
+
+
+def _expand(c: _CompactLogprobs) -> TokenLogprobs:
+    return TokenLogprobs(c[0], c[1], dict(zip(c[2], c[3], strict=True)), c[4])
+
+
 @dataclass
 class _Sample:
     texts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprobs] | None = None
+    # TokenLogprobs as tuples of plain values (`_compact`): the collector stops tracking such
+    # a tuple once it has seen it (not a tuple subclass, nor one holding a dict), and a request
+    # holds one per token until it ends (n=128 x 1,000 tokens: 128,000, which every full
+    # collection scanned, holding the API process's GIL 50-80 ms a pass)
+    logprobs: list[_CompactLogprobs] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     cumulative_logprob: float | None = None
@@ -100,7 +116,7 @@ class OutputAccumulator:
             if o.logprobs is not None:
                 if s.logprobs is None:
                     s.logprobs = []
-                s.logprobs.extend(o.logprobs)
+                s.logprobs.extend(map(_compact, o.logprobs))
         self._last = delta
 
     @property
@@ -123,6 +139,14 @@ class OutputAccumulator:
         """Per sample: how it ended, None while it runs (or if it never started)."""
         return [s.finish_reason for s in self._samples]
 
+    def release(self) -> None:
+        """Let go of the kept outputs (once `result` has been taken), a sample at a time:
+        freed at once, a large request's per-token records (n=128 x 1,000 tokens: ~400,000
+        objects) held the GIL ~40 ms in one deallocation. `result` then has no text."""
+        self.keep_outputs = False
+        for s in self._samples:
+            s.texts, s.token_ids, s.logprobs, s.reasoning = [], [], None, None
+
     def result(self) -> RequestOutput:
         """The whole output so far (call once a delta has come)."""
         last = self._last
@@ -131,7 +155,7 @@ class OutputAccumulator:
             CompletionOutput(
                 index=i, text="".join(s.texts), token_ids=list(s.token_ids),
                 finish_reason=s.finish_reason, stop_reason=s.stop_reason,
-                logprobs=list(s.logprobs) if s.logprobs is not None else None,
+                logprobs=list(map(_expand, s.logprobs)) if s.logprobs is not None else None,
                 cumulative_logprob=s.cumulative_logprob,
                 reasoning="".join(s.reasoning) if s.reasoning is not None else None,
             )

@@ -115,7 +115,8 @@ def run_serve(ns: argparse.Namespace) -> int:
         timeout_request_body=ns.timeout_request_body, limit_concurrency=ns.limit_concurrency)
     raise_open_file_limit()
     sock = bind_socket(ns.host, ns.port)
-    client = AsyncEngineClient(args, max_backlog_bytes=ns.max_stream_backlog_bytes)
+    client = AsyncEngineClient(args, max_backlog_bytes=ns.max_stream_backlog_bytes,
+                                freeze_heap=True)
     previous = signal.signal(signal.SIGTERM, _interrupted)
     try:
         client.start()

@@ -8,6 +8,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
@@ -19,6 +20,7 @@ from flatout.engine.reasoning_split import ReasoningTokens
 from flatout.sampling_params import SamplingParams
 from flatout.server.admission import Ticket
 from flatout.server.errors import OpenAIError
+from flatout.server.large_json import Deferred
 from flatout.server.limits import check_prompt_chars
 from flatout.server.media import ImageRef
 from flatout.server.protocol import (
@@ -234,13 +236,14 @@ def _response(
     state: ServerState, req: ChatCompletionRequest, p: _Prepared, request: OutputAccumulator
 ) -> dict[str, Any]:
     out = request.result()
+    request.release()
     choices = []
     for o in out.outputs:
         message = _message(state, req, p, o)
         choices.append({
             "index": o.index,
             "message": message,
-            "logprobs": chat_logprobs(state, o.logprobs or [], p.top_logprobs)
+            "logprobs": Deferred(partial(chat_logprobs, state, o.logprobs or [], p.top_logprobs))
             if req.logprobs else None,
             "finish_reason": _finish_reason(p, "tool_calls" in message, o.finish_reason),
             "stop_reason": o.stop_reason,

@@ -6,15 +6,17 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from flatout.engine.outputs import CompletionOutput, OutputAccumulator
+from flatout.engine.outputs import CompletionOutput, OutputAccumulator, RequestOutput
 from flatout.sampling_params import SamplingParams
 from flatout.server.admission import Ticket
 from flatout.server.errors import OpenAIError
+from flatout.server.large_json import Deferred
 from flatout.server.limits import check_prompt_chars
 from flatout.server.protocol import (
     CompletionRequest,
@@ -112,13 +114,14 @@ def _response(
     n = p.params.n
     top_n = req.logprobs or 0
     choices = []
-    for i, out in enumerate(r.result() for r in finals):
+    for i, out in enumerate(_taken(r) for r in finals):
         for o in out.outputs:
             prefix = p.echo_texts[i]
             choices.append({
                 "index": i * n + o.index,
                 "text": prefix + o.text,
-                "logprobs": completion_logprobs(state, o.logprobs or [], top_n, len(prefix))
+                "logprobs": Deferred(partial(completion_logprobs, state, o.logprobs or [],
+                                             top_n, len(prefix)))
                 if req.logprobs is not None else None,
                 "finish_reason": o.finish_reason,
                 "stop_reason": o.stop_reason,
@@ -131,6 +134,12 @@ def _response(
         "choices": choices,
         "usage": usage(finals),
     }
+
+
+def _taken(request: OutputAccumulator) -> RequestOutput:
+    out = request.result()
+    request.release()
+    return out
 
 
 class _CompletionChoices:

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import math
+import weakref
 from typing import Any
 
 import pytest
 from starlette.responses import JSONResponse
 
-from flatout.server.large_json import PiecewiseJSONResponse, ResponseBuilder, encode_pieces
+from flatout.server.large_json import (
+    Deferred,
+    PiecewiseJSONResponse,
+    ResponseBuilder,
+    encode,
+    encode_pieces,
+)
 
 SAMPLE: dict[str, Any] = {
     "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "empty": {}, "none": [],
@@ -70,6 +77,47 @@ def test_builder_offloads_only_large_responses() -> None:
         return await builder.json(build, entries=10), await builder.json(build, entries=10**6)
 
     small, large = asyncio.run(main())
-    assert isinstance(small, JSONResponse) and isinstance(large, PiecewiseJSONResponse)
+    assert not isinstance(small, PiecewiseJSONResponse)
+    assert isinstance(large, PiecewiseJSONResponse)
+    assert small.body == JSONResponse(SAMPLE).body
     assert threads[0] == "MainThread" and threads[1].startswith("flatout-respond")
     assert b"".join(large.pieces) == small.body
+
+
+def _deferred_sample(built: list[int], alive: list[weakref.ref[Any]]) -> dict[str, Any]:
+    """SAMPLE with each choice's logprobs (and one top-level member) deferred; each build
+    is recorded, and a weak reference to what it built kept."""
+
+    class Logprobs(dict):  # type: ignore[type-arg]  # a dict that can be weakly referenced
+        pass
+
+    def deferred(i: int, value: Any) -> Deferred:
+        def build() -> Any:
+            built.append(i)
+            obj = Logprobs(value)
+            alive.append(weakref.ref(obj))
+            assert sum(r() is not None for r in alive) == 1, "a previous build is still alive"
+            return obj
+        return Deferred(build)
+
+    sample = dict(SAMPLE)
+    sample["choices"] = [dict(c, logprobs=deferred(i, c["logprobs"]))
+                         for i, c in enumerate(SAMPLE["choices"])]
+    sample["usage"] = deferred(-1, SAMPLE["usage"])
+    return sample
+
+
+@pytest.mark.parametrize("piecewise", [True, False])
+def test_deferred_values_are_built_once_when_encoded_and_freed_after(piecewise: bool) -> None:
+    built: list[int] = []
+    alive: list[weakref.ref[Any]] = []
+    obj = _deferred_sample(built, alive)
+    body = b"".join(encode_pieces(obj, piece_bytes=1000)) if piecewise else encode(obj)
+    assert body == JSONResponse(SAMPLE).body
+    assert built == [*range(len(SAMPLE["choices"])), -1]
+    assert all(r() is None for r in alive)
+
+
+def test_other_objects_are_still_refused() -> None:
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        encode({"x": object()})
