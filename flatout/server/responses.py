@@ -39,8 +39,27 @@ def now() -> int:
     return int(time.time())
 
 
+# json.dumps builds an encoder per call when given options; one, made once, serves every event
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {_encode(obj)}\n\n"
+
+
+class ChunkFrame:
+    """The SSE events of one stream's chunks: `base` (the fields every chunk starts with) is
+    encoded once; `event(choice)` is `sse({**base, "choices": [choice]})`, byte for byte."""
+
+    def __init__(self, base: dict[str, Any]) -> None:
+        if "choices" in base:
+            raise ValueError("a chunk's base fields come before its choices")
+        head = _encode({**base, "choices": []})
+        assert head.endswith("[]}")
+        self._head = f"data: {head[:-2]}"
+
+    def event(self, choice: dict[str, Any]) -> str:
+        return f"{self._head}{_encode(choice)}]}}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"
