@@ -28,6 +28,8 @@ T = TypeVar("T")
 _dropped_log = RateLimitedLog(logging.getLogger(__name__))
 # the scope extension (connections.py) that drops a response's connection without flushing it
 ABORT_CONNECTION = "flatout.abort_connection"
+# the scope extension (connections.py) that sends a piece of a response body the short way
+WRITE_BODY = "flatout.write_body"
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 
 
@@ -250,8 +252,23 @@ class EventStream(StreamingResponse):
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.ticket = ticket
 
+    async def _send_body(self, send: Any, write: Callable[[bytes], Awaitable[None]] | None
+                         ) -> None:
+        """The response: its head through the ASGI send (the middlewares see the status), the
+        body's pieces through `write` where the server offers it (one layer, not five)."""
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        async for chunk in self.body_iterator:
+            data = chunk if isinstance(chunk, bytes) else chunk.encode(self.charset)
+            if write is not None:
+                await write(data)
+            else:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        body = asyncio.ensure_future(self.stream_response(send))
+        write = scope.get("extensions", {}).get(WRITE_BODY)
+        body = asyncio.ensure_future(self._send_body(send, write))
         gone = asyncio.ensure_future(_wait_for_disconnect(receive))
         dropped = asyncio.ensure_future(self.ticket.abandoned.wait())
         outcome = Outcome.ERROR  # if cancelled from outside: the server cut the stream

@@ -7,8 +7,16 @@ from __future__ import annotations
 import asyncio
 import random
 
+import pytest
+
 from flatout.engine.async_client import AsyncEngineClient, OutputQueue
-from flatout.engine.messages import CoreOutputs, CoreStats, EngineCoreOutput, TokenLogprobs
+from flatout.engine.messages import (
+    ConsumerTooSlowError,
+    CoreOutputs,
+    CoreStats,
+    EngineCoreOutput,
+    TokenLogprobs,
+)
 from flatout.engine.output_processor import OutputProcessor
 from flatout.engine.outputs import CompletionOutput, OutputAccumulator, RequestOutput, join_deltas
 from flatout.sampling_params import SamplingParams
@@ -148,3 +156,50 @@ def test_without_a_tokenizer_every_step_stays_a_delta() -> None:
         return len(got)
 
     assert asyncio.run(main()) == 5
+
+
+def test_a_joining_consumer_that_stops_reading_is_dropped_at_the_limit() -> None:
+    """Joining changes what the consumer takes, not what waits: the backlog counts every delta
+    waiting (a joined delta, once taken, counted the bytes of each it joined), so a consumer
+    that takes what waited, then stops reading, is dropped as soon as the deltas that came since
+    pass the limit, exactly as without joining."""
+    n, top, limit = 4, 20, 32 * 1024
+
+    def step(i: int) -> CoreOutputs:
+        return CoreOutputs([EngineCoreOutput(
+            "r", k, [i % 100], [TokenLogprobs(i % 100, -1.0, {t: -1.0 - t for t in range(top)})])
+            for k in range(n)], CoreStats())
+
+    async def main() -> tuple[int, int, RequestOutput, bool]:
+        client = _client(tokenizer=object())
+        client.max_backlog_bytes = limit
+        sent: list[object] = []
+        client._send = sent.append  # type: ignore[method-assign]
+        dropped: list[int] = []
+        gen = client.generate("r", [1], SamplingParams(n=n, max_tokens=10_000, logprobs=top,
+                                                       ignore_eos=True),
+                              on_too_slow=lambda: dropped.append(1))
+        first = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0)  # waiting: what piles up now is the loop's lateness, no backlog
+        for i in range(3):
+            client._dispatch(step(i), client._generation)
+        joined = await first
+        queue = client.queues["r"]
+        assert queue.backlog == 0  # the three deltas left the queue, all their bytes with them
+        per_step = 0
+        steps = 0
+        while not dropped and steps < 1000:  # the consumer no longer reads
+            client._dispatch(step(3 + steps), client._generation)
+            steps += 1
+            if steps == 1:
+                per_step = queue.backlog
+        with pytest.raises(ConsumerTooSlowError):
+            await gen.__anext__()
+        assert [type(m).__name__ for m in sent] == ["EngineCoreRequest", "AbortRequest"]
+        return steps, per_step, joined, "r" in client.queues
+
+    steps, per_step, joined, still_queued = asyncio.run(main())
+    assert [o.token_ids for o in joined.outputs] == [[0, 1, 2]] * n
+    assert all(len(o.logprobs or []) == 3 for o in joined.outputs)
+    assert steps == limit // per_step + 1, (steps, per_step)
+    assert not still_queued
