@@ -251,6 +251,7 @@ class EventStream(StreamingResponse):
         super().__init__(body, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.ticket = ticket
+        self.events = body
 
     async def _send_body(self, send: Any, write: Callable[[bytes], Awaitable[None]] | None
                          ) -> None:
@@ -258,8 +259,8 @@ class EventStream(StreamingResponse):
         body's pieces through `write` where the server offers it (one layer, not five)."""
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
-        async for chunk in self.body_iterator:
-            data = chunk if isinstance(chunk, bytes) else chunk.encode(self.charset)
+        async for event in self.events:
+            data = event.encode(self.charset)
             if write is not None:
                 await write(data)
             else:
