@@ -184,7 +184,7 @@ def _body_writer(conn: h11.Connection, cycle: RequestResponseCycle
     async def write(data: bytes) -> None:
         if (cycle.response_started and not cycle.response_complete and data
                 and conn.our_state is h11.SEND_BODY
-                and type(conn._writer) is ChunkedWriter):  # noqa: SLF001
+                and type(getattr(conn, "_writer", None)) is ChunkedWriter):
             if cycle.flow.write_paused and not cycle.disconnected:
                 await cycle.flow.drain()
             if not cycle.disconnected:
