@@ -15,7 +15,10 @@ What runs, per variant (a flatout source tree; default: the one this script impo
     ignore_eos, streamed), as `flatout bench` does.
 Measured over `--seconds` after `--warmup`:
   - ITL seen by clients (gaps between chunks that carry text): mean, P50, P99, max;
-  - output tokens/s received by clients against tokens/s emitted by the fake core;
+  - output tokens/s received by clients against tokens/s emitted by the fake core (chunks
+    with text, and the tokens they carried: the text received over the corpus's characters per
+    token, as a stream that fell behind gets several tokens in a chunk) and the event loop's
+    CPU per token delivered;
   - lag: from the fake core emitting a request's last token to its client receiving it (P50/P99);
   - the API process's CPU (% of one core: the event-loop thread, the pipe-reader thread, all),
     the fake core's and the clients' (so a reader sees which one is the limit);
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import random
@@ -231,6 +235,7 @@ def run_client(ns: argparse.Namespace) -> None:
     itls: list[float] = []
     finishes: list[tuple[str, float]] = []
     tokens = [0]
+    chars = [0]  # of text received in the window: tokens delivered, whether joined or not
     cpu: dict[str, float] = {}
     url = f"{ns.url}/v1/completions"
 
@@ -269,6 +274,7 @@ def run_client(ns: argparse.Namespace) -> None:
                     last = now
                     if in_window:
                         tokens[0] += 1  # chunks with text: one per token unless joined
+                        chars[0] += len(choices[0]["text"])
                 if choices[0].get("finish_reason") is not None and in_window:
                     finishes.append((data["id"] + "-0", now))
 
@@ -289,11 +295,25 @@ def run_client(ns: argparse.Namespace) -> None:
 
     asyncio.run(main())
     Path(ns.client_out).write_text(json.dumps({
-        "itls": itls, "finishes": finishes, "tokens": tokens[0], "errors": errors,
+        "itls": itls, "finishes": finishes, "tokens": tokens[0], "chars": chars[0],
+        "errors": errors,
         "cpu_s": cpu.get("end", 0.0) - cpu.get("start", 0.0)}))
 
 
 # -- the orchestrator ----------------------------------------------------------------------------
+@functools.cache
+def _chars_per_token() -> float:
+    """Characters per token of the demo corpus, which the fake core's tokens come from (so the
+    text a client received counts the tokens it carried, also where several came as one)."""
+    from flatout.demo import ASSETS
+    from flatout.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(ASSETS)
+    text = (ASSETS / "corpus.txt").read_text()
+    ids = tok.encode(text, add_special_tokens=False)
+    return len(tok.decode(ids)) / len(ids)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -401,6 +421,8 @@ def run_variant(ns: argparse.Namespace, label: str, pythonpath: str, tmp: Path) 
         "itl_p50": _pct(itls, 50) * 1e3, "itl_p99": _pct(itls, 99) * 1e3,
         "itl_max": max(itls, default=float("nan")) * 1e3,
         "client_tok_s": sum(r["tokens"] for r in results) / span,
+        # tokens delivered: the text received over the corpus's characters per token
+        "delivered_tok_s": sum(r["chars"] for r in results) / span / _chars_per_token(),
         "core_tok_s": core_tokens / span,
         "core_late_p99": _pct(late, 99) * 1e3,
         "lag_p50": _pct(finish_lag, 50) * 1e3, "lag_p99": _pct(finish_lag, 99) * 1e3,
@@ -425,6 +447,9 @@ COLUMNS = (
                f"{r['itl_max']:.0f}"),
     ("chunks/s to clients / core tok/s",
      lambda r: f"{r['client_tok_s']:.0f} / {r['core_tok_s']:.0f}"),
+    ("tok/s delivered (text / chars per token)", lambda r: f"{r['delivered_tok_s']:.0f}"),
+    ("loop CPU per token delivered (us)",
+     lambda r: f"{r['loop_cpu'] * 1e4 / r['delivered_tok_s']:.0f}"),
     ("last-token lag P50 / P99 (ms)", lambda r: f"{r['lag_p50']:.1f} / {r['lag_p99']:.1f}"),
     ("API CPU all / loop thread (%)", lambda r: f"{r['api_cpu']:.0f} / {r['loop_cpu']:.0f}"),
     ("loop lag P50 / P99 / max (ms)",

@@ -10,6 +10,12 @@ sending to a client that stopped reading, whose socket buffers are full; not one
 the event loop to resume it) is treated as gone: its request is aborted in the core at once (its KV
 blocks freed), what waited for it is dropped, and its consumer gets `ConsumerTooSlowError`.
 
+Catching up: a consumer resumed after more than one of its request's deltas arrived (the event
+loop was busy: a burst of steps, a pause) takes them as one delta (`join_deltas`), so a stream
+sends one chunk for what waited rather than one per step, and a loop that fell behind does less
+work per token until it has caught up. Not for a model without a tokenizer: its streams carry no
+text, and one chunk per step is all a client has to time its tokens by.
+
 Failures: if the core process dies (or is stopped because it stopped answering), every request in
 flight gets `EngineDeadError` at once, and `restart` can replace the process. A request the core
 refuses gets `EngineRequestError`, one past its deadline `RequestTimeoutError`; either way it is
@@ -51,7 +57,7 @@ from flatout.engine.messages import (
     Shutdown,
 )
 from flatout.engine.output_processor import OutputProcessor
-from flatout.engine.outputs import RequestOutput
+from flatout.engine.outputs import RequestOutput, join_deltas
 from flatout.engine.reasoning_split import ReasoningTokens
 from flatout.sampling_params import SamplingParams
 
@@ -75,10 +81,13 @@ DISPATCH_CHUNK = 32
 
 class OutputQueue:
     """One request's outputs (or the exception that ends it) on their way to its consumer,
-    with the bytes they hold."""
+    with the bytes they hold. `coalesce`: `get` joins the deltas waiting into one."""
 
-    def __init__(self) -> None:
-        self._items: asyncio.Queue[tuple[RequestOutput | BaseException, int]] = asyncio.Queue()
+    def __init__(self, coalesce: bool = False) -> None:
+        self._items: collections.deque[tuple[RequestOutput | BaseException, int]] = (
+            collections.deque())
+        self._waiter: asyncio.Future[None] | None = None
+        self.coalesce = coalesce
         self.backlog = 0  # estimated bytes of the outputs waiting
         # the consumer is waiting in `get` (perhaps not yet resumed: outputs that pile up while
         # the event loop is busy elsewhere are no sign of a slow consumer)
@@ -87,21 +96,34 @@ class OutputQueue:
     def put(self, item: RequestOutput | BaseException) -> None:
         size = backlog_bytes(item) if isinstance(item, RequestOutput) else 0
         self.backlog += size
-        self._items.put_nowait((item, size))
+        self._items.append((item, size))
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def get(self) -> RequestOutput | BaseException:
         self.consumer_waiting = True
         try:
-            item, size = await self._items.get()
+            while not self._items:
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
         finally:
             self.consumer_waiting = False
+        item, size = self._items.popleft()
         self.backlog -= size
+        if self.coalesce and isinstance(item, RequestOutput):
+            # the deltas that arrived meanwhile, up to an exception (which comes next)
+            while self._items and isinstance(self._items[0][0], RequestOutput):
+                later, size = self._items.popleft()
+                self.backlog -= size
+                item = join_deltas(item, later)  # type: ignore[arg-type]
         return item
 
     def fail(self, error: BaseException) -> None:
         """Drop what waits; the consumer gets `error` next."""
-        while not self._items.empty():
-            self._items.get_nowait()
+        self._items.clear()
         self.backlog = 0
         self.put(error)
 
@@ -136,6 +158,7 @@ class AsyncEngineClient:
         self._arrivals: collections.deque[tuple[object, int]] = collections.deque()
         self._draining = False
         self._warmed = not freeze_heap  # the heap frozen at the first idle after work
+        self.tokenizer: Any = None  # the model's (start); None: token ids only
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self, timeout: float = 600.0) -> CoreReady:
@@ -279,7 +302,7 @@ class AsyncEngineClient:
         max_tokens = self.inputs.validate(ids, params)
         if request_id in self.queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        queue = OutputQueue()
+        queue = OutputQueue(coalesce=self.tokenizer is not None)
         self.queues[request_id] = queue
         if on_too_slow is not None:
             self._on_too_slow[request_id] = on_too_slow

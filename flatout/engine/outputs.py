@@ -4,7 +4,8 @@ The output processor emits them as deltas, one per step that advanced a request:
 CompletionOutput then holds what that step added to one sample (its new token ids, new text and
 newly settled logprobs; `finish_reason` once it ends), and only the samples that advanced are
 listed. `OutputAccumulator` joins a request's deltas into its whole output, which is what
-`LLM.generate` returns and what non-streamed responses are built from.
+`LLM.generate` returns and what non-streamed responses are built from; `join_deltas` joins two
+consecutive deltas into one (a consumer that fell behind takes what waited as one delta).
 """
 
 from __future__ import annotations
@@ -70,6 +71,33 @@ def _compact(lp: TokenLogprobs) -> _CompactLogprobs:
 
 def _expand(c: _CompactLogprobs) -> TokenLogprobs:
     return TokenLogprobs(c[0], c[1], dict(zip(c[2], c[3], strict=True)), c[4])
+
+
+def join_deltas(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """One delta holding what `first` and then `then` (the request's next delta) added: texts,
+    token ids, logprobs and reasoning joined per sample, the later finish reasons, cumulative
+    logprobs and request-level fields. Reuses `first`'s objects (a delta has one owner)."""
+    by_index = {o.index: o for o in first.outputs}
+    for o in then.outputs:
+        a = by_index.get(o.index)
+        if a is None:
+            first.outputs.append(o)
+            by_index[o.index] = o
+            continue
+        a.text += o.text
+        a.token_ids.extend(o.token_ids)  # `first` owns its lists: extended in place
+        if o.logprobs is not None:
+            if a.logprobs is None:
+                a.logprobs = []
+            a.logprobs.extend(o.logprobs)
+        if o.reasoning is not None:
+            a.reasoning = (a.reasoning or "") + o.reasoning
+        a.finish_reason, a.stop_reason = o.finish_reason, o.stop_reason
+        a.cumulative_logprob = o.cumulative_logprob
+    first.finished = then.finished
+    first.num_cached_tokens = then.num_cached_tokens
+    first.metrics = {**first.metrics, **then.metrics}
+    return first
 
 
 @dataclass

@@ -20,6 +20,12 @@ and the idle ones are closed by their timeout.
 A streamed response whose client stopped reading is dropped by the application through the
 scope extension `flatout.abort_connection` (the transport's abort: a graceful close would wait
 for the client to read what is buffered).
+
+A stream's body pieces may take the short way of the scope extension `flatout.write_body`: the
+chunked-encoding frame written to the transport, with uvicorn's flow control (a full socket
+holds the writer back) and none of the per-message layers (the middlewares' send wrappers, the
+ASGI message, h11's state machine, which a body piece does not move). Anything but a chunked
+response body under way takes the ordinary ASGI send.
 """
 
 from __future__ import annotations
@@ -27,19 +33,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
 from flatout.server.admission import RETRY_AFTER_S
 from flatout.server.defaults import FD_RESERVE
 from flatout.server.errors import OpenAIError
 from flatout.server.logs import RateLimitedLog
-from flatout.server.responses import ABORT_CONNECTION
+from flatout.server.responses import ABORT_CONNECTION, WRITE_BODY
 
 log = logging.getLogger(__name__)
+
+try:  # h11's writer of a chunked body; the short way is left out where h11 moved it
+    from h11._writers import ChunkedWriter as _ChunkedWriter
+
+    ChunkedWriter: type | None = _ChunkedWriter
+except ImportError:  # pragma: no cover - another h11
+    ChunkedWriter = None
 
 
 
@@ -149,6 +163,8 @@ class _TimedH11Protocol(H11Protocol):
             extensions: dict[str, Any] = cycle.scope.setdefault(
                 "extensions", {})
             extensions[ABORT_CONNECTION] = self.transport.abort
+            if WRITE_BODY not in extensions and ChunkedWriter is not None:
+                extensions[WRITE_BODY] = _body_writer(self.conn, cycle)
 
     def _expire(self) -> None:
         self._head_timer = self._body_timer = None
@@ -164,6 +180,25 @@ class _TimedH11Protocol(H11Protocol):
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
+
+
+def _body_writer(conn: h11.Connection, cycle: RequestResponseCycle
+                 ) -> Callable[[bytes], Awaitable[None]]:
+    """`flatout.write_body` of one request's cycle: `await write(piece)` sends a piece of the
+    response body (more to come), as the ASGI send of an `http.response.body` would."""
+
+    async def write(data: bytes) -> None:
+        if (cycle.response_started and not cycle.response_complete and data
+                and conn.our_state is h11.SEND_BODY
+                and type(getattr(conn, "_writer", None)) is ChunkedWriter):
+            if cycle.flow.write_paused and not cycle.disconnected:
+                await cycle.flow.drain()
+            if not cycle.disconnected:
+                cycle.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            return
+        await cycle.send({"type": "http.response.body", "body": data, "more_body": True})
+
+    return write
 
 
 class ConcurrencyLimit:

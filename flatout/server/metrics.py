@@ -39,7 +39,9 @@ class ServerMetrics:
         self.registry = prom.CollectorRegistry()
         self.model_name = model_name
         self._stats = stats_source
-        self.generation_tokens_seen = 0  # for the mean batch size
+        # flatout:generation_tokens, reported at scrape time (_EngineCollector): a plain count
+        # costs a stream's every delta less than a prometheus Counter's locked increment
+        self.generation_tokens_seen = 0
         r, m = self.registry, ["model_name"]
 
         def hist(name: str, doc: str, buckets: tuple[float, ...]) -> prom.Histogram:
@@ -55,9 +57,6 @@ class ServerMetrics:
         )
         self.prompt_tokens = prom.Counter(
             "flatout:prompt_tokens", "Prompt tokens of admitted requests.", m, registry=r,
-        ).labels(model_name)
-        self.generation_tokens = prom.Counter(
-            "flatout:generation_tokens", "Generated tokens.", m, registry=r,
         ).labels(model_name)
         self.ttft = hist("flatout:time_to_first_token_seconds",
                          "Time from arrival to the first generated token.", _LATENCY_BUCKETS)
@@ -96,7 +95,6 @@ class RequestTracker:
         self.finished = False
 
     def observe(self, delta: RequestOutput) -> None:
-        now = time.monotonic()
         if self.first_token is None and not self.num_prompt_tokens:
             self.num_prompt_tokens = len(delta.prompt_token_ids)
             self.m.prompt_tokens.inc(self.num_prompt_tokens)
@@ -104,13 +102,14 @@ class RequestTracker:
             queued = delta.metrics.get("queue_time")
             if queued is not None:
                 self.m.queue_time.observe(queued)
-        new = sum(len(o.token_ids) for o in delta.outputs)
+        outputs = delta.outputs
+        new = len(outputs[0].token_ids) if len(outputs) == 1 else sum(
+            len(o.token_ids) for o in outputs)
         if new > 0:
-            self.m.generation_tokens.inc(new)
             self.m.generation_tokens_seen += new
             self.num_generated += new
             if self.first_token is None:
-                self.first_token = now
+                self.first_token = now = time.monotonic()
                 self.m.ttft.observe(now - self.arrival)
 
     def finish(self, request: OutputAccumulator) -> None:
@@ -159,6 +158,8 @@ class _EngineCollector:
         yield gauge("flatout:kv_cache_usage_perc",
                     "Fraction of KV-cache blocks held by requests (0: idle, 1: full).", usage)
         yield gauge("flatout:kv_cache_num_blocks", "KV-cache blocks in all.", st.num_blocks)
+        yield counter("flatout:generation_tokens", "Generated tokens.",
+                      self.m.generation_tokens_seen)
         yield counter("flatout:num_preemptions", "Preemptions (KV cache ran out).",
                       st.num_preemptions)
         yield counter("flatout:prefix_cache_queries", "Prompt tokens looked up in the prefix "

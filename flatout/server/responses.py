@@ -28,6 +28,8 @@ T = TypeVar("T")
 _dropped_log = RateLimitedLog(logging.getLogger(__name__))
 # the scope extension (connections.py) that drops a response's connection without flushing it
 ABORT_CONNECTION = "flatout.abort_connection"
+# the scope extension (connections.py) that sends a piece of a response body the short way
+WRITE_BODY = "flatout.write_body"
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 
 
@@ -39,8 +41,27 @@ def now() -> int:
     return int(time.time())
 
 
+# json.dumps builds an encoder per call when given options; one, made once, serves every event
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {_encode(obj)}\n\n"
+
+
+class ChunkFrame:
+    """The SSE events of one stream's chunks: `base` (the fields every chunk starts with) is
+    encoded once; `event(choice)` is `sse({**base, "choices": [choice]})`, byte for byte."""
+
+    def __init__(self, base: dict[str, Any]) -> None:
+        if "choices" in base:
+            raise ValueError("a chunk's base fields come before its choices")
+        head = _encode({**base, "choices": []})
+        assert head.endswith("[]}")
+        self._head = f"data: {head[:-2]}"
+
+    def event(self, choice: dict[str, Any]) -> str:
+        return f"{self._head}{_encode(choice)}]}}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"
@@ -230,9 +251,25 @@ class EventStream(StreamingResponse):
         super().__init__(body, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.ticket = ticket
+        self.events = body
+
+    async def _send_body(self, send: Any, write: Callable[[bytes], Awaitable[None]] | None
+                         ) -> None:
+        """The response: its head through the ASGI send (the middlewares see the status), the
+        body's pieces through `write` where the server offers it (one layer, not five)."""
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        async for event in self.events:
+            data = event.encode(self.charset)
+            if write is not None:
+                await write(data)
+            else:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        body = asyncio.ensure_future(self.stream_response(send))
+        write = scope.get("extensions", {}).get(WRITE_BODY)
+        body = asyncio.ensure_future(self._send_body(send, write))
         gone = asyncio.ensure_future(_wait_for_disconnect(receive))
         dropped = asyncio.ensure_future(self.ticket.abandoned.wait())
         outcome = Outcome.ERROR  # if cancelled from outside: the server cut the stream

@@ -1,7 +1,7 @@
 """The SSE stream of both endpoints: the engine's deltas of one API request (one or more engine
-requests of `n` samples each) become one chunk per sample delta worth sending, then the usage
-chunk (with `stream_options.include_usage`) and `[DONE]`; an error mid-stream becomes an error
-chunk and `[DONE]`.
+requests of `n` samples each) become one chunk per sample delta worth sending (the chunks of one
+delta in one ASGI message), then the usage chunk (with `stream_options.include_usage`) and
+`[DONE]`; an error mid-stream becomes an error chunk and `[DONE]`.
 
 Each endpoint renders the fields of its choices (`ChoiceRenderer`): chat a `delta` message with
 the reasoning split out, completions a `text`. The encoder frames them, numbers them (choice
@@ -19,6 +19,7 @@ from flatout.engine.outputs import CompletionOutput
 from flatout.server.admission import Outcome, Ticket
 from flatout.server.responses import (
     SSE_DONE,
+    ChunkFrame,
     Generators,
     RequestProgress,
     merge,
@@ -27,6 +28,8 @@ from flatout.server.responses import (
     usage,
 )
 from flatout.server.state import ServerState
+
+_NO_LOGPROBS: dict[str, Any] = {"logprobs": None}
 
 
 class ChoiceRenderer(Protocol):
@@ -49,12 +52,16 @@ async def stream_events(
         base = {**base, "usage": None}
     gens = generators()  # nothing runs until the merge below iterates them
     progress = RequestProgress(state, len(gens), n, arrival, keep_outputs=False)
+    frame = ChunkFrame(base)
     try:
-        for first in opening or []:
-            yield sse({**base, "choices": [first]})
+        if opening:
+            yield "".join(frame.event(first) for first in opening)
         done: set[int] = set()
         async for i, delta in merge(gens):
             progress.add(i, delta)
+            # the chunks of one delta (its samples', a tool call's pieces) go out as one
+            # message: one pass through the ASGI send path and one socket write for them all
+            events: list[str] = []
             for o in delta.outputs:
                 k = i * n + o.index
                 if k in done:
@@ -69,13 +76,17 @@ async def stream_events(
                 deltas = fields.pop("deltas", None) or [delta_now]
                 for j, piece in enumerate(deltas):
                     last = j == len(deltas) - 1
-                    choice: dict[str, Any] = {"index": k, **({} if piece is None else {
-                        "delta": piece}), **(fields if last else {"logprobs": None}),
-                        "finish_reason": reason if finished and last else None}
+                    choice: dict[str, Any] = {"index": k}
+                    if piece is not None:
+                        choice["delta"] = piece
+                    choice.update(fields if last else _NO_LOGPROBS)
+                    choice["finish_reason"] = reason if finished and last else None
                     if finished and last:
                         done.add(k)
                         choice["stop_reason"] = o.stop_reason
-                    yield sse({**base, "choices": [choice]})
+                    events.append(frame.event(choice))
+            if events:
+                yield events[0] if len(events) == 1 else "".join(events)
         if include_usage:
             yield sse({**base, "choices": [], "usage": usage(progress.requests)})
         ticket.end(Outcome.COMPLETED)

@@ -1,8 +1,8 @@
-"""A large non-streamed response (n=128 with 20 top logprobs per token, megabytes of JSON) is
-built and serialised off the event loop: /health answers in < 100 ms all the while, and the
-response is complete and well formed. The issue's 200 MB is scaled down to about 2 MB to keep
-the test near 20 s on a 2-core CPU (the demo model generates slowly there); on the event loop
-even that much stalled /health for about 300 ms, a cost that grows with the size."""
+"""A large non-streamed response, the issue's n=128 x max_tokens=1000 x 20 top logprobs (about
+217 MB of JSON), is built and serialised off the event loop: /health answers in < 100 ms all the
+while (measured 75 ms worst on the 2-core CPU; before the per-token records stopped being
+scanned by every full collection, 393 ms at the end and 60-120 ms passes throughout), and the
+response is complete and well formed. It takes about 110 s there (the demo model at 128 rows)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from tests.reliability.attackers import HealthProbe
 from tests.reliability.harness import CHAT
 from tests.server.server_process import ServerProcess
 
-N, MAX_TOKENS, TOP = 128, 8, 20
+N, MAX_TOKENS, TOP = 128, 1000, 20
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    s = ServerProcess(["--max-model-len", "256", "--max-num-seqs", str(N), "--num-kv-blocks",
-                       "2048", "--served-model-name", "demo"],
+    s = ServerProcess(["--max-model-len", "1100", "--max-num-seqs", str(N), "--num-kv-blocks",
+                       "16384", "--served-model-name", "demo"],
                       tmp_path_factory.mktemp("large") / "serve.log")
     try:
         yield s
@@ -30,6 +30,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         s.stop()
 
 
+@pytest.mark.slow
 def test_large_response_leaves_health_responsive(server: ServerProcess) -> None:
     u = urlsplit(server.url)
     assert u.hostname is not None and u.port is not None
@@ -37,10 +38,10 @@ def test_large_response_leaves_health_responsive(server: ServerProcess) -> None:
             "n": N, "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 1.0,
             "seed": 3, "logprobs": True, "top_logprobs": TOP}
     with HealthProbe(u.hostname, u.port, interval=0.02) as probe:
-        r = httpx.post(server.url + CHAT, json=body, timeout=120)
+        r = httpx.post(server.url + CHAT, json=body, timeout=900)
     assert r.status_code == 200, r.text[:500]
     size = len(r.content)
-    assert size > 1.5e6, size
+    assert size > 200e6, size
     out = r.json()
     assert len(out["choices"]) == N
     for choice in out["choices"]:
