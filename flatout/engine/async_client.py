@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import gc
 import logging
 import multiprocessing as mp
 import os
@@ -38,6 +37,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from flatout.config import EngineArgs
+from flatout.engine.core_process import freeze_heap as freeze_process_heap
 from flatout.engine.core_process import run_engine_core
 from flatout.engine.input_processor import InputProcessor, load_tokenizer_for
 from flatout.engine.messages import (
@@ -135,7 +135,8 @@ class AsyncEngineClient:
                  freeze_heap: bool = False) -> None:
         """`max_backlog_bytes`: how far (estimated bytes of outputs) a request's consumer may
         fall behind before the request is aborted; None: no limit. `freeze_heap`: freeze the
-        process's heap at the first idle after work (a server process; see _freeze_heap)."""
+        process's heap at the first idle after work (a server process; see
+        core_process.freeze_heap)."""
         if max_backlog_bytes is not None and max_backlog_bytes < 1:
             raise ValueError(f"--max-stream-backlog-bytes must be >= 1, got {max_backlog_bytes}")
         self.args = args
@@ -425,7 +426,7 @@ class AsyncEngineClient:
         if not msg.outputs:
             if not self._warmed and msg.stats.num_steps > 0 and not self.queues:
                 self._warmed = True
-                _freeze_heap()
+                freeze_process_heap()
             return
         results, to_abort = self.outputs.process(msg.outputs)
         for request_id, index in to_abort:
@@ -458,14 +459,6 @@ class AsyncEngineClient:
         callback = self._on_too_slow.pop(request_id, None)
         if callback is not None:
             callback()
-
-
-def _freeze_heap() -> None:
-    """Keep what the first requests built lazily (imports, compiled templates, validators)
-    out of the collector's full passes, as the server does at startup: ~100,000 such objects
-    made each pass hold the event loop 60-130 ms on a 2-core CPU."""
-    gc.collect()
-    gc.freeze()
 
 
 _PF_EXITING = 0x4  # the kernel's flag on a task that has begun to exit
