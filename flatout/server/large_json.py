@@ -5,8 +5,8 @@ loop, so that /health and every stream keep being served meanwhile:
 - built and encoded in a thread of their own (one, so that at most one such job competes with
   the event loop for the GIL);
 - encoded piece by piece: the C encoder holds the GIL for the whole of one `json.dumps` call, so
-  the members of the top two levels (the response object, its `choices`) are encoded one at a
-  time and the GIL changes hands between them;
+  the members of the top three levels (the response object, its `choices`, each choice) and
+  each token of a deferred value are encoded one at a time, the GIL changing hands between them;
 - the bulk (each choice's logprobs) built only when its piece is encoded (`Deferred`) and freed
   right after: the objects of a whole response never live at once, so the collector's full
   passes, which scan every live container and hold the GIL meanwhile, stay short (building all
@@ -32,7 +32,6 @@ T = TypeVar("T")
 
 OFFLOAD_ENTRIES = 4096  # generated tokens x (1 + top logprobs) above which a response moves off
 PIECE_BYTES = 1 << 20
-
 
 
 class Deferred:
